@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Each sets everything up first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bnlab-installed
+# Debian packages the demo and the tests use: the Fashion-MNIST dataset and a headless browser
+# for the HTML report check.
+APT_PACKAGES := dataset-fashion-mnist chromium
+
+.PHONY: setup system-deps demo test lint bench clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; \
+	  else \
+	    echo "warning: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/bnlab demo
+
+test: setup
+	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/python -m ruff check src tests bench
+
+bench: setup
+	$(BIN)/python bench/bench_bn.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,30 @@
+"""bnlab: Batch Normalization for PyTorch that is correct, fast, inspectable and honest.
+
+Drop-in layers (``bnlab.BatchNorm1d/2d/3d``) with the seed's statistics modes, a functional
+core (:mod:`bnlab.functional`), conversions from Keras' conventions (:mod:`bnlab.keras`) and
+between torch and bnlab layers (:func:`bnlab.convert`).
+"""
+
+from __future__ import annotations
+
+from . import functional, keras
+from ._base import NonFiniteStatisticsError
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import convert
+from .norms import make_norm, norm_names, register_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "NonFiniteStatisticsError",
+    "convert",
+    "functional",
+    "keras",
+    "make_norm",
+    "norm_names",
+    "register_norm",
+    "__version__",
+]

@@ -1,0 +1,281 @@
+"""The base class every bnlab normalisation layer derives from.
+
+It owns parameters, buffers, argument checking, ``reset_*``, ``extra_repr``, state-dict
+versioning and the running-statistics update. Variants override one hook:
+
+* :meth:`_NormBase._batch_forward` - how a batch is normalised in training (Ghost BN splits
+  it, Batch Renorm corrects it, SyncBN all-reduces its statistics);
+* :meth:`_NormBase._eval_forward` - how running statistics normalise in evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+Running = Literal["ema", "cumulative", "window"]
+NormalizeWith = Literal["batch", "running"]
+NonFinite = Literal["skip", "raise"]
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """A training batch produced NaN/Inf statistics and ``nonfinite="raise"`` was set."""
+
+
+def _check_choice(owner: str, name: str, value: Any, literal: Any) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(
+            f"{owner}: {name} must be one of {sorted(choices)}, got {value!r}"
+        )
+
+
+class _NormBase(nn.Module):
+    """Parameters, buffers and the statistics update shared by bnlab's BN layers."""
+
+    _version = 2  # same as torch's _NormBase: version 2 added num_batches_tracked
+    #: accepted input ranks and their description, set by each subclass
+    _input_dims: tuple[int, ...] = ()
+    _input_layout: str = ""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        running: Running = "ema",
+        window_size: int | None = None,
+        normalize_with: NormalizeWith = "batch",
+        nonfinite: NonFinite = "skip",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(
+                f"{name}: num_features must be a positive int, got {num_features!r}"
+            )
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"{name}: eps must be a positive finite float, got {eps!r}")
+        if momentum is not None and not (
+            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        ):
+            raise ValueError(
+                f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
+                f"got {momentum!r}; for a Keras momentum m use bnlab.keras.momentum_from_keras(m)"
+            )
+        _check_choice(name, "running", running, Running)
+        _check_choice(name, "normalize_with", normalize_with, NormalizeWith)
+        _check_choice(name, "nonfinite", nonfinite, NonFinite)
+        if running == "window":
+            if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+                raise ValueError(
+                    f"{name}: running='window' needs window_size, a positive int, "
+                    f"got window_size={window_size!r}"
+                )
+        elif window_size is not None:
+            raise ValueError(
+                f"{name}: window_size={window_size!r} is only used with running='window', "
+                f"got running={running!r}"
+            )
+        if normalize_with == "running" and not track_running_stats:
+            raise ValueError(
+                f"{name}: normalize_with='running' needs running statistics, "
+                "got track_running_stats=False"
+            )
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.running = running
+        self.window_size = window_size
+        self.normalize_with = normalize_with
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+            if running == "window":
+                self.register_buffer(
+                    "window_mean", torch.zeros(window_size, num_features, **factory)
+                )
+                self.register_buffer(
+                    "window_var", torch.ones(window_size, num_features, **factory)
+                )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Zero the means, set the variances to one and forget every tracked batch."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+            if self.running == "window":
+                self.window_mean.zero_()
+                self.window_var.fill_(1)
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics, ``weight`` to one and ``bias`` to zero."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+        if self.running != "ema":
+            s += f", running={self.running!r}"
+        if self.window_size is not None:
+            s += f", window_size={self.window_size}"
+        if self.normalize_with != "batch":
+            s += f", normalize_with={self.normalize_with!r}"
+        return s
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        # Checkpoints written before num_batches_tracked existed (torch < 0.4.1) lack it.
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ input
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() not in self._input_dims:
+            ranks = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(
+                f"{name}: expected {ranks} input {self._input_layout}, "
+                f"got {x.dim()}D input of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels in dim 1 "
+                f"(num_features={self.num_features}), got input of shape {tuple(x.shape)}"
+            )
+        if not (x.is_floating_point()):
+            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
+
+    @staticmethod
+    def _check_batch_size(x: Tensor) -> None:
+        if F.count_per_channel(x) == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {x.size()}"
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Normalise a training batch. Returns ``(y, mean, biased_var, count)``.
+
+        ``mean``/``biased_var`` are the batch statistics that update the running estimate and
+        ``count`` the number of values per channel they were computed over.
+        """
+        if self.normalize_with == "running" and int(self.num_batches_tracked) > 0:
+            with torch.no_grad():
+                mean, var = F.batch_stats(x)
+            y = F.normalize(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+            return y, mean, var, F.count_per_channel(x)
+        y, mean, var = F.batch_norm_train(x, self.weight, self.bias, self.eps)
+        return y, mean, var, F.count_per_channel(x)
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        """Normalise with the running statistics."""
+        return F.normalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        use_batch = self.training or not self.track_running_stats
+        if not use_batch:
+            return self._eval_forward(x)
+        self._check_batch_size(x)
+        if x.numel() == 0:
+            # Nothing to normalise and nothing to learn from: keep the statistics as they are.
+            return self._eval_forward(x) if self.track_running_stats else x.clone()
+        y, mean, var, count = self._batch_forward(x)
+        if self.training and self.track_running_stats:
+            self._update_running(mean.detach(), var.detach(), count)
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Move the running statistics towards a batch's ``mean`` and biased ``var``."""
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            msg = (
+                f"{type(self).__name__}: a training batch produced non-finite statistics "
+                "(NaN or Inf in the input); the running statistics were not updated"
+            )
+            if self.nonfinite == "raise":
+                raise NonFiniteStatisticsError(msg)
+            if not self._warned_nonfinite:
+                warnings.warn(msg + " (warned once per layer)", RuntimeWarning, stacklevel=3)
+                self._warned_nonfinite = True
+            return
+        seen = int(self.num_batches_tracked)
+        self.num_batches_tracked.add_(1)
+        uvar = F.unbiased_var(var, count)
+        if self.running == "window":
+            self.window_mean.copy_(F.window_push(self.window_mean, mean, seen))
+            self.window_var.copy_(F.window_push(self.window_var, uvar, seen))
+            self.running_mean.copy_(F.window_stats(self.window_mean, seen + 1))
+            self.running_var.copy_(F.window_stats(self.window_var, seen + 1))
+            return
+        if self.running == "cumulative" or self.momentum is None:
+            factor = F.cumulative_factor(seen + 1)
+        else:
+            factor = self.momentum
+        self.running_mean.copy_(F.ema_update(self.running_mean, mean, factor))
+        self.running_var.copy_(F.ema_update(self.running_var, uvar, factor))

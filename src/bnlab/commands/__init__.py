@@ -1,0 +1,1 @@
+"""Subcommands of the ``bnlab`` command line, one module each."""

@@ -1,0 +1,111 @@
+"""Swap torch BN layers for bnlab's and back, keeping parameters and statistics."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from torch import nn
+
+from ._base import _NormBase
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["convert"]
+
+_TORCH_TO_BNLAB: dict[type[nn.Module], type[_NormBase]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+_BNLAB_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
+    v: k for k, v in _TORCH_TO_BNLAB.items()
+}
+
+
+def _same_device_dtype(src: nn.Module) -> dict:
+    for t in list(src.parameters()) + list(src.buffers()):
+        if t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _swap(old: nn.Module, target: type[nn.Module], **extra) -> nn.Module:
+    for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+        if getattr(old, hook_dict):
+            raise ValueError(
+                f"convert: {type(old).__name__} has {hook_dict.strip('_')}; remove them before "
+                "converting (they cannot be carried over safely)"
+            )
+    new = target(
+        old.num_features,
+        old.eps,
+        old.momentum,
+        old.affine,
+        old.track_running_stats,
+        **extra,
+        **_same_device_dtype(old),
+    )
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    if old.affine:
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.bias.requires_grad_(old.bias.requires_grad)
+    return new
+
+
+def convert(
+    model: nn.Module, to: Literal["bnlab", "torch"] = "bnlab", *, inplace: bool = False
+) -> nn.Module:
+    """Return ``model`` with every BN layer swapped for the other library's equivalent.
+
+    ``to="bnlab"`` replaces ``torch.nn.BatchNorm1d/2d/3d`` (exact types; subclasses such as
+    ``SyncBatchNorm`` are left alone) by :class:`bnlab.BatchNorm1d/2d/3d` with
+    ``running="ema"``; ``to="torch"`` converts back. Parameters, running statistics,
+    ``num_batches_tracked``, ``requires_grad`` flags and train/eval mode are kept, so outputs
+    are unchanged. The input model is deep-copied unless ``inplace=True``.
+
+    A bnlab layer with ``running="window"`` or ``normalize_with="running"`` has no torch
+    equivalent and raises ``ValueError``; ``running="cumulative"`` becomes ``momentum=None``.
+
+    Example::
+
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> type(convert(m)[1]).__name__
+        'BatchNorm2d'
+    """
+    if to not in ("bnlab", "torch"):
+        raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    table = _TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH
+
+    def convert_one(mod: nn.Module, qualname: str) -> nn.Module:
+        target = table.get(type(mod))
+        if target is None:
+            return mod
+        if to == "torch":
+            if mod.running == "window" or mod.normalize_with == "running":
+                raise ValueError(
+                    f"convert: layer {qualname or '<root>'} uses running={mod.running!r}, "
+                    f"normalize_with={mod.normalize_with!r}, which torch.nn.{target.__name__} "
+                    "cannot express; use running='ema' or 'cumulative' and normalize_with='batch'"
+                )
+            new = _swap(mod, target)
+            if mod.running == "cumulative":
+                new.momentum = None
+            return new
+        return _swap(mod, target)
+
+    root = convert_one(model, "")
+    if root is not model:
+        return root
+    for qualname, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            full = f"{qualname}.{child_name}" if qualname else child_name
+            new = convert_one(child, full)
+            if new is not child:
+                setattr(mod, child_name, new)
+    return model
+
