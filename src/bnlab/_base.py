@@ -58,6 +58,7 @@ class _NormBase(nn.Module):
         affine: bool = True,
         track_running_stats: bool = True,
         *,
+        bias: bool = True,
         running: Running = "ema",
         window_size: int | None = None,
         normalize_with: NormalizeWith = "batch",
@@ -112,7 +113,10 @@ class _NormBase(nn.Module):
         self._warned_nonfinite = False
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -150,14 +154,16 @@ class _NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Reset running statistics, ``weight`` to one and ``bias`` to zero."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         s = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
         if self.running != "ema":
             s += f", running={self.running!r}"

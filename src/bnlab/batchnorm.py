@@ -46,6 +46,7 @@ Args:
     affine: learn ``weight`` and ``bias``. Default: ``True``.
     track_running_stats: keep running statistics and use them in evaluation; if ``False``
         batch statistics are used in both modes. Default: ``True``.
+    bias: with ``affine=True``, also learn ``bias`` (torch 2.13's keyword). Default: ``True``.
     running: ``"ema"``, ``"cumulative"`` or ``"window"`` (keyword-only). Default: ``"ema"``.
     window_size: ``k`` for ``running="window"`` (keyword-only).
     normalize_with: ``"batch"`` (default) or ``"running"``, the seed's literal step 5

@@ -29,6 +29,13 @@ def _same_device_dtype(src: nn.Module) -> dict:
     return {}
 
 
+def _bias_kwarg(old: nn.Module, target: type[nn.Module]) -> dict:
+    """Pass ``bias=False`` only when needed: torch before 2.13 has no such argument."""
+    if old.affine and getattr(old, "bias", None) is None:
+        return {"bias": False}
+    return {}
+
+
 def _swap(old: nn.Module, target: type[nn.Module], **extra) -> nn.Module:
     for hook_dict in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
         if getattr(old, hook_dict):
@@ -42,14 +49,16 @@ def _swap(old: nn.Module, target: type[nn.Module], **extra) -> nn.Module:
         old.momentum,
         old.affine,
         old.track_running_stats,
+        **_bias_kwarg(old, target),
         **extra,
         **_same_device_dtype(old),
     )
     new.load_state_dict(old.state_dict())
     new.train(old.training)
-    if old.affine:
-        new.weight.requires_grad_(old.weight.requires_grad)
-        new.bias.requires_grad_(old.bias.requires_grad)
+    for pname in ("weight", "bias"):
+        p_old, p_new = getattr(old, pname, None), getattr(new, pname, None)
+        if p_old is not None and p_new is not None:
+            p_new.requires_grad_(p_old.requires_grad)
     return new
 
 

@@ -83,10 +83,11 @@ def normalize(
     cdt = compute_dtype(x.dtype)
     invstd = torch.rsqrt(var.to(cdt) + eps)
     scale = invstd if weight is None else invstd * weight.to(cdt)
-    shift = -mean.to(cdt) * scale
+    # Subtract the mean before scaling: folding it into one shift (x * scale - mean * scale)
+    # cancels catastrophically when the mean is large against the spread (offset 1e4).
+    y = (x.to(cdt) - _per_channel(mean.to(cdt), x)) * _per_channel(scale, x)
     if bias is not None:
-        shift = shift + bias.to(cdt)
-    y = x.to(cdt) * _per_channel(scale, x) + _per_channel(shift, x)
+        y = y + _per_channel(bias.to(cdt), x)
     return y.to(x.dtype)
 
 
