@@ -1,0 +1,83 @@
+"""Study reports (Markdown and self-contained HTML), derived from a run directory only."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+__all__ = ["write_report", "load_results"]
+
+
+def load_results(run_dir: Path) -> tuple[dict, dict]:
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    env = json.loads((run_dir / "environment.json").read_text())
+    return results, env
+
+
+def _machine(env: dict) -> str:
+    return (f"{env.get('machine', '?')} ({env.get('processor') or 'cpu'}), "
+            f"{env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
+            f"bnlab {env.get('bnlab')}, kernels {env.get('kernel_backend')}")
+
+
+def write_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir`` from its JSON files."""
+    run_dir = Path(run_dir)
+    r, env = load_results(run_dir)
+    md = [
+        f"# Study `{r['study']}`",
+        "",
+        f"**Claim (from the seed):** {r['claim']}",
+        "",
+        f"**Verdict:** {r['verdict']}. {r['evidence']}",
+        "",
+        f"**What we measured:** {r['measured']}",
+        "",
+        f"**Method:** {r['method']}",
+        "",
+        f"**Machine:** {_machine(env)}. Preset `{r['preset']}`, seeds {r['seeds']}, "
+        f"{r['seconds']:.0f} s.",
+        "",
+    ]
+    for t in r["tables"]:
+        md += [f"## {t['title']}", "", "| " + " | ".join(t["headers"]) + " |",
+               "|" + "---|" * len(t["headers"])]
+        md += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
+        md.append("")
+    for caption, name in r["figures"]:
+        md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    md_path = run_dir / "report.md"
+    md_path.write_text("\n".join(md))
+
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>bnlab study {e(r['study'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "img{max-width:100%}.v{font-size:1.2em}</style></head><body>",
+        f"<h1>Study <code>{e(r['study'])}</code></h1>",
+        f"<p><b>Claim (from the seed):</b> {e(r['claim'])}</p>",
+        f"<p class='v'><b>Verdict: {e(r['verdict'])}.</b> {e(r['evidence'])}</p>",
+        f"<p><b>What we measured:</b> {e(r['measured'])}</p>",
+        f"<p><b>Method:</b> {e(r['method'])}</p>",
+        f"<p><b>Machine:</b> {e(_machine(env))}. Preset <code>{e(r['preset'])}</code>, "
+        f"seeds {e(str(r['seeds']))}, {r['seconds']:.0f} s.</p>",
+    ]
+    for t in r["tables"]:
+        parts.append(f"<h2>{e(t['title'])}</h2><table><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in t["headers"]) + "</tr>")
+        for row in t["rows"]:
+            parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    for caption, name in r["figures"]:
+        data = base64.b64encode((run_dir / name).read_bytes()).decode()
+        parts.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{e(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    html_path = run_dir / "report.html"
+    html_path.write_text("\n".join(parts))
+    return md_path, html_path
