@@ -65,6 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _train(args: argparse.Namespace) -> None:
     info = init_from_env(timeout_s=args.timeout)
     r, world = info.rank, info.world_size
+    print(f"rank {r} pid {os.getpid()} world {world} backend {info.backend}", flush=True)
     torch.manual_seed(args.seed)
     model = small_cnn(args.norm)
     ddp = wrap_ddp(model, info, sync_bn=args.sync_bn)
