@@ -45,7 +45,10 @@ def global_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, in
     n = F.count_per_channel(x)
     dev = x.device
     if n > 0:
-        var, mean = torch.var_mean(x.to(torch.float64), dim=F.reduce_dims(x), correction=0)
+        # Local moments in the compute dtype (var_mean is numerically stable); merge in float64.
+        xc = x.to(F.compute_dtype(x.dtype))
+        var, mean = torch.var_mean(xc, dim=F.reduce_dims(x), correction=0)
+        var, mean = var.double(), mean.double()
     else:
         var = mean = torch.zeros(c, dtype=torch.float64, device=dev)
     local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), mean, var * n])
