@@ -82,6 +82,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    print(f"rank 0 exited {took:.1f} s after rank 1 was killed")
     assert procs[0].returncode == 1
     assert "bnlab.distributed.worker: rank 0 stopped" in err
     assert took < 45, took
