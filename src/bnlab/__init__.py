@@ -12,6 +12,20 @@ from ._base import NonFiniteStatisticsError
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 from .norms import make_norm, norm_names, register_norm
+from .sync import SyncBatchNorm
+from .variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
@@ -27,4 +41,17 @@ __all__ = [
     "norm_names",
     "register_norm",
     "__version__",
+    # variants and distributed (issue 6)
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "SyncBatchNorm",
+    "freeze",
+    "unfreeze",
 ]
