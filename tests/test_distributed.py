@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from tests._dist_util import env
 from bnlab.distributed import launch, torchrun_command
+from tests._dist_util import env
 
 
 def worker_args(out, *extra: str) -> list[str]:
