@@ -19,8 +19,8 @@ static void SFX(pivots)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, T
 
 /* Mean, variance, invstd and the normalising coefficients of channel c from its sums. */
 static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, const T *w,
-                          const T *b, double eps, T *mean_o, T *var_o, T *invstd_o, T *ctr,
-                          T *sc, T *sh) {
+                          const T *b, double eps, T *mean_o, T *var_o, T *invstd_o, T *thr_o,
+                          T *ctr, T *sc, T *sh) {
     double m1 = s1 / n;
     double var = s2 / n - m1 * m1;
     if (var < 0) var = 0;
@@ -36,76 +36,128 @@ static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, cons
     /* (mean - center) is the rounding of the mean to T: folded into the shift, so y stays exact
      * to T precision when |mean| >> std. */
     sh[c] = (T)((b ? (double)b[c] : 0.0) - (mean - (double)center) * (double)(T)scale);
+    /* The activation's threshold: (x - ctr) sc + sh > 0 <=> sign(sc) (x - thr) > 0. It is all
+     * backward needs to recompute the mask (the statistics are recomputed from x). */
+    if (thr_o) {
+        if (sc[c] != 0)
+            thr_o[c] = (T)((double)center - (double)sh[c] / (double)sc[c]);
+        else
+            thr_o[c] = sh[c] > 0 ? -(T)INFINITY : (T)INFINITY;
+    }
 }
 
+/* ------------------------------------------------------------------ passes over the tensor
+ * Work is split into `nk` ranges of rows in memory order: NHWC rows of C values, or NCHW
+ * planes of S values (plane p belongs to channel p % C). Each range accumulates into its own
+ * per-channel doubles, summed afterwards in a fixed order (deterministic for a thread count). */
+static int64_t SFX(rows_of)(int64_t N, int64_t C, int nhwc) { return nhwc ? N : N * C; }
+
+/* s[c] = sum(x - piv[c]), s[C + c] = sum((x - piv[c])^2). */
+static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, const T *piv,
+                            double *s, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+    double *part = calloc(2 * C * nk, sizeof(double));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
+        double *o = part + 2 * C * t;
+        if (nhwc) {
+            T *acc = malloc(2 * C * sizeof(T));
+            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + C, acc, acc + C);
+            free(acc);
+        } else {
+            for (int64_t p = r0; p < r1; p++)
+                SFX(sums_plane)(x + p * S, S, piv[p % C], &o[p % C], &o[C + p % C]);
+        }
+    }
+    for (int64_t k = 0; k < 2 * C; k++) s[k] = 0.0;
+    for (int64_t t = 0; t < nk; t++)
+        for (int64_t k = 0; k < 2 * C; k++) s[k] += part[2 * C * t + k];
+    free(part);
+}
+
+static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
+                            const T *ctr, const T *sc, const T *sh, int act, T slope, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
+        if (nhwc) {
+            SFX(apply_nhwc)(x, y, C, r0, r1, ctr, sc, sh, act, slope);
+        } else {
+            for (int64_t p = r0; p < r1; p++) {
+                int64_t c = p % C;
+                SFX(apply_plane)(x + p * S, y + p * S, S, ctr[c], sc[c], sh[c], act, slope);
+            }
+        }
+    }
+}
+
+/* s holds 4 * C doubles: sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2). */
+static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
+                           const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
+                           int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+    double *part = calloc(4 * C * nk, sizeof(double));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
+        double *o = part + 4 * C * t;
+        if (nhwc) {
+            T *acc = malloc(4 * C * sizeof(T));
+            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, acc, acc + C,
+                           acc + 2 * C, acc + 3 * C);
+            free(acc);
+        } else {
+            for (int64_t p = r0; p < r1; p++) {
+                int64_t c = p % C;
+                double o4[4] = {0.0, 0.0, 0.0, 0.0};
+                SFX(bred_plane)(dy + p * S, x + p * S, S, ctr[c], msc[c], msh[c], act, slope, o4);
+                for (int k = 0; k < 4; k++) o[k * C + c] += o4[k];
+            }
+        }
+    }
+    for (int64_t k = 0; k < 4 * C; k++) s[k] = 0.0;
+    for (int64_t t = 0; t < nk; t++)
+        for (int64_t k = 0; k < 4 * C; k++) s[k] += part[4 * C * t + k];
+    free(part);
+}
+
+static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
+                          int nhwc, const T *ctr, const T *msc, const T *msh, int act, T slope,
+                          const T *A, const T *B, const T *D, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
+        if (nhwc) {
+            SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, B, D);
+        } else {
+            for (int64_t p = r0; p < r1; p++) {
+                int64_t c = p % C;
+                SFX(bdx_plane)(dy + p * S, x + p * S, dx + p * S, S, ctr[c], msc[c], msh[c], act,
+                               slope, A[c], B[c], D[c]);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ kernels */
 static void SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
-                           const T *w, const T *b, T *mean_o, T *var_o, T *invstd_o, double eps,
-                           int act, T slope, int nt) {
+                           const T *w, const T *b, T *mean_o, T *var_o, T *invstd_o, T *thr_o,
+                           double eps, int act, T slope, int nt) {
     T *piv = malloc(4 * C * sizeof(T));
     T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
-    SFX(pivots)(x, N, C, S, nhwc, piv);
+    double *s = malloc(2 * C * sizeof(double));
     double n = (double)N * (double)S;
     nt = threads_for(N * C * S, nt);
-    if (!nhwc) {
-        int64_t ns = nchw_split(N, C, nt);
-        if (ns == 1) {
-            /* one task per channel: its values are still in cache when they are normalised */
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t c = 0; c < C; c++) {
-                double s1 = 0.0, s2 = 0.0;
-                SFX(sums_nchw)(x, C, S, c, 0, N, piv[c], &s1, &s2);
-                SFX(finalize)(c, s1, s2, n, piv[c], w, b, eps, mean_o, var_o, invstd_o, ctr, sc,
-                              sh);
-                SFX(apply_nchw)(x, y, C, S, c, 0, N, ctr[c], sc[c], sh[c], act, slope);
-            }
-        } else {
-            double *part = calloc(2 * C * ns, sizeof(double));
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t t = 0; t < C * ns; t++) {
-                int64_t c = t / ns, j = t % ns;
-                SFX(sums_nchw)(x, C, S, c, N * j / ns, N * (j + 1) / ns, piv[c], &part[2 * t],
-                               &part[2 * t + 1]);
-            }
-            for (int64_t c = 0; c < C; c++) {
-                double s1 = 0.0, s2 = 0.0;
-                for (int64_t j = 0; j < ns; j++) {
-                    s1 += part[2 * (c * ns + j)];
-                    s2 += part[2 * (c * ns + j) + 1];
-                }
-                SFX(finalize)(c, s1, s2, n, piv[c], w, b, eps, mean_o, var_o, invstd_o, ctr, sc,
-                              sh);
-            }
-            free(part);
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t t = 0; t < C * ns; t++) {
-                int64_t c = t / ns, j = t % ns;
-                SFX(apply_nchw)(x, y, C, S, c, N * j / ns, N * (j + 1) / ns, ctr[c], sc[c], sh[c],
-                                act, slope);
-            }
-        }
-    } else {
-        int64_t M = N, nk = row_tasks(M, nt);
-        double *part = calloc(2 * C * nk, sizeof(double));
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < nk; t++) {
-            T *acc = malloc(2 * C * sizeof(T));
-            SFX(sums_nhwc)(x, C, M * t / nk, M * (t + 1) / nk, piv, part + 2 * C * t,
-                           part + 2 * C * t + C, acc, acc + C);
-            free(acc);
-        }
-        for (int64_t c = 0; c < C; c++) {
-            double s1 = 0.0, s2 = 0.0;
-            for (int64_t t = 0; t < nk; t++) {
-                s1 += part[2 * C * t + c];
-                s2 += part[2 * C * t + C + c];
-            }
-            SFX(finalize)(c, s1, s2, n, piv[c], w, b, eps, mean_o, var_o, invstd_o, ctr, sc, sh);
-        }
-        free(part);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < nk; t++)
-            SFX(apply_nhwc)(x, y, C, M * t / nk, M * (t + 1) / nk, ctr, sc, sh, act, slope);
-    }
+    SFX(pivots)(x, N, C, S, nhwc, piv);
+    SFX(stats_pass)(x, N, C, S, nhwc, piv, s, nt);
+    for (int64_t c = 0; c < C; c++)
+        SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o, thr_o, ctr,
+                      sc, sh);
+    SFX(apply_pass)(x, y, N, C, S, nhwc, ctr, sc, sh, act, slope, nt);
+    free(s);
     free(piv);
 }
 
@@ -120,20 +172,7 @@ static void SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
         sh[c] = b ? b[c] : (T)0;
     }
     nt = threads_for(N * C * S, nt);
-    if (!nhwc) {
-        int64_t ns = nchw_split(N, C, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < C * ns; t++) {
-            int64_t c = t / ns, j = t % ns;
-            SFX(apply_nchw)(x, y, C, S, c, N * j / ns, N * (j + 1) / ns, mean[c], sc[c], sh[c],
-                            act, slope);
-        }
-    } else {
-        int64_t nk = row_tasks(N, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < nk; t++)
-            SFX(apply_nhwc)(x, y, C, N * t / nk, N * (t + 1) / nk, mean, sc, sh, act, slope);
-    }
+    SFX(apply_pass)(x, y, N, C, S, nhwc, mean, sc, sh, act, slope, nt);
     free(sc);
 }
 
@@ -166,111 +205,43 @@ static void SFX(bcoef)(int64_t c, const double *o3, double n, const T *invstd, c
     D[c] = (T)d;
 }
 
-/* s[c] = sum(x - ctr[c]) and s[C + c] = sum((x - ctr[c])^2), over the whole tensor. */
-static void SFX(sums_nhwc_or_nchw)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
-                                   const T *ctr, double *s, int nt) {
-    if (!nhwc) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < C; c++) SFX(sums_nchw)(x, C, S, c, 0, N, ctr[c], &s[c], &s[C + c]);
-        return;
-    }
-    int64_t nk = row_tasks(N, nt);
-    double *part = calloc(2 * C * nk, sizeof(double));
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < nk; t++) {
-        T *acc = malloc(2 * C * sizeof(T));
-        SFX(sums_nhwc)(x, C, N * t / nk, N * (t + 1) / nk, ctr, part + 2 * C * t,
-                       part + 2 * C * t + C, acc, acc + C);
-        free(acc);
-    }
-    for (int64_t t = 0; t < nk; t++)
-        for (int64_t k = 0; k < 2 * C; k++) s[k] += part[2 * C * t + k];
-    free(part);
-}
-
+/* Training (train=1): the statistics are recomputed from x around the same pivots as the
+ * forward (mean and invstd are not read), the activation mask comes from the thresholds `thr`
+ * (NULL for the identity). Evaluation (train=0): `mean` and `invstd` are the fixed statistics. */
 static void SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
-                          int nhwc, const T *mean, const T *invstd, const T *w, const T *b,
-                          const T *gmean, const T *gvar, T *dw, T *db, int act, T slope,
-                          int train, int nt) {
-    T *msc = malloc(5 * C * sizeof(T));
-    T *msh = msc + C, *A = msc + 2 * C, *B = msc + 3 * C, *D = msc + 4 * C;
+                          int nhwc, const T *mean, const T *invstd, const T *thr, const T *w,
+                          const T *b, const T *gmean, const T *gvar, T *dw, T *db, double eps,
+                          int act, T slope, int train, int nt) {
+    T *ctr = malloc(7 * C * sizeof(T));
+    T *msc = ctr + C, *msh = ctr + 2 * C, *A = ctr + 3 * C, *B = ctr + 4 * C, *D = ctr + 5 * C;
+    T *rstd = ctr + 6 * C;
+    double *s = malloc(4 * C * sizeof(double));
     double n = (double)N * (double)S;
-    int prepass = 0;
+    if (train) SFX(pivots)(x, N, C, S, nhwc, ctr);
     for (int64_t c = 0; c < C; c++) {
-        msc[c] = (T)((w ? (double)w[c] : 1.0) * (double)invstd[c]);
-        msh[c] = b ? b[c] : (T)0;
-        /* The activation mask needs the forward's shift, which folded in the rounding of the
-         * mean; recompute it only when that rounding is visible (|mean| >> std). */
-        if (train && act != ACT_ID && fabs((double)mean[c]) * T_EPS * (double)invstd[c] > 1e-5)
-            prepass = 1;
+        if (train) {
+            double sgn = w ? (w[c] > 0 ? 1.0 : (w[c] < 0 ? -1.0 : 0.0)) : 1.0;
+            if (sgn == 0.0) sgn = 1.0; /* w == 0: thr is +-inf, the mask a constant */
+            msc[c] = (T)sgn;
+            msh[c] = thr ? (T)(((double)ctr[c] - (double)thr[c]) * sgn) : (T)0;
+        } else {
+            ctr[c] = mean[c];
+            rstd[c] = invstd[c];
+            msc[c] = (T)((w ? (double)w[c] : 1.0) * (double)invstd[c]);
+            msh[c] = b ? b[c] : (T)0;
+        }
     }
     nt = threads_for(N * C * S, nt);
-    if (prepass) {
-        double *s = calloc(2 * C, sizeof(double));
-        SFX(sums_nhwc_or_nchw)(x, N, C, S, nhwc, mean, s, nt);
-        for (int64_t c = 0; c < C; c++)
-            msh[c] = (T)((double)msh[c] - (s[c] / n) * (double)msc[c]);
-        free(s);
+    SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, nt);
+    for (int64_t c = 0; c < C; c++) {
+        if (train) {
+            double m1 = s[2 * C + c] / n, var = s[3 * C + c] / n - m1 * m1;
+            rstd[c] = (T)(1.0 / sqrt((var < 0 ? 0.0 : var) + eps));
+        }
+        double o3[3] = {s[c], s[C + c], s[2 * C + c]};
+        SFX(bcoef)(c, o3, n, rstd, w, gmean, gvar, train, dw, db, A, B, D);
     }
-    if (!nhwc) {
-        int64_t ns = nchw_split(N, C, nt);
-        double *part = calloc(3 * C * ns, sizeof(double));
-        if (ns == 1) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t c = 0; c < C; c++) {
-                SFX(bred_nchw)(dy, x, C, S, c, 0, N, mean[c], msc[c], msh[c], act, slope,
-                               part + 3 * c);
-                SFX(bcoef)(c, part + 3 * c, n, invstd, w, gmean, gvar, train, dw, db, A, B, D);
-                if (dx)
-                    SFX(bdx_nchw)(dy, x, dx, C, S, c, 0, N, mean[c], msc[c], msh[c], act, slope,
-                                  A[c], B[c], D[c]);
-            }
-        } else {
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t t = 0; t < C * ns; t++) {
-                int64_t c = t / ns, j = t % ns;
-                SFX(bred_nchw)(dy, x, C, S, c, N * j / ns, N * (j + 1) / ns, mean[c], msc[c],
-                               msh[c], act, slope, part + 3 * t);
-            }
-            for (int64_t c = 0; c < C; c++) {
-                double o3[3] = {0.0, 0.0, 0.0};
-                for (int64_t j = 0; j < ns; j++)
-                    for (int k = 0; k < 3; k++) o3[k] += part[3 * (c * ns + j) + k];
-                SFX(bcoef)(c, o3, n, invstd, w, gmean, gvar, train, dw, db, A, B, D);
-            }
-            if (dx) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-                for (int64_t t = 0; t < C * ns; t++) {
-                    int64_t c = t / ns, j = t % ns;
-                    SFX(bdx_nchw)(dy, x, dx, C, S, c, N * j / ns, N * (j + 1) / ns, mean[c],
-                                  msc[c], msh[c], act, slope, A[c], B[c], D[c]);
-                }
-            }
-        }
-        free(part);
-    } else {
-        int64_t M = N, nk = row_tasks(M, nt);
-        double *part = calloc(3 * C * nk, sizeof(double));
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t t = 0; t < nk; t++) {
-            T *acc = malloc(3 * C * sizeof(T));
-            SFX(bred_nhwc)(dy, x, C, M * t / nk, M * (t + 1) / nk, mean, msc, msh, act, slope,
-                           part + 3 * C * t, acc, acc + C, acc + 2 * C);
-            free(acc);
-        }
-        for (int64_t c = 0; c < C; c++) {
-            double o3[3] = {0.0, 0.0, 0.0};
-            for (int64_t t = 0; t < nk; t++)
-                for (int k = 0; k < 3; k++) o3[k] += part[3 * C * t + k * C + c];
-            SFX(bcoef)(c, o3, n, invstd, w, gmean, gvar, train, dw, db, A, B, D);
-        }
-        free(part);
-        if (dx) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t t = 0; t < nk; t++)
-                SFX(bdx_nhwc)(dy, x, dx, C, M * t / nk, M * (t + 1) / nk, mean, msc, msh, act,
-                              slope, A, B, D);
-        }
-    }
-    free(msc);
+    if (dx) SFX(bdx_pass)(dy, x, dx, N, C, S, nhwc, ctr, msc, msh, act, slope, A, B, D, nt);
+    free(s);
+    free(ctr);
 }

@@ -22,46 +22,57 @@ static inline T SFX(act_grad)(T v, int act, T slope) {
 }
 
 /* ------------------------------------------------------------------ sums */
-/* Add sum(x - piv) and sum((x - piv)^2) over segments [n0, n1) of channel c (NCHW). */
-static void SFX(sums_nchw)(const T *restrict x, int64_t C, int64_t S, int64_t c, int64_t n0,
-                           int64_t n1, T piv, double *o1, double *o2) {
-    T a1[LANES] = {0}, a2[LANES] = {0};
+/* NCHW planes are reduced with explicit SIMD-width vectors (GCC/Clang vector extensions,
+ * lowered to whatever the target has): four independent accumulators that stay in registers. */
+typedef T SFX(vec) __attribute__((vector_size(16)));
+typedef ivec_t SFX(ivec) __attribute__((vector_size(16)));
+#define VL ((int64_t)(16 / sizeof(T)))
+#define STEP (4 * VL)
+
+static inline SFX(vec) SFX(vload)(const T *p) {
+    SFX(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline double SFX(vsum)(SFX(vec) v) {
+    double s = 0.0;
+    for (int64_t l = 0; l < VL; l++) s += v[l];
+    return s;
+}
+
+/* activation derivative as a vector: 1 where pre > 0, else 0 (relu) or slope (leaky) */
+static inline SFX(vec) SFX(vgrad)(SFX(vec) pre, int act, SFX(vec) slope) {
+    SFX(vec) zero = {0}, one = zero + (T)1;
+    SFX(ivec) m = pre > zero;
+    if (act == ACT_RELU) return (SFX(vec))((SFX(ivec))one & m);
+    if (act == ACT_LEAKY) return (SFX(vec))((SFX(ivec))(one - slope) & m) + slope;
+    return one;
+}
+
+/* Add sum(x - piv) and sum((x - piv)^2) over one contiguous plane of S values (NCHW). */
+static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, double *o2) {
+    SFX(vec) zero = {0}, pv = zero + piv;
     double d1 = 0.0, d2 = 0.0;
-    int64_t cnt = 0;
-    for (int64_t n = n0; n < n1; n++) {
-        const T *restrict p = x + (n * C + c) * S;
-        int64_t i = 0;
-        while (S - i >= LANES) {
-            int64_t len = S - i < BLOCK - cnt ? S - i : BLOCK - cnt;
-            len = len / LANES * LANES;
-            for (int64_t k = 0; k < len; k += LANES) {
-                for (int j = 0; j < LANES; j++) {
-                    T d = p[i + k + j] - piv;
-                    a1[j] += d;
-                    a2[j] += d * d;
-                }
-            }
-            i += len;
-            cnt += len;
-            if (cnt > BLOCK - LANES) {
-                for (int j = 0; j < LANES; j++) {
-                    d1 += a1[j];
-                    d2 += a2[j];
-                    a1[j] = 0;
-                    a2[j] = 0;
-                }
-                cnt = 0;
-            }
+    int64_t i = 0;
+    while (S - i >= STEP) {
+        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / STEP * STEP;
+        SFX(vec) a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+        SFX(vec) q0 = zero, q1 = zero, q2 = zero, q3 = zero;
+        for (int64_t k = i; k < i + len; k += STEP) {
+            SFX(vec) e0 = SFX(vload)(p + k) - pv, e1 = SFX(vload)(p + k + VL) - pv;
+            SFX(vec) e2 = SFX(vload)(p + k + 2 * VL) - pv, e3 = SFX(vload)(p + k + 3 * VL) - pv;
+            a0 += e0; a1 += e1; a2 += e2; a3 += e3;
+            q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
         }
-        for (; i < S; i++) {
-            double d = (double)(p[i] - piv);
-            d1 += d;
-            d2 += d * d;
-        }
+        d1 += SFX(vsum)(a0) + SFX(vsum)(a1) + SFX(vsum)(a2) + SFX(vsum)(a3);
+        d2 += SFX(vsum)(q0) + SFX(vsum)(q1) + SFX(vsum)(q2) + SFX(vsum)(q3);
+        i += len;
     }
-    for (int j = 0; j < LANES; j++) {
-        d1 += a1[j];
-        d2 += a2[j];
+    for (; i < S; i++) {
+        double d = (double)(p[i] - piv);
+        d1 += d;
+        d2 += d * d;
     }
     *o1 += d1;
     *o2 += d2;
@@ -98,15 +109,12 @@ static inline __attribute__((always_inline)) void SFX(apply_seg)(
     for (int64_t i = 0; i < S; i++) q[i] = SFX(act_fwd)((p[i] - ctr) * sc + sh, act, slope);
 }
 
-static void SFX(apply_nchw)(const T *x, T *y, int64_t C, int64_t S, int64_t c, int64_t n0,
-                            int64_t n1, T ctr, T sc, T sh, int act, T slope) {
-    for (int64_t n = n0; n < n1; n++) {
-        int64_t o = (n * C + c) * S;
-        switch (act) {
-        case ACT_RELU: SFX(apply_seg)(x + o, y + o, S, ctr, sc, sh, ACT_RELU, slope); break;
-        case ACT_LEAKY: SFX(apply_seg)(x + o, y + o, S, ctr, sc, sh, ACT_LEAKY, slope); break;
-        default: SFX(apply_seg)(x + o, y + o, S, ctr, sc, sh, ACT_ID, slope);
-        }
+static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int act,
+                             T slope) {
+    switch (act) {
+    case ACT_RELU: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_RELU, slope); break;
+    case ACT_LEAKY: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_LEAKY, slope); break;
+    default: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_ID, slope);
     }
 }
 
@@ -131,76 +139,62 @@ static void SFX(apply_nhwc)(const T *x, T *y, int64_t C, int64_t m0, int64_t m1,
 }
 
 /* ------------------------------------------------------------------ backward reductions */
-/* g = dy * act'((x - ctr) * msc + msh). Adds sum(g), sum(g * (x - ctr)), sum(x - ctr). */
-static inline __attribute__((always_inline)) void SFX(bred_seg)(
-    const T *restrict g0, const T *restrict p, int64_t len, T ctr, T msc, T msh, int act,
-    T slope, T *restrict a1, T *restrict a2, T *restrict a3) {
-    for (int64_t k = 0; k < len; k += LANES) {
-        for (int j = 0; j < LANES; j++) {
-            T d = p[k + j] - ctr;
-            T g = g0[k + j] * SFX(act_grad)(d * msc + msh, act, slope);
-            a1[j] += g;
-            a2[j] += g * d;
-            a3[j] += d;
-        }
-    }
-}
-
-static void SFX(bred_nchw)(const T *dy, const T *x, int64_t C, int64_t S, int64_t c, int64_t n0,
-                           int64_t n1, T ctr, T msc, T msh, int act, T slope, double *o) {
-    T a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
-    double d1 = 0.0, d2 = 0.0, d3 = 0.0;
-    int64_t cnt = 0;
-    for (int64_t n = n0; n < n1; n++) {
-        const T *p = x + (n * C + c) * S;
-        const T *g0 = dy + (n * C + c) * S;
-        int64_t i = 0;
-        while (S - i >= LANES) {
-            int64_t len = S - i < BLOCK - cnt ? S - i : BLOCK - cnt;
-            len = len / LANES * LANES;
-            switch (act) {
-            case ACT_RELU:
-                SFX(bred_seg)(g0 + i, p + i, len, ctr, msc, msh, ACT_RELU, slope, a1, a2, a3);
-                break;
-            case ACT_LEAKY:
-                SFX(bred_seg)(g0 + i, p + i, len, ctr, msc, msh, ACT_LEAKY, slope, a1, a2, a3);
-                break;
-            default: SFX(bred_seg)(g0 + i, p + i, len, ctr, msc, msh, ACT_ID, slope, a1, a2, a3);
+static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
+    const T *restrict g0, const T *restrict p, int64_t S, T ctr, T msc, T msh, int act, T slope,
+    double *o) {
+    SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
+    double d1 = 0.0, d2 = 0.0, d3 = 0.0, d4 = 0.0;
+    int64_t i = 0;
+    while (S - i >= 2 * VL) {
+        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / (2 * VL) * (2 * VL);
+        SFX(vec) a0 = zero, a1 = zero, b0 = zero, b1 = zero, c0 = zero, c1 = zero, q0 = zero,
+                 q1 = zero;
+        for (int64_t k = i; k < i + len; k += 2 * VL) {
+            SFX(vec) e0 = SFX(vload)(p + k) - cv, e1 = SFX(vload)(p + k + VL) - cv;
+            SFX(vec) g0v = SFX(vload)(g0 + k), g1v = SFX(vload)(g0 + k + VL);
+            if (act != ACT_ID) {
+                g0v *= SFX(vgrad)(e0 * sv + hv, act, lv);
+                g1v *= SFX(vgrad)(e1 * sv + hv, act, lv);
             }
-            i += len;
-            cnt += len;
-            if (cnt > BLOCK - LANES) {
-                for (int j = 0; j < LANES; j++) {
-                    d1 += a1[j];
-                    d2 += a2[j];
-                    d3 += a3[j];
-                    a1[j] = a2[j] = a3[j] = 0;
-                }
-                cnt = 0;
-            }
+            a0 += g0v; a1 += g1v;
+            b0 += g0v * e0; b1 += g1v * e1;
+            c0 += e0; c1 += e1;
+            q0 += e0 * e0; q1 += e1 * e1;
         }
-        for (; i < S; i++) {
-            T d = p[i] - ctr;
-            T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
-            d1 += g;
-            d2 += (double)g * d;
-            d3 += d;
-        }
+        d1 += SFX(vsum)(a0) + SFX(vsum)(a1);
+        d2 += SFX(vsum)(b0) + SFX(vsum)(b1);
+        d3 += SFX(vsum)(c0) + SFX(vsum)(c1);
+        d4 += SFX(vsum)(q0) + SFX(vsum)(q1);
+        i += len;
     }
-    for (int j = 0; j < LANES; j++) {
-        d1 += a1[j];
-        d2 += a2[j];
-        d3 += a3[j];
+    for (; i < S; i++) {
+        T d = p[i] - ctr;
+        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
+        d1 += g;
+        d2 += (double)g * d;
+        d3 += d;
+        d4 += (double)d * d;
     }
     o[0] += d1;
     o[1] += d2;
     o[2] += d3;
+    o[3] += d4;
+}
+
+/* o[0..3] += sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2) over one plane (NCHW). */
+static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T msh, int act,
+                            T slope, double *o) {
+    switch (act) {
+    case ACT_RELU: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_RELU, slope, o); break;
+    case ACT_LEAKY: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_LEAKY, slope, o); break;
+    default: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_ID, slope, o);
+    }
 }
 
 static inline __attribute__((always_inline)) void SFX(bred_rows)(
     const T *restrict dy, const T *restrict x, int64_t C, int64_t m0, int64_t m1,
     const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    T *restrict a1, T *restrict a2, T *restrict a3) {
+    T *restrict a1, T *restrict a2, T *restrict a3, T *restrict a4) {
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         const T *restrict g0 = dy + m * C;
@@ -210,31 +204,33 @@ static inline __attribute__((always_inline)) void SFX(bred_rows)(
             a1[c] += g;
             a2[c] += g * d;
             a3[c] += d;
+            a4[c] += d * d;
         }
     }
 }
 
-/* o holds 3 * C doubles: sum(g), sum(g * (x - ctr)), sum(x - ctr) per channel. */
+/* o holds 4 * C doubles: sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2). */
 static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64_t m1,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
-                           T *a1, T *a2, T *a3) {
+                           T *a1, T *a2, T *a3, T *a4) {
     for (int64_t m = m0; m < m1;) {
         int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-        for (int64_t c = 0; c < C; c++) a1[c] = a2[c] = a3[c] = 0;
+        for (int64_t c = 0; c < C; c++) a1[c] = a2[c] = a3[c] = a4[c] = 0;
         switch (act) {
         case ACT_RELU:
-            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_RELU, slope, a1, a2, a3);
+            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_RELU, slope, a1, a2, a3, a4);
             break;
         case ACT_LEAKY:
-            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_LEAKY, slope, a1, a2, a3);
+            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_LEAKY, slope, a1, a2, a3, a4);
             break;
-        default: SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_ID, slope, a1, a2, a3);
+        default: SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_ID, slope, a1, a2, a3, a4);
         }
         m = end;
         for (int64_t c = 0; c < C; c++) {
             o[c] += a1[c];
             o[C + c] += a2[c];
             o[2 * C + c] += a3[c];
+            o[3 * C + c] += a4[c];
         }
     }
 }
@@ -250,20 +246,12 @@ static inline __attribute__((always_inline)) void SFX(bdx_seg)(
     }
 }
 
-static void SFX(bdx_nchw)(const T *dy, const T *x, T *dx, int64_t C, int64_t S, int64_t c,
-                          int64_t n0, int64_t n1, T ctr, T msc, T msh, int act, T slope, T A, T B,
-                          T D) {
-    for (int64_t n = n0; n < n1; n++) {
-        int64_t o = (n * C + c) * S;
-        switch (act) {
-        case ACT_RELU:
-            SFX(bdx_seg)(dy + o, x + o, dx + o, S, ctr, msc, msh, ACT_RELU, slope, A, B, D);
-            break;
-        case ACT_LEAKY:
-            SFX(bdx_seg)(dy + o, x + o, dx + o, S, ctr, msc, msh, ACT_LEAKY, slope, A, B, D);
-            break;
-        default: SFX(bdx_seg)(dy + o, x + o, dx + o, S, ctr, msc, msh, ACT_ID, slope, A, B, D);
-        }
+static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T msc, T msh,
+                           int act, T slope, T A, T B, T D) {
+    switch (act) {
+    case ACT_RELU: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_RELU, slope, A, B, D); break;
+    case ACT_LEAKY: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_LEAKY, slope, A, B, D); break;
+    default: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_ID, slope, A, B, D);
     }
 }
 
@@ -296,3 +284,6 @@ static void SFX(bdx_nhwc)(const T *dy, const T *x, T *dx, int64_t C, int64_t m0,
     default: SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_ID, slope, A, B, D);
     }
 }
+
+#undef VL
+#undef STEP

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,21 +31,16 @@ static int threads_for(int64_t work, int nt) {
     return nt;
 }
 
-/* Pieces each NCHW channel is cut into so that every thread gets work when C is small. */
-static int64_t nchw_split(int64_t N, int64_t C, int nt) {
-    if (nt <= 1 || C >= 4 * nt || C % nt == 0) return 1;
-    int64_t ns = (4 * nt + C - 1) / C;
-    return ns > N ? (N < 1 ? 1 : N) : ns;
-}
-
-/* Row chunks for NHWC: a few per thread, each at least ROWBLOCK rows. */
-static int64_t row_tasks(int64_t M, int nt) {
+/* Ranges of rows (NHWC rows or NCHW planes) the work is cut into: a few per thread. */
+static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
     int64_t nk = (int64_t)nt * 4;
-    if (nk > M / ROWBLOCK) nk = M / ROWBLOCK;
+    int64_t most = nhwc ? rows / ROWBLOCK : rows;
+    if (nk > most) nk = most;
     return nk < 1 ? 1 : nk;
 }
 
 #define T float
+#define ivec_t int32_t
 #define T_EPS FLT_EPSILON
 #define SFX(name) name##_f32
 #include "bn_impl.h"
@@ -52,8 +48,10 @@ static int64_t row_tasks(int64_t M, int nt) {
 #undef T
 #undef T_EPS
 #undef SFX
+#undef ivec_t
 
 #define T double
+#define ivec_t int64_t
 #define T_EPS DBL_EPSILON
 #define SFX(name) name##_f64
 #include "bn_impl.h"
@@ -61,6 +59,7 @@ static int64_t row_tasks(int64_t M, int nt) {
 #undef T
 #undef T_EPS
 #undef SFX
+#undef ivec_t
 
 /* ------------------------------------------------------------------ Python bindings */
 typedef unsigned long long ptr_t;
@@ -86,20 +85,22 @@ static int check_common(int dtype, long long N, long long C, long long S, int ac
 
 static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
     int dtype, nhwc, act, nt;
-    ptr_t x, y, w, b, mean, var, invstd;
+    ptr_t x, y, w, b, mean, var, invstd, thr;
     long long N, C, S;
     double eps, slope;
-    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKdidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w, &b,
-                          &mean, &var, &invstd, &eps, &act, &slope, &nt))
+    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKKdidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w, &b,
+                          &mean, &var, &invstd, &thr, &eps, &act, &slope, &nt))
         return NULL;
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
         train_fwd_f32(P(float, x), P(float, y), N, C, S, nhwc, P(float, w), P(float, b),
-                      P(float, mean), P(float, var), P(float, invstd), eps, act, (float)slope, nt);
+                      P(float, mean), P(float, var), P(float, invstd), P(float, thr), eps, act,
+                      (float)slope, nt);
     else
         train_fwd_f64(P(double, x), P(double, y), N, C, S, nhwc, P(double, w), P(double, b),
-                      P(double, mean), P(double, var), P(double, invstd), eps, act, slope, nt);
+                      P(double, mean), P(double, var), P(double, invstd), P(double, thr), eps, act,
+                      slope, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -126,23 +127,25 @@ static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     int dtype, nhwc, act, train, nt;
-    ptr_t dy, x, dx, mean, invstd, w, b, gmean, gvar, dw, db;
+    ptr_t dy, x, dx, mean, invstd, thr, w, b, gmean, gvar, dw, db;
     long long N, C, S;
-    double slope;
-    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C, &S,
-                          &mean, &invstd, &w, &b, &gmean, &gvar, &dw, &db, &act, &slope, &train,
-                          &nt))
+    double eps, slope;
+    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKKdidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C,
+                          &S, &mean, &invstd, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps, &act,
+                          &slope, &train, &nt))
         return NULL;
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
         backward_f32(P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc, P(float, mean),
-                     P(float, invstd), P(float, w), P(float, b), P(float, gmean), P(float, gvar),
-                     P(float, dw), P(float, db), act, (float)slope, train, nt);
+                     P(float, invstd), P(float, thr), P(float, w), P(float, b), P(float, gmean),
+                     P(float, gvar), P(float, dw), P(float, db), eps, act, (float)slope, train,
+                     nt);
     else
         backward_f64(P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc, P(double, mean),
-                     P(double, invstd), P(double, w), P(double, b), P(double, gmean),
-                     P(double, gvar), P(double, dw), P(double, db), act, slope, train, nt);
+                     P(double, invstd), P(double, thr), P(double, w), P(double, b),
+                     P(double, gmean), P(double, gvar), P(double, dw), P(double, db), eps, act,
+                     slope, train, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -157,12 +160,12 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"train_fwd", py_train_fwd, METH_VARARGS,
-     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, eps, act, slope, nt)"},
+     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, thr, eps, act, slope, nt)"},
     {"eval_fwd", py_eval_fwd, METH_VARARGS,
      "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt)"},
     {"backward", py_backward, METH_VARARGS,
-     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, w, b, gmean, gvar, dw, db, act, "
-     "slope, train, nt)"},
+     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, thr, w, b, gmean, gvar, dw, db, "
+     "eps, act, slope, train, nt)"},
     {"build_info", py_build_info, METH_NOARGS, "compile-time facts: OpenMP version, lanes"},
     {NULL, NULL, 0, NULL},
 };

@@ -81,7 +81,9 @@ def native_error() -> str | None:
 
 def _check_backend(name: object, owner: str) -> Backend:
     if name not in get_args(Backend):
-        raise ValueError(f"{owner}: backend must be one of {sorted(get_args(Backend))}, got {name!r}")
+        raise ValueError(
+            f"{owner}: backend must be one of {sorted(get_args(Backend))}, got {name!r}"
+        )
     if name == "native" and _native is None:
         raise RuntimeError(
             f"{owner}: the native kernels are not available ({_NATIVE_ERROR}); rebuild with "

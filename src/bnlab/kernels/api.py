@@ -21,9 +21,12 @@ __all__ = ["batch_norm_train", "normalize", "batch_norm_act_train", "normalize_a
 
 
 def _impl(native: bool):
+    """``(train_forward, backward_train, eval_forward, backward_eval)`` of one backend."""
     if native:
-        return _ops.native_train_forward, _ops.native_eval_forward, _ops.native_backward
-    return _ops.torch_train_forward, _ops.torch_eval_forward, _ops.torch_backward
+        return (_ops.native_train_forward, _ops.native_backward_train,
+                _ops.native_eval_forward, _ops.native_backward_eval)  # fmt: skip
+    return (_ops.torch_train_forward, _ops.torch_backward_train,
+            _ops.torch_eval_forward, _ops.torch_backward_eval)  # fmt: skip
 
 
 def _composed_grads(forward, args, outputs_grads, needed, inputs):
@@ -43,20 +46,27 @@ def _composed_grads(forward, args, outputs_grads, needed, inputs):
 
 
 class _TrainFn(torch.autograd.Function):
-    """Training BN (+ activation): outputs ``(y, mean, biased_var)``, all differentiable."""
+    """Training BN (+ activation): outputs ``(y, mean, biased_var)``, all differentiable.
+
+    Saves ``x``, ``weight`` and, for a non-identity activation, one ``(C,)`` threshold (the
+    bias only moves the threshold); backward recomputes the statistics and the mask from them.
+    Double backward differentiates the PyTorch composition and needs ``bias`` itself, which is
+    then kept as a plain reference (it is the module's parameter: no extra memory).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope, native):
-        train_forward = _impl(native)[0]
-        y, mean, var, invstd = train_forward(x, weight, bias, eps, act, slope)
+        y, mean, var, thr = _impl(native)[0](x, weight, bias, eps, act, slope)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.save_for_backward(x, weight, thr)
+        ctx.bias = bias
         ctx.cfg = (eps, act, slope, native)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, gmean, gvar):
-        x, w, b, mean, invstd = ctx.saved_tensors
+        x, w, thr = ctx.saved_tensors
+        b = ctx.bias
         eps, act, slope, native = ctx.cfg
         needed = ctx.needs_input_grad[:3]
         tail = (None, None, None, None)
@@ -69,8 +79,8 @@ class _TrainFn(torch.autograd.Function):
             return (*grads, *tail)
         if gy is None:
             gy = torch.zeros_like(x)
-        dx, dw, db = _impl(native)[2](
-            gy, x, mean, invstd, w, b, gmean, gvar, act, slope, True, needed[0]
+        dx, dw, db = _impl(native)[1](
+            gy, x, thr, w, None, gmean, gvar, eps, act, slope, needed[0]
         )
         return dx, dw if needed[1] else None, db if needed[2] else None, *tail
 
@@ -80,7 +90,7 @@ class _EvalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, invstd, weight, bias, act, slope, native):
-        y = _impl(native)[1](x, mean, invstd, weight, bias, act, slope)
+        y = _impl(native)[2](x, mean, invstd, weight, bias, act, slope)
         ctx.save_for_backward(x, mean, invstd, weight, bias)
         ctx.cfg = (act, slope, native)
         return y
@@ -98,9 +108,7 @@ class _EvalFn(torch.autograd.Function):
 
             dx, dw, db = _composed_grads(forward, (x, w, b), (gy,), needed, (x, w, b))
             return dx, None, None, dw, db, *tail
-        dx, dw, db = _impl(native)[2](
-            gy, x, mean, invstd, w, b, None, None, act, slope, False, needed[0]
-        )
+        dx, dw, db = _impl(native)[3](gy, x, mean, invstd, w, b, act, slope, needed[0])
         return dx, None, None, dw if needed[1] else None, db if needed[2] else None, *tail
 
 
@@ -119,7 +127,7 @@ def batch_norm_act_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``act(BN(x))`` with batch statistics. Returns ``(y, mean, biased_var)``.
 
-    Saves only ``x`` and two ``(C,)`` statistics for backward (plus ``weight``/``bias``).
+    Saves only ``x``, ``weight`` and one ``(C,)`` threshold for backward.
     Runs on the native kernels when :func:`bnlab.kernels.supports` ``x``, else on PyTorch.
     """
     _check_act(act, "batch_norm_act_train")
