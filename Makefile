@@ -23,10 +23,13 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py)
+# The stamp depends on the C sources: editing a kernel rebuilds the extension (in place, next to
+# the Python sources the editable install points at).
+$(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py) $(wildcard csrc/*.c csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python setup.py -q build_ext --inplace
 	touch $(STAMP)
 
 demo: setup
@@ -43,4 +46,4 @@ bench: setup
 	$(BIN)/python bench/bench_bn.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache src/bnlab/kernels/_native*.so

@@ -7,10 +7,11 @@ between torch and bnlab layers (:func:`bnlab.convert`).
 
 from __future__ import annotations
 
-from . import functional, keras
+from . import functional, keras, kernels
 from ._base import NonFiniteStatisticsError
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
+from .fused import BatchNormAct2d
 from .norms import make_norm, norm_names, register_norm
 from .sync import SyncBatchNorm
 from .variants import (
@@ -33,9 +34,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "NonFiniteStatisticsError",
     "convert",
     "functional",
+    "kernels",
     "keras",
     "make_norm",
     "norm_names",
