@@ -35,9 +35,15 @@ $(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py) $(wildcard cs
 demo: setup
 	$(BIN)/bnlab demo
 
+# The layer battery runs a second time on the pure-PyTorch kernels, so both backends are held
+# to the same float64 reference and torch parity (the kernel tests cover both on their own).
+BATTERY := tests/test_battery.py tests/test_numerics.py tests/test_properties.py \
+	tests/test_running_modes.py tests/test_functional.py
+
 test: setup
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
+	BNLAB_KERNELS=torch $(BIN)/python -m pytest -q $(BATTERY)
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench
