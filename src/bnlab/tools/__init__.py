@@ -7,15 +7,21 @@ module-level wrapper, and never modifies its input unless its name or docstring 
 from __future__ import annotations
 
 from ._graph import BN_TYPES, bn_layers, is_bn
+from .adapt import Tent, adapt, entropy
 from .fold import FoldReport, fold, fold_bn_next_weights, fold_conv_bn, fold_conv_bn_weights
+from .recalibrate import recalibrate
 
 __all__ = [
     "BN_TYPES",
     "FoldReport",
+    "Tent",
+    "adapt",
+    "entropy",
     "bn_layers",
     "fold",
     "fold_bn_next_weights",
     "fold_conv_bn",
     "fold_conv_bn_weights",
     "is_bn",
+    "recalibrate",
 ]
