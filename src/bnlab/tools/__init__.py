@@ -9,10 +9,12 @@ from __future__ import annotations
 from ._graph import BN_TYPES, bn_layers, is_bn
 from .adapt import Tent, adapt, entropy
 from .fold import FoldReport, fold, fold_bn_next_weights, fold_conv_bn, fold_conv_bn_weights
+from .lint import Finding, lint
 from .recalibrate import recalibrate
 
 __all__ = [
     "BN_TYPES",
+    "Finding",
     "FoldReport",
     "Tent",
     "adapt",
@@ -23,5 +25,6 @@ __all__ = [
     "fold_conv_bn",
     "fold_conv_bn_weights",
     "is_bn",
+    "lint",
     "recalibrate",
 ]
