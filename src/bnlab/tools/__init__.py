@@ -10,12 +10,14 @@ from ._graph import BN_TYPES, bn_layers, is_bn
 from .adapt import Tent, adapt, entropy
 from .fold import FoldReport, fold, fold_bn_next_weights, fold_conv_bn, fold_conv_bn_weights
 from .lint import Finding, lint
+from .monitor import Monitor
 from .recalibrate import recalibrate
 
 __all__ = [
     "BN_TYPES",
     "Finding",
     "FoldReport",
+    "Monitor",
     "Tent",
     "adapt",
     "entropy",
