@@ -128,7 +128,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batches", default="1,64")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 avoids oversubscription on a busy 2-core machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     models = {
         "seed CNN (BN after ReLU)": _prepare(seed_cnn(bn_after_relu=True)),
         "seed CNN (BN before ReLU)": _prepare(seed_cnn(bn_after_relu=False)),

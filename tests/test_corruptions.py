@@ -60,7 +60,7 @@ def test_idx_reader_validates(tmp_path):
 
 
 def test_tiny_shift_benchmark_runs_on_real_data():
-    cfg = ShiftConfig(train_size=1024, test_size=256, epochs=1, batch_size=64,
+    cfg = ShiftConfig(train_size=640, test_size=192, epochs=1, batch_size=64,
                       corruptions=("contrast",), severities=(5,))
     result = run(cfg, log=lambda *_: None)
     rows = {(r["corruption"], r["severity"]): r for r in result["rows"]}

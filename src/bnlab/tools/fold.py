@@ -228,6 +228,8 @@ def _try_prev(site: BNSite, bn: nn.Module, model: nn.Module, ranks: dict[str, in
         return f"input comes from {site.prev_op} ({type(layer).__name__})"
     if isinstance(layer, nn.Linear) and ranks.get(site.name) != 2:
         return "Linear -> BN folds only for 2D (N, C) input; pass example_input to prove it"
+    if not isinstance(layer, nn.Linear) and ranks.get(site.name, 0) not in (0, layer.weight.dim()):
+        return f"{site.prev} is called on an unbatched input (BN's dim 1 is not its channels)"
     w, b = fold_conv_bn_weights(
         layer.weight, layer.bias, *_bn_tensors(bn),
         transpose=isinstance(layer, _CONVT), groups=getattr(layer, "groups", 1),

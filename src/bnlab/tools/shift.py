@@ -207,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("train_size", "test_size", "epochs", "batch_size", "seed"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(ShiftConfig, f))
     p.add_argument("--tent-lr", type=float, default=ShiftConfig.tent_lr)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = ShiftConfig(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
                       batch_size=args.batch_size, seed=args.seed, tent_lr=args.tent_lr)
-    result = run(cfg, args.root)
+    result = run(cfg, args.root, log=lambda *a: print(*a, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shift.json").write_text(json.dumps(result, indent=2))
     table = format_table(result)
