@@ -202,3 +202,21 @@ def test_module_and_tensor_level_functions():
         fold_conv_bn(nn.Conv2d(2, 5, 1), bn)
     with pytest.raises(ValueError, match="training mode"):
         fold_conv_bn(conv, nn.BatchNorm2d(4))
+
+
+def test_output_check_catches_a_wrong_fold(monkeypatch):
+    import importlib
+
+    fold_module = importlib.import_module("bnlab.tools.fold")  # the attribute is the function
+
+    real = fold_module.fold_conv_bn_weights
+
+    def wrong(*args, **kwargs):
+        w, b = real(*args, **kwargs)
+        return w, b + 0.01
+
+    monkeypatch.setattr(fold_module, "fold_conv_bn_weights", wrong)
+    model = _randomise(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)))
+    with pytest.raises(RuntimeError, match="differ from the original's by 0.01"):
+        fold(model, torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    assert fold(model).fold_report.max_abs_error is None  # no input, no check

@@ -273,6 +273,19 @@ def _max_abs_error(a, b) -> float:
     return 0.0
 
 
+def _tolerance(ref) -> float:
+    """1000 ulps of the output dtype, relative to the output's magnitude."""
+    tensors = [ref] if isinstance(ref, Tensor) else [
+        t for t in (ref.values() if isinstance(ref, dict) else ref) if isinstance(t, Tensor)
+    ] if isinstance(ref, (tuple, list, dict)) else []
+    tensors = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return float("inf")
+    eps = max(torch.finfo(t.dtype).eps for t in tensors)
+    scale = max(float(t.abs().max()) for t in tensors)
+    return 1000 * eps * (1 + scale)
+
+
 @torch.no_grad()
 def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Module:
     """Return an evaluation-mode deep copy of ``model`` with every foldable BN folded.
@@ -286,6 +299,8 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
 
     Raises:
         ValueError: ``model`` (or one of its BN layers) is in training mode.
+        RuntimeError: with ``example_input``, the outputs differ by more than 1000 ulps of the
+            output dtype relative to the output's magnitude (a bug in fold, never expected).
 
     Example::
 
@@ -326,9 +341,15 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
             report.folded.append((name, site.next, "into next"))
         _replace(folded, analysis.names[id(bn)], nn.Identity().eval())
     if example_input is not None:
-        report.max_abs_error = _max_abs_error(
-            _call(model, example_input), _call(folded, example_input)
-        )
+        ref = _call(model, example_input)
+        report.max_abs_error = _max_abs_error(ref, _call(folded, example_input))
+        tol = _tolerance(ref)
+        if report.max_abs_error > tol:
+            raise RuntimeError(
+                f"fold: the folded model's outputs differ from the original's by "
+                f"{report.max_abs_error:.3g} > tolerance {tol:.3g}; this is a bug in "
+                f"bnlab.tools.fold, please report it with the model\n{report.summary()}"
+            )
     folded.fold_report = report
     if warn and report.not_folded:
         warnings.warn(
