@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -165,19 +164,3 @@ def analyse(model: nn.Module) -> Analysis:
         return _analyse_order(model, names, reason.splitlines()[0][:300])
     return _analyse_fx(model, graph, names)
 
-
-def call_counts(model: nn.Module, example_input, run) -> dict[str, int]:
-    """How often each BN layer is called during ``run(model, example_input)`` (forward hooks)."""
-    counts: Counter[str] = Counter()
-    handles = []
-    try:
-        for name, bn in bn_layers(model):
-            handles.append(bn.register_forward_pre_hook(
-                lambda m, args, _n=name: counts.update([_n])  # update() returns None
-            ))
-        with torch.no_grad():
-            run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return dict(counts)
