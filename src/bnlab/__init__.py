@@ -7,7 +7,7 @@ between torch and bnlab layers (:func:`bnlab.convert`).
 
 from __future__ import annotations
 
-from . import functional, keras, kernels
+from . import functional, keras, kernels, tools
 from ._base import NonFiniteStatisticsError
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
@@ -39,6 +39,7 @@ __all__ = [
     "convert",
     "functional",
     "kernels",
+    "tools",
     "keras",
     "make_norm",
     "norm_names",

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 _COMMAND_MODULES = [
     "bnlab.commands.demo",
     "bnlab.commands.info",
+    "bnlab.commands.fold",
+    "bnlab.commands.lint",
 ]
 
 
