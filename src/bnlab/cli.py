@@ -11,6 +11,10 @@ from collections.abc import Sequence
 _COMMAND_MODULES = [
     "bnlab.commands.demo",
     "bnlab.commands.info",
+    "bnlab.commands.run",
+    "bnlab.commands.train",
+    "bnlab.commands.report",
+    "bnlab.commands.data",
 ]
 
 

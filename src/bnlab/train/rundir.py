@@ -99,6 +99,16 @@ def git_revision() -> str | None:
     return rev + ("+dirty" if dirty.strip() else "")
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def run_environment() -> dict[str, Any]:
     """What :func:`bnlab.commands.info.environment` reports, plus git revision and CPUs."""
     from ..commands.info import environment
@@ -109,6 +119,7 @@ def run_environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
     })
     return env
 
