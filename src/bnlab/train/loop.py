@@ -161,7 +161,8 @@ def train(
     n = len(data.x_train)
     steps_per_epoch = -(-n // config.batch_size)
     epoch0, skip, step = 0, 0, 0
-    acc: dict[str, float] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+    acc: dict[str, float] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0,
+                             "cpu": 0.0}
     steps: list[dict] = rd.read_jsonl(run_dir / "steps.jsonl")
     epochs: list[dict] = rd.read_jsonl(run_dir / "epochs.jsonl")
     if ckpt is not None:
@@ -196,7 +197,7 @@ def train(
             first = skip if epoch == epoch0 else 0
             progress.start_epoch(config.name, epoch, config.epochs, len(batches), first)
             for i in range(first, len(batches)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 lr = lr_at(config, step, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -213,6 +214,7 @@ def train(
                 acc["correct"] += correct
                 acc["seen"] += len(idx)
                 acc["time"] += dt
+                acc["cpu"] += time.process_time() - c0
                 pending.append({"step": step, "epoch": epoch, "loss": lv,
                                 "acc": correct / len(idx), "lr": lr, "time": dt})
                 step += 1
@@ -230,11 +232,12 @@ def train(
                 "epoch": epoch, "train_loss": acc["loss_sum"] / acc["seen"],
                 "train_acc": acc["correct"] / acc["seen"], "val_loss": val_loss,
                 "val_acc": val_acc, "lr": lr_at(config, step - 1, steps_per_epoch),
-                "epoch_time": acc["time"], "eval_time": time.perf_counter() - t0,
+                "epoch_time": acc["time"], "epoch_cpu_time": acc["cpu"],
+                "eval_time": time.perf_counter() - t0,
                 "steps": len(batches),
             }
             epochs.append(record)
-            acc = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+            acc = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0, "cpu": 0.0}
             done = epoch + 1 == config.epochs
             checkpoint(epoch + 1, 0, "complete" if done else "running")
             progress.end_epoch(config.name, record, config.epochs)
