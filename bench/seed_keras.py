@@ -48,14 +48,16 @@ def load(data_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def seed_model(keras, bn: bool):
+def seed_model(keras, bn: bool, reuse_bn: bool = False):
     layers = keras.layers
+    bn_layer = layers.BatchNormalization()
     stack = [layers.Input((28, 28, 1)), layers.Conv2D(32, 3, activation="relu")]
     if bn:
-        stack.append(layers.BatchNormalization())  # first BN layer
+        stack.append(bn_layer)
     stack += [layers.MaxPooling2D(), layers.Conv2D(64, 3, activation="relu")]
     if bn:
-        stack.append(layers.BatchNormalization())  # the fix: a second, separate BN layer
+        # The fix: a second, separate BN layer. --reuse-bn keeps the seed's bug to show it.
+        stack.append(bn_layer if reuse_bn else layers.BatchNormalization())
     stack += [layers.MaxPooling2D(), layers.Flatten(), layers.Dense(10, activation="softmax")]
     return keras.Sequential(stack)
 
@@ -68,6 +70,8 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-bn", action="store_true",
+                    help="the seed's original bug: one BN layer after both convolutions")
     args = ap.parse_args()
 
     import tensorflow as tf
@@ -81,7 +85,7 @@ def main() -> None:
         n = args.train_subset
         d["x_train"], d["y_train"] = d["x_train"][:n], d["y_train"][:n]
 
-    model = seed_model(keras, bn=not args.no_bn)
+    model = seed_model(keras, bn=not args.no_bn, reuse_bn=args.reuse_bn)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     times: list[float] = []
 

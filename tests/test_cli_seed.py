@@ -95,6 +95,7 @@ def test_demo_defaults_and_full_flag():
     from bnlab.cli import build_parser
 
     args = build_parser().parse_args(["demo"])
-    assert (args.dataset, args.epochs, args.seeds) == ("fashion-mnist", 3, 2)
+    assert (args.dataset, args.epochs, args.seeds, args.train_subset) == (
+        "fashion-mnist", 3, 2, 30000)
     assert args.norms == "none,bn,bn-window,bn-running"
     assert build_parser().parse_args(["demo", "--full"]).full
