@@ -27,7 +27,7 @@ from . import rundir as rd
 from .config import TrainConfig, lr_at
 from .progress import Progress
 
-__all__ = ["train", "evaluate", "build", "RunExistsError"]
+__all__ = ["train", "train_step", "evaluate", "build", "RunExistsError"]
 
 
 class RunExistsError(FileExistsError):
@@ -66,6 +66,19 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     finally:
         model.train(was_training)
     return loss_sum / len(x), correct / len(x)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               lr: float) -> tuple[float, int]:
+    """One optimisation step at learning rate ``lr``; returns the batch loss and hits."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), int((out.argmax(1) == y).sum())
 
 
 class _StopFlag:
@@ -199,16 +212,8 @@ def train(
             for i in range(first, len(batches)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 lr = lr_at(config, step, steps_per_epoch)
-                for group in opt.param_groups:
-                    group["lr"] = lr
                 idx = batches[i]
-                xb, yb = data.x_train[idx], data.y_train[idx]
-                out = model(xb)
-                loss = nn.functional.cross_entropy(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                lv, correct = loss.item(), int((out.argmax(1) == yb).sum())
+                lv, correct = train_step(model, opt, data.x_train[idx], data.y_train[idx], lr)
                 dt = time.perf_counter() - t0
                 acc["loss_sum"] += lv * len(idx)
                 acc["correct"] += correct
