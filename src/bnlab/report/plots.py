@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .collect import Group, mean_sd  # noqa: E402
 
@@ -24,9 +25,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _band(ax, x, per_epoch: list[list[float]], label: str, color, style="-"):
+_STYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "x"]
+
+
+def _band(ax, x, per_epoch: list[list[float]], label: str, color):
+    # Variants that train identically (bn and bn-window differ only in evaluation) overlap:
+    # line style and marker keep each visible.
+    i = int(color[1:])
     means = [mean_sd(v)[0] for v in per_epoch]
-    ax.plot(x, means, style, color=color, label=label, marker="o", markersize=3)
+    ax.plot(x, means, _STYLES[i % 4], color=color, label=label, marker=_MARKERS[i % 6],
+            markersize=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if per_epoch and len(per_epoch[0]) > 1:
         ax.fill_between(x, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
                         color=color, alpha=0.15, linewidth=0)
@@ -92,7 +102,7 @@ def _steps(groups: list[Group], window: int = 25) -> bytes:
         w = max(1, min(window, len(losses) // 10 or 1))
         smooth = [sum(losses[max(0, k - w + 1): k + 1]) / len(losses[max(0, k - w + 1): k + 1])
                   for k in range(len(losses))]
-        ax.plot(range(1, len(losses) + 1), smooth, color=f"C{i}",
+        ax.plot(range(1, len(losses) + 1), smooth, _STYLES[i % 4], color=f"C{i}",
                 label=f"{g.name} (seed {run.config.seed})", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("optimisation step")

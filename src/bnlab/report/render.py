@@ -29,6 +29,11 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
+def _epoch_seconds(g: Group) -> float:
+    """Mean over seeds of each run's mean training seconds per epoch."""
+    return mean_sd([sum(e["epoch_time"] for e in r.epochs) / len(r.epochs) for r in g.runs])[0]
+
+
 def table_rows(groups: list[Group]) -> list[dict[str, Any]]:
     """One row per normaliser: accuracies in percent as ``mean ± sd`` over seeds."""
     rows = []
@@ -83,8 +88,7 @@ def verdict(groups: list[Group]) -> list[str]:
                    "helped.")
     else:
         out.append("In this run BN " + _compare(bn, base).split(" ", 1)[1])
-        tb = mean_sd(bn.final("epoch_time"))[0]
-        tn = mean_sd(base.final("epoch_time"))[0]
+        tb, tn = _epoch_seconds(bn), _epoch_seconds(base)
         if tn > 0:
             out.append(f"An epoch with `{bn.name}` took {tb / tn:.2f}x the time of one without "
                        "normalisation.")
@@ -114,6 +118,13 @@ def _header(groups: list[Group], info: dict[str, Any]) -> dict[str, str]:
                f"{env.get('cpu_count', '?')} CPUs, torch {env.get('torch', '?')} with "
                f"{env.get('torch_threads', '?')} threads, bnlab {env.get('bnlab', '?')}, "
                f"git {env.get('git_revision') or 'unknown'}")
+    loads = [r.environment.get("load_average_at_start") for g in groups for r in g.runs]
+    loads = [x for x in loads if x is not None]
+    if loads:
+        machine += (f"; load average when the runs started {min(loads):.1f} to "
+                    f"{max(loads):.1f} (above the CPU count, other work slowed the timings)"
+                    if max(loads) > (env.get("cpu_count") or 1) else
+                    f"; load average when the runs started at most {max(loads):.1f}")
     seeds = sorted({s for g in groups for s in g.seeds})
     evidence = (f"{sum(len(g.runs) for g in groups)} runs: normalisers "
                 f"{', '.join(g.name for g in groups)}; seeds {seeds}; "

@@ -120,6 +120,8 @@ def run_environment() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "platform": platform.platform(),
         "cpu_model": _cpu_model(),
+        # Other processes slow a run down: the load when it started explains odd timings.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     })
     return env
 
