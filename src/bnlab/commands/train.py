@@ -21,8 +21,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bnlab train: {e}", file=sys.stderr)
         return 2
     out = args.out or f"runs/train-{config.model}-{config.norm}-s{config.seed}"
+    progress = make_progress(args.quiet)
     try:
-        summary = train(config, out, resume=args.resume, progress=make_progress(args.quiet))
+        summary = train(config, out, resume=args.resume, progress=progress)
     except (DataNotFoundError, RunExistsError, ValueError) as e:
         print(f"bnlab train: {e}", file=sys.stderr)
         return 2
@@ -30,6 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: bnlab train --out {out} --resume ...",
               file=sys.stderr)
         return 130
+    finally:
+        progress.close()
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
     return 0

@@ -95,6 +95,15 @@ class TrainConfig:
                 f"TrainConfig: unknown model {self.model!r}; valid names: "
                 f"{', '.join(model_names())}"
             )
+        sequence_models = {"mnist1d_mlp", "mnist1d_cnn"}
+        if (self.dataset == "mnist1d") != (self.model in sequence_models) and \
+                self.dataset in ("mnist", "fashion-mnist", "mnist1d"):
+            fits = sorted(sequence_models) if self.dataset == "mnist1d" else sorted(
+                set(model_names()) - sequence_models)
+            raise ValueError(
+                f"TrainConfig: model {self.model!r} does not take {self.dataset!r} inputs; "
+                f"models for {self.dataset}: {', '.join(fits)}"
+            )
         if self.norm not in norm_names():
             raise ValueError(
                 f"TrainConfig: unknown normaliser {self.norm!r}; valid names: "

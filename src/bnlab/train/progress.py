@@ -49,9 +49,11 @@ class PlainProgress(Progress):
 class RichProgress(Progress):
     def __init__(self) -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
+        self._escape = escape  # "[bn] epoch 1" is text, not a rich markup tag
         self.console = Console()
         self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
@@ -62,17 +64,18 @@ class RichProgress(Progress):
     def start_epoch(self, label: str, epoch: int, epochs: int, steps: int, done: int) -> None:
         if self.task is not None:
             self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(f"[{label}] epoch {epoch + 1}/{epochs}", total=steps,
+        self.task = self.bar.add_task(self._escape(f"[{label}] epoch {epoch + 1}/{epochs}"),
+                                      total=steps,
                                       completed=done, loss="-")
 
     def step(self, loss: float) -> None:
         self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
 
     def end_epoch(self, label: str, record: dict[str, Any], epochs: int) -> None:
-        self.console.print(_epoch_line(label, record, epochs))
+        self.console.print(self._escape(_epoch_line(label, record, epochs)))
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(self._escape(text))
 
     def close(self) -> None:
         self.bar.stop()
