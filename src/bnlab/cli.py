@@ -13,6 +13,10 @@ _COMMAND_MODULES = [
     "bnlab.commands.info",
     "bnlab.commands.fold",
     "bnlab.commands.lint",
+    "bnlab.commands.run",
+    "bnlab.commands.train",
+    "bnlab.commands.report",
+    "bnlab.commands.data",
 ]
 
 

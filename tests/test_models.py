@@ -1,0 +1,85 @@
+"""The experiment models: shapes, separate norm layers, placement and the norm registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.models import build_model, ioffe_mlp, mnist1d_cnn, mnist1d_mlp, seed_cnn, small_resnet
+
+
+def test_seed_cnn_layout_matches_the_seed():
+    m = seed_cnn("bn")
+    kinds = [type(x).__name__ for x in m]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d", "Conv2d", "ReLU",
+                     "BatchNorm2d", "MaxPool2d", "Flatten", "Linear"]
+    assert [m[0].out_channels, m[4].out_channels] == [32, 64]
+    assert m[2] is not m[6] and (m[2].num_features, m[6].num_features) == (32, 64)
+    assert m[9].in_features == 64 * 5 * 5
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    # The Keras model has 34,826 trainable weights besides BN's 2*(32+64) = 192 gamma/beta.
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 34826 + 192
+
+
+def test_seed_cnn_placement_before():
+    m = seed_cnn("bn", placement="before")
+    assert [type(x).__name__ for x in m][:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    with pytest.raises(ValueError, match="placement must be 'after'.*got 'middle'"):
+        seed_cnn("bn", placement="middle")
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "bn-window", "bn-running", "gn", "ln", "torch-bn"])
+def test_every_norm_builds_and_trains_one_step(norm):
+    torch.manual_seed(0)
+    m = seed_cnn(norm)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss = nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_norm_kinds_are_what_the_name_says():
+    assert isinstance(seed_cnn("bn-window")[2], bnlab.BatchNorm2d)
+    assert seed_cnn("bn-window")[2].running == "window"
+    assert seed_cnn("bn-running")[2].normalize_with == "running"
+    assert isinstance(seed_cnn("torch-bn")[2], nn.BatchNorm2d)
+    assert isinstance(seed_cnn("none")[2], nn.Identity)
+
+
+def test_unknown_norm_fails_loudly():
+    with pytest.raises(ValueError, match="unknown normaliser 'batchnorm'; valid names: .*bn"):
+        seed_cnn("batchnorm")
+    with pytest.raises(ValueError, match="unknown model 'vgg'; valid names: ioffe_mlp"):
+        build_model("vgg")
+
+
+def test_ioffe_mlp_bn_before_each_sigmoid():
+    m = ioffe_mlp("bn")
+    kinds = [type(x).__name__ for x in m]
+    assert kinds == ["Flatten"] + ["Linear", "BatchNorm1d", "Sigmoid"] * 3 + ["Linear"]
+    assert [x.out_features for x in m if isinstance(x, nn.Linear)] == [100, 100, 100, 10]
+    assert m(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    std = m[1].weight.std().item()
+    assert 0.09 < std < 0.11  # the small Gaussian init, not PyTorch's uniform
+
+
+def test_mnist1d_models():
+    x = torch.randn(6, 40)
+    assert mnist1d_mlp()(x).shape == (6, 10)
+    cnn = mnist1d_cnn()
+    assert cnn(x).shape == (6, 10) and cnn.linear.in_features == 125
+    assert torch.equal(cnn(x), cnn(x.unsqueeze(1)))
+    bn = mnist1d_cnn("bn")
+    assert sum(isinstance(m, bnlab.BatchNorm1d) for m in bn.modules()) == 3
+
+
+def test_small_resnet():
+    m = small_resnet("bn")
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    n_bn = sum(isinstance(x, bnlab.BatchNorm2d) for x in m.modules())
+    assert n_bn == 1 + 3 * 2 + 2  # stem, two per block, two projection shortcuts
+    assert not any(isinstance(x, bnlab.BatchNorm2d) for x in small_resnet("none").modules())
