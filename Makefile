@@ -23,18 +23,27 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py)
+# The stamp depends on the C sources: editing a kernel rebuilds the extension (in place, next to
+# the Python sources the editable install points at).
+$(STAMP): pyproject.toml requirements-dev.txt $(wildcard setup.py) $(wildcard csrc/*.c csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python setup.py -q build_ext --inplace
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/bnlab demo
 
+# The layer battery runs a second time on the pure-PyTorch kernels, so both backends are held
+# to the same float64 reference and torch parity (the kernel tests cover both on their own).
+BATTERY := tests/test_battery.py tests/test_numerics.py tests/test_properties.py \
+	tests/test_running_modes.py tests/test_functional.py
+
 test: setup
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
+	BNLAB_KERNELS=torch $(BIN)/python -m pytest -q $(BATTERY)
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench
@@ -43,4 +52,4 @@ bench: setup
 	$(BIN)/python bench/bench_bn.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache src/bnlab/kernels/_native*.so

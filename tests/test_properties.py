@@ -47,11 +47,14 @@ def test_agrees_with_torch_on_any_shape(shape, seed, scale, offset, momentum) ->
     mean, var = ref_stats(x)
     y_ref = ref_bn(x, mean, var)
     dx_ref, _, _ = ref_bn_backward(x, dy, None)
+    # Floor: float32 rounding of inputs of magnitude max|x| against a spread sigma makes any
+    # float32 BN's output uncertain by a few eps * max|x| / sigma (the conditioning).
+    cond = x.abs().max().item() / max(var.sqrt().min().item(), 1e-12)
     for got, want, ref in ((yo, yt, y_ref), (xo.grad, xt.grad, dx_ref)):
         err_ours = (got.double() - ref).abs().max().item()
         err_torch = (want.double() - ref).abs().max().item()
-        scale_ref = ref.abs().max().item() + 1.0
-        assert err_ours <= max(2 * err_torch, 2e-6 * scale_ref), (err_ours, err_torch)
+        floor = 8 * torch.finfo(torch.float32).eps * (cond + 1) * (ref.abs().max().item() + 1)
+        assert err_ours <= max(2 * err_torch, floor), (err_ours, err_torch, floor)
     count = x.numel() // x.shape[1]
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-5)
     factor = 1.0 if momentum is None else momentum  # None: cumulative, first batch weighs 1

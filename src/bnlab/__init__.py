@@ -7,11 +7,26 @@ between torch and bnlab layers (:func:`bnlab.convert`).
 
 from __future__ import annotations
 
-from . import functional, keras
+from . import functional, keras, kernels, tools
 from ._base import NonFiniteStatisticsError
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
+from .fused import BatchNormAct2d
 from .norms import make_norm, norm_names, register_norm
+from .sync import SyncBatchNorm
+from .variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
@@ -19,12 +34,28 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "NonFiniteStatisticsError",
     "convert",
     "functional",
+    "kernels",
+    "tools",
     "keras",
     "make_norm",
     "norm_names",
     "register_norm",
     "__version__",
+    # variants and distributed (issue 6)
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "SyncBatchNorm",
+    "freeze",
+    "unfreeze",
 ]

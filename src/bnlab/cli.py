@@ -12,6 +12,12 @@ _COMMAND_MODULES = [
     "bnlab.commands.demo",
     "bnlab.commands.info",
     "bnlab.commands.study",
+    "bnlab.commands.fold",
+    "bnlab.commands.lint",
+    "bnlab.commands.run",
+    "bnlab.commands.train",
+    "bnlab.commands.report",
+    "bnlab.commands.data",
 ]
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import kernels as _kernels
+
 __all__ = [
     "compute_dtype",
     "reduce_dims",
@@ -79,7 +81,10 @@ def normalize(
 
     ``mean``, ``var``, ``weight`` and ``bias`` have shape ``(C,)``; ``weight``/``bias`` may be
     ``None`` (``affine=False``). Computed in :func:`compute_dtype`, returned in ``x.dtype``.
+    Runs on bnlab's compiled kernels when they support the tensors (see :mod:`bnlab.kernels`).
     """
+    if _kernels.supports_eval(x, mean, var, weight, bias):
+        return _kernels.normalize(x, mean, var, weight, bias, eps)
     cdt = compute_dtype(x.dtype)
     invstd = torch.rsqrt(var.to(cdt) + eps)
     scale = invstd if weight is None else invstd * weight.to(cdt)
@@ -97,8 +102,11 @@ def batch_norm_train(
     """Training-mode BN: normalise ``x`` with its own statistics.
 
     Returns ``(y, mean, biased_var)``; gradients flow through the statistics. This is the
-    single entry point that compiled kernels replace (see :mod:`bnlab.kernels`).
+    single entry point that compiled kernels replace (see :mod:`bnlab.kernels`): they run
+    when they support the tensors, this pure-PyTorch code otherwise.
     """
+    if _kernels.supports(x, weight, bias):
+        return _kernels.batch_norm_train(x, weight, bias, eps)
     mean, var = batch_stats(x)
     return normalize(x, mean, var, weight, bias, eps), mean, var
 

@@ -1,0 +1,119 @@
+"""Epoch time of the seed's CNN on Fashion-MNIST: no BN vs torch's BN vs bnlab's BN.
+
+Claim checked: with bnlab's BN the BN overhead, (epoch time with BN - without) / without, is at
+most 10% (torch's BN: about 30% on 2 cores, see ``../shared/ANCHORS.md``).
+
+The seed's network (PyTorch port): Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool
+Flatten Linear(1600,10); Adam, batch 128, the 60000 training images, ``--threads`` threads.
+The three variants take turns epoch by epoch (``--epochs`` each); medians are reported.
+The images are read from Debian's ``dataset-fashion-mnist`` IDX files (gzip).
+
+    python bench/bench_seed_epoch.py [--epochs 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import bnlab
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Minimal IDX reader (big-endian header: magic, then one uint32 per dimension)."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_train(root: Path = DATA) -> tuple[torch.Tensor, torch.Tensor]:
+    images = read_idx(root / "train-images-idx3-ubyte.gz")
+    labels = read_idx(root / "train-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def seed_cnn(bn: str) -> nn.Sequential:
+    def norm(c: int) -> nn.Module:
+        if bn == "none":
+            return nn.Identity()
+        return nn.BatchNorm2d(c) if bn == "torch" else bnlab.BatchNorm2d(c)
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), norm(32), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), norm(64), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(1600, 10),
+    )  # fmt: skip
+
+
+def epoch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch):
+        idx = perm[i : i + batch]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_seed_epoch.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x, y = load_train()
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    variants = ("none", "torch", "bnlab")
+    runs = {}
+    for v in variants:
+        torch.manual_seed(0)
+        model = seed_cnn(v)
+        runs[v] = (model, torch.optim.Adam(model.parameters(), 1e-3))
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for e in range(args.epochs + 1):  # the first epoch of each variant is a warm-up
+        for v in variants:
+            t = epoch(*runs[v], x, y, args.batch)
+            if e > 0:
+                times[v].append(t)
+            print(f"epoch {e} {v:6s} {t:7.2f} s", flush=True)
+    med = {v: statistics.median(times[v]) for v in variants}
+    over = {v: (med[v] - med["none"]) / med["none"] for v in ("torch", "bnlab")}
+    print(f"median epoch: none {med['none']:.2f} s, torch BN {med['torch']:.2f} s, "
+          f"bnlab BN {med['bnlab']:.2f} s (backend {bnlab.kernels.backend()})")  # fmt: skip
+    print(f"BN overhead: torch {over['torch']:+.1%}, bnlab {over['bnlab']:+.1%} (target <= 10%)")
+    payload = {
+        "environment": {"torch": torch.__version__, "bnlab": bnlab.__version__,
+                        "threads": torch.get_num_threads(), "backend": bnlab.kernels.backend(),
+                        "machine": platform.machine()},
+        "images": len(x), "batch": args.batch, "epoch_s": times, "median_s": med,
+        "bn_overhead": over,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The seed's experiment side by side: Keras/TensorFlow (the seed's code) and ``bnlab run seed``.
+
+Runs, in one session on the same machine and the same local Fashion-MNIST files, the seed's
+Keras CNN (``bench/seed_keras.py``, with and without BN) and bnlab's PyTorch version
+(``bnlab run seed --norms none,bn``), alternating, and prints seconds per epoch (median over
+epochs, the first epoch excluded when there are more than two) and validation accuracy.
+Not part of CI. TensorFlow lives in its own environment::
+
+    python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu
+    python bench/bench_seed_peer.py --tf-python /tmp/tfvenv/bin/python --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_epoch(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def run_keras(tf_python: str, norm: str, args) -> dict:
+    cmd = [tf_python, str(ROOT / "bench/seed_keras.py"), "--epochs", str(args.epochs),
+           "--threads", str(args.threads), "--data-dir", args.data_dir,
+           "--train-subset", str(args.train_subset)] + (["--no-bn"] if norm == "none" else [])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"seed_keras.py failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"who": "keras (seed)", "norm": norm, "times": r["epoch_times"],
+            "val_acc": r["val_acc"], "version": r["framework"]}
+
+
+def run_bnlab(norm: str, args, out_dir: Path) -> dict:
+    run = out_dir / f"bnlab-{norm}"
+    cmd = [sys.executable, "-m", "bnlab", "run", "seed", "--dataset", "fashion-mnist",
+           "--norms", norm, "--seeds", "1", "--epochs", str(args.epochs), "--threads",
+           str(args.threads), "--data-dir", args.data_dir, "--train-subset",
+           str(args.train_subset), "--out", str(run), "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"bnlab run seed failed:\n{out.stderr[-3000:]}")
+    epochs = [json.loads(line) for line in
+              (run / "runs" / f"{norm}-s0" / "epochs.jsonl").read_text().splitlines()]
+    import torch
+
+    return {"who": "bnlab (torch)", "norm": norm, "times": [e["epoch_time"] for e in epochs],
+            "val_acc": [e["val_acc"] for e in epochs], "version": f"torch {torch.__version__}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tf-python", default="/tmp/tfvenv/bin/python")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--norms", default="bn,none")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for norm in args.norms.split(","):
+            results.append(run_keras(args.tf_python, norm, args))
+            results.append(run_bnlab(norm, args, Path(tmp)))
+    print(f"\nseed CNN on Fashion-MNIST, {args.epochs} epochs, batch 128, Adam, "
+          f"{args.threads} threads, train subset {args.train_subset or 'all'}")
+    print(f"{'who':14s} {'norm':5s} {'s/epoch':>8s} {'final val':>9s} {'best val':>9s}  version")
+    for r in results:
+        print(f"{r['who']:14s} {r['norm']:5s} {_median_epoch(r['times']):8.2f} "
+              f"{r['val_acc'][-1]:9.4f} {max(r['val_acc']):9.4f}  {r['version']}")
+    for norm in args.norms.split(","):
+        k = next(r for r in results if r["norm"] == norm and r["who"].startswith("keras"))
+        b = next(r for r in results if r["norm"] == norm and r["who"].startswith("bnlab"))
+        print(f"{norm}: keras / bnlab time per epoch = "
+              f"{_median_epoch(k['times']) / _median_epoch(b['times']):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Corruption benchmark on Fashion-MNIST: source vs AdaBN vs TENT (see bnlab.tools.shift).
+
+Usage: python bench/bench_shift.py [--out runs/shift] [--train-size 60000] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bnlab.tools.shift import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+/* Batch-norm kernels for one element type. Included twice by bnlab_kernels.c, with
+ * T = float / SFX(name) = name##_f32 and T = double / SFX(name) = name##_f64.
+ *
+ * Layouts: NCHW is x[n][c][s] (channel c owns N contiguous segments of S values);
+ * NHWC is x[m][c] (channels innermost, M rows). Sums are taken of (x - pivot) in T lanes over
+ * short blocks and flushed into double, so long channels and large common offsets keep
+ * their precision (a float lane never holds more than BLOCK / LANES terms).
+ */
+
+/* ------------------------------------------------------------------ activation */
+static inline T SFX(act_fwd)(T v, int act, T slope) {
+    if (act == ACT_RELU) return v > (T)0 ? v : (T)0;
+    if (act == ACT_LEAKY) return v > (T)0 ? v : v * slope;
+    return v;
+}
+
+/* derivative factor of the activation at pre-activation v */
+static inline T SFX(act_grad)(T v, int act, T slope) {
+    if (act == ACT_RELU) return v > (T)0 ? (T)1 : (T)0;
+    if (act == ACT_LEAKY) return v > (T)0 ? (T)1 : slope;
+    return (T)1;
+}
+
+/* ------------------------------------------------------------------ sums */
+/* NCHW planes are reduced with explicit SIMD-width vectors (GCC/Clang vector extensions,
+ * lowered to whatever the target has): four independent accumulators that stay in registers. */
+typedef T SFX(vec) __attribute__((vector_size(16)));
+typedef ivec_t SFX(ivec) __attribute__((vector_size(16)));
+#define VL ((int64_t)(16 / sizeof(T)))
+#define STEP (4 * VL)
+
+static inline SFX(vec) SFX(vload)(const T *p) {
+    SFX(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline double SFX(vsum)(SFX(vec) v) {
+    double s = 0.0;
+    for (int64_t l = 0; l < VL; l++) s += v[l];
+    return s;
+}
+
+/* activation derivative as a vector: 1 where pre > 0, else 0 (relu) or slope (leaky) */
+static inline SFX(vec) SFX(vgrad)(SFX(vec) pre, int act, SFX(vec) slope) {
+    SFX(vec) zero = {0}, one = zero + (T)1;
+    SFX(ivec) m = pre > zero;
+    if (act == ACT_RELU) return (SFX(vec))((SFX(ivec))one & m);
+    if (act == ACT_LEAKY) return (SFX(vec))((SFX(ivec))(one - slope) & m) + slope;
+    return one;
+}
+
+/* Add sum(x - piv) and sum((x - piv)^2) over one contiguous plane of S values (NCHW). */
+static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, double *o2) {
+    SFX(vec) zero = {0}, pv = zero + piv;
+    double d1 = 0.0, d2 = 0.0;
+    int64_t i = 0;
+    while (S - i >= STEP) {
+        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / STEP * STEP;
+        SFX(vec) a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+        SFX(vec) q0 = zero, q1 = zero, q2 = zero, q3 = zero;
+        for (int64_t k = i; k < i + len; k += STEP) {
+            SFX(vec) e0 = SFX(vload)(p + k) - pv, e1 = SFX(vload)(p + k + VL) - pv;
+            SFX(vec) e2 = SFX(vload)(p + k + 2 * VL) - pv, e3 = SFX(vload)(p + k + 3 * VL) - pv;
+            a0 += e0; a1 += e1; a2 += e2; a3 += e3;
+            q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
+        }
+        d1 += SFX(vsum)(a0) + SFX(vsum)(a1) + SFX(vsum)(a2) + SFX(vsum)(a3);
+        d2 += SFX(vsum)(q0) + SFX(vsum)(q1) + SFX(vsum)(q2) + SFX(vsum)(q3);
+        i += len;
+    }
+    for (; i < S; i++) {
+        double d = (double)(p[i] - piv);
+        d1 += d;
+        d2 += d * d;
+    }
+    *o1 += d1;
+    *o2 += d2;
+}
+
+/* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC). */
+static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m1,
+                           const T *restrict piv, double *restrict o1, double *restrict o2,
+                           T *restrict a1, T *restrict a2) {
+    for (int64_t m = m0; m < m1;) {
+        int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
+        for (int64_t c = 0; c < C; c++) {
+            a1[c] = 0;
+            a2[c] = 0;
+        }
+        for (; m < end; m++) {
+            const T *restrict p = x + m * C;
+            for (int64_t c = 0; c < C; c++) {
+                T d = p[c] - piv[c];
+                a1[c] += d;
+                a2[c] += d * d;
+            }
+        }
+        for (int64_t c = 0; c < C; c++) {
+            o1[c] += a1[c];
+            o2[c] += a2[c];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ y = act((x - ctr) * scale + shift) */
+static inline __attribute__((always_inline)) void SFX(apply_seg)(
+    const T *restrict p, T *restrict q, int64_t S, T ctr, T sc, T sh, int act, T slope) {
+    for (int64_t i = 0; i < S; i++) q[i] = SFX(act_fwd)((p[i] - ctr) * sc + sh, act, slope);
+}
+
+static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int act,
+                             T slope) {
+    switch (act) {
+    case ACT_RELU: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_RELU, slope); break;
+    case ACT_LEAKY: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_LEAKY, slope); break;
+    default: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_ID, slope);
+    }
+}
+
+static inline __attribute__((always_inline)) void SFX(apply_rows)(
+    const T *restrict x, T *restrict y, int64_t C, int64_t m0, int64_t m1, const T *restrict ctr,
+    const T *restrict sc, const T *restrict sh, int act, T slope) {
+    for (int64_t m = m0; m < m1; m++) {
+        const T *restrict p = x + m * C;
+        T *restrict q = y + m * C;
+        for (int64_t c = 0; c < C; c++)
+            q[c] = SFX(act_fwd)((p[c] - ctr[c]) * sc[c] + sh[c], act, slope);
+    }
+}
+
+static void SFX(apply_nhwc)(const T *x, T *y, int64_t C, int64_t m0, int64_t m1, const T *ctr,
+                            const T *sc, const T *sh, int act, T slope) {
+    switch (act) {
+    case ACT_RELU: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_RELU, slope); break;
+    case ACT_LEAKY: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_LEAKY, slope); break;
+    default: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_ID, slope);
+    }
+}
+
+/* ------------------------------------------------------------------ backward reductions */
+static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
+    const T *restrict g0, const T *restrict p, int64_t S, T ctr, T msc, T msh, int act, T slope,
+    double *o) {
+    SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
+    double d1 = 0.0, d2 = 0.0, d3 = 0.0, d4 = 0.0;
+    int64_t i = 0;
+    while (S - i >= 2 * VL) {
+        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / (2 * VL) * (2 * VL);
+        SFX(vec) a0 = zero, a1 = zero, b0 = zero, b1 = zero, c0 = zero, c1 = zero, q0 = zero,
+                 q1 = zero;
+        for (int64_t k = i; k < i + len; k += 2 * VL) {
+            SFX(vec) e0 = SFX(vload)(p + k) - cv, e1 = SFX(vload)(p + k + VL) - cv;
+            SFX(vec) g0v = SFX(vload)(g0 + k), g1v = SFX(vload)(g0 + k + VL);
+            if (act != ACT_ID) {
+                g0v *= SFX(vgrad)(e0 * sv + hv, act, lv);
+                g1v *= SFX(vgrad)(e1 * sv + hv, act, lv);
+            }
+            a0 += g0v; a1 += g1v;
+            b0 += g0v * e0; b1 += g1v * e1;
+            c0 += e0; c1 += e1;
+            q0 += e0 * e0; q1 += e1 * e1;
+        }
+        d1 += SFX(vsum)(a0) + SFX(vsum)(a1);
+        d2 += SFX(vsum)(b0) + SFX(vsum)(b1);
+        d3 += SFX(vsum)(c0) + SFX(vsum)(c1);
+        d4 += SFX(vsum)(q0) + SFX(vsum)(q1);
+        i += len;
+    }
+    for (; i < S; i++) {
+        T d = p[i] - ctr;
+        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
+        d1 += g;
+        d2 += (double)g * d;
+        d3 += d;
+        d4 += (double)d * d;
+    }
+    o[0] += d1;
+    o[1] += d2;
+    o[2] += d3;
+    o[3] += d4;
+}
+
+/* o[0..3] += sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2) over one plane (NCHW). */
+static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T msh, int act,
+                            T slope, double *o) {
+    switch (act) {
+    case ACT_RELU: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_RELU, slope, o); break;
+    case ACT_LEAKY: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_LEAKY, slope, o); break;
+    default: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_ID, slope, o);
+    }
+}
+
+static inline __attribute__((always_inline)) void SFX(bred_rows)(
+    const T *restrict dy, const T *restrict x, int64_t C, int64_t m0, int64_t m1,
+    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
+    T *restrict a1, T *restrict a2, T *restrict a3, T *restrict a4) {
+    for (int64_t m = m0; m < m1; m++) {
+        const T *restrict p = x + m * C;
+        const T *restrict g0 = dy + m * C;
+        for (int64_t c = 0; c < C; c++) {
+            T d = p[c] - ctr[c];
+            T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
+            a1[c] += g;
+            a2[c] += g * d;
+            a3[c] += d;
+            a4[c] += d * d;
+        }
+    }
+}
+
+/* o holds 4 * C doubles: sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2). */
+static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64_t m1,
+                           const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
+                           T *a1, T *a2, T *a3, T *a4) {
+    for (int64_t m = m0; m < m1;) {
+        int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
+        for (int64_t c = 0; c < C; c++) a1[c] = a2[c] = a3[c] = a4[c] = 0;
+        switch (act) {
+        case ACT_RELU:
+            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_RELU, slope, a1, a2, a3, a4);
+            break;
+        case ACT_LEAKY:
+            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_LEAKY, slope, a1, a2, a3, a4);
+            break;
+        default: SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_ID, slope, a1, a2, a3, a4);
+        }
+        m = end;
+        for (int64_t c = 0; c < C; c++) {
+            o[c] += a1[c];
+            o[C + c] += a2[c];
+            o[2 * C + c] += a3[c];
+            o[3 * C + c] += a4[c];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ dx = A * g + B * (x - ctr) + D */
+static inline __attribute__((always_inline)) void SFX(bdx_seg)(
+    const T *restrict g0, const T *restrict p, T *restrict q, int64_t S, T ctr, T msc, T msh,
+    int act, T slope, T A, T B, T D) {
+    for (int64_t i = 0; i < S; i++) {
+        T d = p[i] - ctr;
+        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
+        q[i] = A * g + B * d + D;
+    }
+}
+
+static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T msc, T msh,
+                           int act, T slope, T A, T B, T D) {
+    switch (act) {
+    case ACT_RELU: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_RELU, slope, A, B, D); break;
+    case ACT_LEAKY: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_LEAKY, slope, A, B, D); break;
+    default: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_ID, slope, A, B, D);
+    }
+}
+
+static inline __attribute__((always_inline)) void SFX(bdx_rows)(
+    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t m0, int64_t m1,
+    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
+    const T *restrict A, const T *restrict B, const T *restrict D) {
+    for (int64_t m = m0; m < m1; m++) {
+        const T *restrict p = x + m * C;
+        const T *restrict g0 = dy + m * C;
+        T *restrict q = dx + m * C;
+        for (int64_t c = 0; c < C; c++) {
+            T d = p[c] - ctr[c];
+            T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
+            q[c] = A[c] * g + B[c] * d + D[c];
+        }
+    }
+}
+
+static void SFX(bdx_nhwc)(const T *dy, const T *x, T *dx, int64_t C, int64_t m0, int64_t m1,
+                          const T *ctr, const T *msc, const T *msh, int act, T slope, const T *A,
+                          const T *B, const T *D) {
+    switch (act) {
+    case ACT_RELU:
+        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_RELU, slope, A, B, D);
+        break;
+    case ACT_LEAKY:
+        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_LEAKY, slope, A, B, D);
+        break;
+    default: SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_ID, slope, A, B, D);
+    }
+}
+
+#undef VL
+#undef STEP

@@ -1,0 +1,178 @@
+/* bnlab._native: CPU batch-norm kernels on raw contiguous buffers (float32 and float64).
+ *
+ * A plain CPython extension, deliberately not built against torch's headers: Python passes
+ * data pointers (tensor.data_ptr()), sizes and the thread count (torch.get_num_threads()),
+ * the kernels release the GIL and run on an OpenMP team of exactly that size. The inner loops
+ * are written for the compiler's auto-vectoriser (independent T lanes, no -march flags).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
+
+#define LANES 16      /* independent accumulators: a few SIMD registers' worth */
+#define BLOCK 512     /* values per lane block before the lanes are flushed into double */
+#define ROWBLOCK 32   /* NHWC rows accumulated in T before the flush into double */
+#define MIN_PER_THREAD 16384
+
+/* Threads worth starting for `work` values: small tensors run on the calling thread. */
+static int threads_for(int64_t work, int nt) {
+    int64_t useful = work / MIN_PER_THREAD;
+    if (nt < 1) nt = 1;
+    if (useful < nt) nt = useful < 1 ? 1 : (int)useful;
+    return nt;
+}
+
+/* Ranges of rows (NHWC rows or NCHW planes) the work is cut into: a few per thread. */
+static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
+    int64_t nk = (int64_t)nt * 4;
+    int64_t most = nhwc ? rows / ROWBLOCK : rows;
+    if (nk > most) nk = most;
+    return nk < 1 ? 1 : nk;
+}
+
+#define T float
+#define ivec_t int32_t
+#define T_EPS FLT_EPSILON
+#define SFX(name) name##_f32
+#include "bn_impl.h"
+#include "bn_drivers.h"
+#undef T
+#undef T_EPS
+#undef SFX
+#undef ivec_t
+
+#define T double
+#define ivec_t int64_t
+#define T_EPS DBL_EPSILON
+#define SFX(name) name##_f64
+#include "bn_impl.h"
+#include "bn_drivers.h"
+#undef T
+#undef T_EPS
+#undef SFX
+#undef ivec_t
+
+/* ------------------------------------------------------------------ Python bindings */
+typedef unsigned long long ptr_t;
+#define P(type, v) ((type *)(uintptr_t)(v))
+
+static int check_common(int dtype, long long N, long long C, long long S, int act) {
+    if (dtype != 0 && dtype != 1) {
+        PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32) or 1 (float64), got %d",
+                     dtype);
+        return 0;
+    }
+    if (N < 1 || C < 1 || S < 1) {
+        PyErr_Format(PyExc_ValueError, "sizes must be positive, got N=%lld C=%lld S=%lld", N, C,
+                     S);
+        return 0;
+    }
+    if (act < ACT_ID || act > ACT_LEAKY) {
+        PyErr_Format(PyExc_ValueError, "act code must be 0, 1 or 2, got %d", act);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
+    int dtype, nhwc, act, nt;
+    ptr_t x, y, w, b, mean, var, invstd, thr;
+    long long N, C, S;
+    double eps, slope;
+    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKKdidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w, &b,
+                          &mean, &var, &invstd, &thr, &eps, &act, &slope, &nt))
+        return NULL;
+    if (!check_common(dtype, N, C, S, act)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        train_fwd_f32(P(float, x), P(float, y), N, C, S, nhwc, P(float, w), P(float, b),
+                      P(float, mean), P(float, var), P(float, invstd), P(float, thr), eps, act,
+                      (float)slope, nt);
+    else
+        train_fwd_f64(P(double, x), P(double, y), N, C, S, nhwc, P(double, w), P(double, b),
+                      P(double, mean), P(double, var), P(double, invstd), P(double, thr), eps, act,
+                      slope, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
+    int dtype, nhwc, act, nt;
+    ptr_t x, y, mean, invstd, w, b;
+    long long N, C, S;
+    double slope;
+    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &mean,
+                          &invstd, &w, &b, &act, &slope, &nt))
+        return NULL;
+    if (!check_common(dtype, N, C, S, act)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        eval_fwd_f32(P(float, x), P(float, y), N, C, S, nhwc, P(float, mean), P(float, invstd),
+                     P(float, w), P(float, b), act, (float)slope, nt);
+    else
+        eval_fwd_f64(P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
+                     P(double, invstd), P(double, w), P(double, b), act, slope, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    int dtype, nhwc, act, train, nt;
+    ptr_t dy, x, dx, mean, invstd, thr, w, b, gmean, gvar, dw, db;
+    long long N, C, S;
+    double eps, slope;
+    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKKdidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C,
+                          &S, &mean, &invstd, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps, &act,
+                          &slope, &train, &nt))
+        return NULL;
+    if (!check_common(dtype, N, C, S, act)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == 0)
+        backward_f32(P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc, P(float, mean),
+                     P(float, invstd), P(float, thr), P(float, w), P(float, b), P(float, gmean),
+                     P(float, gvar), P(float, dw), P(float, db), eps, act, (float)slope, train,
+                     nt);
+    else
+        backward_f64(P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc, P(double, mean),
+                     P(double, invstd), P(double, thr), P(double, w), P(double, b),
+                     P(double, gmean), P(double, gvar), P(double, dw), P(double, db), eps, act,
+                     slope, train, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
+#ifdef _OPENMP
+    return Py_BuildValue("{s:i,s:i,s:i}", "openmp", _OPENMP, "lanes", LANES, "block", BLOCK);
+#else
+    return Py_BuildValue("{s:i,s:i,s:i}", "openmp", 0, "lanes", LANES, "block", BLOCK);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"train_fwd", py_train_fwd, METH_VARARGS,
+     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, thr, eps, act, slope, nt)"},
+    {"eval_fwd", py_eval_fwd, METH_VARARGS,
+     "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt)"},
+    {"backward", py_backward, METH_VARARGS,
+     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, thr, w, b, gmean, gvar, dw, db, "
+     "eps, act, slope, train, nt)"},
+    {"build_info", py_build_info, METH_NOARGS, "compile-time facts: OpenMP version, lanes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_native", "bnlab's compiled batch-norm kernels (raw buffers).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&moduledef); }

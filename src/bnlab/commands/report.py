@@ -1,0 +1,26 @@
+"""``bnlab report RUN_DIR...``: regenerate report.md and report.html from run directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    try:
+        html, md = write_report(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bnlab report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {html}\n        {md}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="regenerate report.html/.md from run directories")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or folders holding them (a bnlab run output)")
+    p.add_argument("--out", help="where to write the report (default: the first RUN_DIR)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,57 @@
+"""``bnlab train``: one model, one config (TOML file plus overrides)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..data import DataNotFoundError
+    from ..train import RunExistsError, TrainConfig, make_progress, parse_overrides, train
+
+    try:
+        config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+        changes = {k: getattr(args, k) for k in ("model", "norm", "dataset", "epochs", "seed",
+                                                 "data_dir") if getattr(args, k) is not None}
+        changes.update(parse_overrides(args.set))
+        config = config.replace(**changes)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"bnlab train: {e}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/train-{config.model}-{config.norm}-s{config.seed}"
+    progress = make_progress(args.quiet)
+    try:
+        summary = train(config, out, resume=args.resume, progress=progress)
+    except (DataNotFoundError, RunExistsError, ValueError) as e:
+        print(f"bnlab train: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: bnlab train --out {out} --resume ...",
+              file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one model from one config",
+                       description="Train one model. Settings come from --config (TOML, keys "
+                                   "of bnlab.train.TrainConfig), then the flags, then --set.")
+    p.add_argument("--config", help="TOML file of TrainConfig keys")
+    p.add_argument("--model", help="seed_cnn, ioffe_mlp, mnist1d_mlp, mnist1d_cnn, small_resnet")
+    p.add_argument("--norm", help="normaliser name, e.g. none, bn, bn-window")
+    p.add_argument("--dataset", help="mnist, fashion-mnist or mnist1d")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lr=0.01 (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/train-MODEL-NORM-sSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)

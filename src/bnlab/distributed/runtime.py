@@ -1,0 +1,139 @@
+"""Worker-side helpers: process-group setup with a bounded timeout, DDP wrapping and
+running-statistics synchronisation."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._base import _NormBase
+from ..sync import SyncBatchNorm
+
+__all__ = [
+    "DistInfo",
+    "RankFailure",
+    "init_from_env",
+    "wrap_ddp",
+    "bn_layers",
+    "sync_running_stats",
+    "cleanup",
+]
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailure(RuntimeError):
+    """A collective failed or timed out: another rank crashed or stopped answering."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 60.0) -> DistInfo:
+    """Initialise the default process group from torchrun's environment variables.
+
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` must be set
+    (torchrun does). ``backend`` defaults to ``"nccl"`` when CUDA is available, else
+    ``"gloo"``. Every collective is bounded by ``timeout_s`` seconds: a rank that crashes or
+    hangs makes the others fail with an error instead of waiting forever.
+    """
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"init_from_env: environment variables {missing} are not set; start the workers "
+            "with torchrun (bnlab.distributed.launch) or set them by hand"
+        )
+    if not (timeout_s > 0):
+        raise ValueError(f"init_from_env: timeout_s must be > 0, got {timeout_s!r}")
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(
+        backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if backend == "nccl" else {}),
+    )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.Module:
+    """Move ``model`` to the worker's device and wrap it in ``DistributedDataParallel``.
+
+    ``sync_bn=True`` first converts its BN layers with
+    :meth:`bnlab.SyncBatchNorm.convert_sync_batchnorm` (CPU and GPU). Buffers are *not*
+    broadcast from rank 0 at every forward (``broadcast_buffers=False``): each rank keeps its
+    own running statistics (identical across ranks with SyncBN) and
+    :func:`sync_running_stats` averages them before evaluation and checkpoints.
+    """
+    if sync_bn:
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(info.device)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    """Every torch or bnlab BN layer in ``model`` that keeps running statistics."""
+    kinds = (nn.modules.batchnorm._BatchNorm, _NormBase)
+    return [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
+
+
+@torch.no_grad()
+def sync_running_stats(model: nn.Module, group=None) -> int:
+    """Average every BN layer's floating-point running buffers over the ranks, in place.
+
+    ``running_mean``, ``running_var`` (and bnlab's window buffers) become the mean of the
+    ranks' values, ``num_batches_tracked`` the maximum. Without SyncBN each rank's statistics
+    come from its own shard, so ranks disagree until this runs; with SyncBN they are already
+    equal and this is a no-op up to rounding. Call it on every rank before evaluating or
+    saving a checkpoint. Returns the number of layers synchronised; no-op (0) without an
+    initialised process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    world = dist.get_world_size(group)
+    layers = bn_layers(model)
+    for layer in layers:
+        for name, buf in layer.named_buffers(recurse=False):
+            if buf is None:
+                continue
+            if buf.is_floating_point():
+                acc = buf.to(torch.float64)
+                _collective(dist.all_reduce, acc, group=group)
+                buf.copy_(acc / world)
+            elif name == "num_batches_tracked":
+                _collective(dist.all_reduce, buf, op=dist.ReduceOp.MAX, group=group)
+    return len(layers)
+
+
+def _collective(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistError) as e:  # DistBackendError etc.
+        raise RankFailure(f"a collective failed, another rank probably crashed: {e}") from e
+
+
+def cleanup() -> None:
+    """Destroy the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,254 @@
+"""The BN primitives, twice: on the compiled kernels and in plain PyTorch.
+
+Both implementations have the same signatures, so the autograd functions in
+:mod:`bnlab.kernels.api` pick one without caring which:
+
+* ``train_forward(x, w, b, eps, act, slope) -> (y, mean, var, thr)``: batch statistics
+  (biased variance), ``y = act((x - mean) * invstd * w + b)`` and, for a non-identity
+  activation, the per-channel threshold ``thr`` where the pre-activation changes sign
+  (``None`` for the identity);
+* ``backward_train(dy, x, thr, w, b, gmean, gvar, eps, act, slope, need_dx) -> (dx, dw, db)``
+  recomputes the statistics from ``x`` and the activation mask from ``thr``: backward needs
+  nothing else, so only ``x`` and ``thr`` are saved. The gradient includes the terms through
+  the batch statistics and ``gmean``/``gvar`` arriving at the returned mean and variance;
+* ``eval_forward(x, mean, invstd, w, b, act, slope) -> y`` and
+  ``backward_eval(dy, x, mean, invstd, w, b, act, slope, need_dx) -> (dx, dw, db)`` with
+  fixed statistics.
+
+The PyTorch versions are differentiable (double backward uses the PyTorch composition) and
+accept any floating dtype, computing in at least float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _native
+except ImportError:
+    _native = None
+
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
+    """``(nhwc, N, C, S)`` for the kernels, or ``None`` when the strides are not supported.
+
+    NCHW-contiguous tensors with more than one value per sample and channel run as NCHW;
+    channels-last ones (and NCHW ones with a single spatial value, which are the same bytes)
+    run as NHWC with ``N * H * W`` rows of ``C`` values.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if x.is_contiguous():
+        return (0, n, c, s) if s > 1 else (1, n, c, 1)
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return (1, n * s, c, 1)
+    return None
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _vec(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().contiguous()
+
+
+def _like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with exactly the strides of ``like`` (copied only when they differ)."""
+    if t.stride() == like.stride() and t.dtype == like.dtype:
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
+
+
+# ---------------------------------------------------------------------------- native
+def native_train_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    nhwc, n, c, s = _layout(x)
+    y = torch.empty_like(x)
+    mean, var, invstd = x.new_empty(c), x.new_empty(c), x.new_empty(c)
+    thr = None if act == "identity" else x.new_empty(c)
+    w, b = _vec(w), _vec(b)
+    _native.train_fwd(
+        _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, _ptr(w), _ptr(b),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(thr), float(eps),
+        ACT_CODES[act], float(slope), torch.get_num_threads(),
+    )  # fmt: skip
+    return y, mean, var, thr
+
+
+def native_eval_forward(
+    x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
+    slope: float,
+) -> Tensor:
+    nhwc, n, c, s = _layout(x)
+    y = torch.empty_like(x)
+    mean, invstd, w, b = _vec(mean), _vec(invstd), _vec(w), _vec(b)
+    _native.eval_fwd(
+        _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, mean.data_ptr(),
+        invstd.data_ptr(), _ptr(w), _ptr(b), ACT_CODES[act], float(slope),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def _native_backward(dy, x, mean, invstd, thr, w, b, gmean, gvar, eps, act, slope, train,
+                     need_dx):  # fmt: skip
+    nhwc, n, c, s = _layout(x)
+    dy = _like(dy, x)
+    dx = torch.empty_like(x) if need_dx else None
+    dw, db = x.new_empty(c), x.new_empty(c)
+    vecs = [_vec(t) for t in (mean, invstd, thr, w, b, gmean, gvar)]
+    _native.backward(
+        _DTYPE_CODES[x.dtype], nhwc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s,
+        *[_ptr(t) for t in vecs], dw.data_ptr(), db.data_ptr(), float(eps), ACT_CODES[act],
+        float(slope), int(bool(train)), torch.get_num_threads(),
+    )  # fmt: skip
+    return dx, dw, db
+
+
+def native_backward_train(
+    dy: Tensor, x: Tensor, thr: Tensor | None, w: Tensor | None, b: Tensor | None,
+    gmean: Tensor | None, gvar: Tensor | None, eps: float, act: str, slope: float,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    return _native_backward(
+        dy, x, None, None, thr, w, b, gmean, gvar, eps, act, slope, True, need_dx
+    )
+
+
+def native_backward_eval(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None,
+    act: str, slope: float, need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    return _native_backward(
+        dy, x, mean, invstd, None, w, b, None, None, 0.0, act, slope, False, need_dx
+    )
+
+
+# ---------------------------------------------------------------------------- torch
+def _act(y: Tensor, act: str, slope: float) -> Tensor:
+    if act == "relu":
+        return torch.relu(y)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, slope)
+    return y
+
+
+def _act_grad(y: Tensor, act: str, slope: float) -> Tensor | None:
+    if act == "relu":
+        return (y > 0).to(y.dtype)
+    if act == "leaky_relu":
+        return (y > 0).to(y.dtype) * (1.0 - slope) + slope  # slope kept in y's precision
+    return None
+
+
+def _shape(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _cdt(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    var, mean = torch.var_mean(x.to(_cdt(x)), dim=_dims(x), correction=0)
+    var = var.clamp_min(0)
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _threshold(mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+    """Where ``(x - mean) * invstd * w + b`` changes sign (+-inf when ``w == 0``)."""
+    scale = invstd if w is None else invstd * w.to(invstd.dtype)
+    shift = torch.zeros_like(mean) if b is None else b.to(mean.dtype)
+    inf = torch.full_like(mean, float("inf"))
+    flat = torch.where(shift > 0, -inf, inf)
+    return torch.where(scale != 0, mean - shift / torch.where(scale != 0, scale, 1), flat)
+
+
+def torch_train_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    mean, var, invstd = _stats(x, eps)
+    y = torch_eval_forward(x, mean, invstd, w, b, act, slope)
+    thr = None if act == "identity" else _threshold(mean, invstd, w, b)
+    return y, mean, var, thr
+
+
+def torch_eval_forward(
+    x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
+    slope: float,
+) -> Tensor:
+    cdt = _cdt(x)
+    scale = invstd.to(cdt) if w is None else invstd.to(cdt) * w.to(cdt)
+    y = (x.to(cdt) - _shape(mean.to(cdt), x)) * _shape(scale, x)
+    if b is not None:
+        y = y + _shape(b.to(cdt), x)
+    return _act(y, act, slope).to(x.dtype)
+
+
+def _torch_backward(dy, x, mean, invstd, pre, w, gmean, gvar, act, slope, train, need_dx):
+    """Shared tail: ``pre`` is any tensor with the sign of the pre-activation."""
+    cdt = _cdt(x)
+    dims = _dims(x)
+    n = x.numel() // x.shape[1]
+    r = _shape(invstd.to(cdt), x)
+    scale = r if w is None else r * _shape(w.to(cdt), x)
+    xm = x.to(cdt) - _shape(mean.to(cdt), x)
+    g = dy.to(cdt)
+    mask = _act_grad(pre, act, slope)
+    if mask is not None:
+        g = g * mask
+    sg = g.sum(dims)
+    sgx = (g * xm).sum(dims)
+    dx = None
+    if need_dx:
+        if train:
+            dx = scale * (g - _shape(sg / n, x) - xm * r * r * _shape(sgx / n, x))
+            if gmean is not None:
+                dx = dx + _shape(gmean.to(cdt) / n, x)
+            if gvar is not None:
+                dx = dx + xm * _shape(2 * gvar.to(cdt) / n, x)
+        else:
+            dx = scale * g
+        dx = dx.to(x.dtype)
+    return dx, sgx * invstd.to(cdt), sg
+
+
+def torch_backward_train(
+    dy: Tensor, x: Tensor, thr: Tensor | None, w: Tensor | None, b: Tensor | None,
+    gmean: Tensor | None, gvar: Tensor | None, eps: float, act: str, slope: float,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    mean, _, invstd = _stats(x, eps)
+    pre = None
+    if thr is not None:
+        sign = torch.ones_like(thr) if w is None else torch.where(w < 0, -1.0, 1.0).to(thr.dtype)
+        pre = (x.to(thr.dtype) - _shape(thr, x)) * _shape(sign, x)
+    return _torch_backward(dy, x, mean, invstd, pre, w, gmean, gvar, act, slope, True, need_dx)
+
+
+def torch_backward_eval(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None,
+    act: str, slope: float, need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    cdt = _cdt(x)
+    pre = None
+    if act != "identity":
+        scale = invstd.to(cdt) if w is None else invstd.to(cdt) * w.to(cdt)
+        pre = (x.to(cdt) - _shape(mean.to(cdt), x)) * _shape(scale, x)
+        if b is not None:
+            pre = pre + _shape(b.to(cdt), x)
+    return _torch_backward(dy, x, mean, invstd, pre, w, None, None, act, slope, False, need_dx)

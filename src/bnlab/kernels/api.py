@@ -1,0 +1,179 @@
+"""Autograd functions over the BN primitives of :mod:`bnlab.kernels._ops`.
+
+They save only the input and the per-channel statistics for backward and recompute the rest
+(the normalised values and the activation mask), on the native kernels when
+:func:`bnlab.kernels.supports` the tensors, otherwise on the PyTorch versions of the same
+primitives. Double backward (``create_graph=True``) differentiates the PyTorch composition.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _ops, supports
+
+Act = Literal["identity", "relu", "leaky_relu"]
+
+__all__ = ["batch_norm_train", "normalize", "batch_norm_act_train", "normalize_act", "Act"]
+
+
+def _impl(native: bool):
+    """``(train_forward, backward_train, eval_forward, backward_eval)`` of one backend."""
+    if native:
+        return (_ops.native_train_forward, _ops.native_backward_train,
+                _ops.native_eval_forward, _ops.native_backward_eval)  # fmt: skip
+    return (_ops.torch_train_forward, _ops.torch_backward_train,
+            _ops.torch_eval_forward, _ops.torch_backward_eval)  # fmt: skip
+
+
+def _composed_grads(forward, args, outputs_grads, needed, inputs):
+    """Gradients of the PyTorch composition ``forward(*args)``, with a graph (double backward)."""
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need]
+    with torch.enable_grad():
+        outs = forward(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, outputs_grads, strict=False) if g is not None]
+    grads = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )  # fmt: skip
+    )
+    return tuple(next(grads) if need else None for need in needed)
+
+
+class _TrainFn(torch.autograd.Function):
+    """Training BN (+ activation): outputs ``(y, mean, biased_var)``, all differentiable.
+
+    Saves ``x``, ``weight`` and, for a non-identity activation, one ``(C,)`` threshold (the
+    bias only moves the threshold); backward recomputes the statistics and the mask from them.
+    Double backward differentiates the PyTorch composition and needs ``bias`` itself, which is
+    then kept as a plain reference (it is the module's parameter: no extra memory).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, slope, native):
+        y, mean, var, thr = _impl(native)[0](x, weight, bias, eps, act, slope)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, thr)
+        ctx.bias = bias
+        ctx.cfg = (eps, act, slope, native)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, gmean, gvar):
+        x, w, thr = ctx.saved_tensors
+        b = ctx.bias
+        eps, act, slope, native = ctx.cfg
+        needed = ctx.needs_input_grad[:3]
+        tail = (None, None, None, None)
+        if torch.is_grad_enabled():
+
+            def forward(x, w, b):
+                return _ops.torch_train_forward(x, w, b, eps, act, slope)[:3]
+
+            grads = _composed_grads(forward, (x, w, b), (gy, gmean, gvar), needed, (x, w, b))
+            return (*grads, *tail)
+        if gy is None:
+            gy = torch.zeros_like(x)
+        dx, dw, db = _impl(native)[1](
+            gy, x, thr, w, None, gmean, gvar, eps, act, slope, needed[0]
+        )
+        return dx, dw if needed[1] else None, db if needed[2] else None, *tail
+
+
+class _EvalFn(torch.autograd.Function):
+    """BN (+ activation) with fixed statistics ``mean`` and ``invstd`` (no gradient to them)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, invstd, weight, bias, act, slope, native):
+        y = _impl(native)[2](x, mean, invstd, weight, bias, act, slope)
+        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.cfg = (act, slope, native)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean, invstd, w, b = ctx.saved_tensors
+        act, slope, native = ctx.cfg
+        needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        tail = (None, None, None)
+        if torch.is_grad_enabled():
+
+            def forward(x, w, b):
+                return _ops.torch_eval_forward(x, mean, invstd, w, b, act, slope)
+
+            dx, dw, db = _composed_grads(forward, (x, w, b), (gy,), needed, (x, w, b))
+            return dx, None, None, dw, db, *tail
+        dx, dw, db = _impl(native)[3](gy, x, mean, invstd, w, b, act, slope, needed[0])
+        return dx, None, None, dw if needed[1] else None, db if needed[2] else None, *tail
+
+
+def _check_act(act: str, owner: str) -> None:
+    if act not in _ops.ACT_CODES:
+        raise ValueError(f"{owner}: act must be one of {sorted(_ops.ACT_CODES)}, got {act!r}")
+
+
+def batch_norm_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: Act = "relu",
+    negative_slope: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``act(BN(x))`` with batch statistics. Returns ``(y, mean, biased_var)``.
+
+    Saves only ``x``, ``weight`` and one ``(C,)`` threshold for backward.
+    Runs on the native kernels when :func:`bnlab.kernels.supports` ``x``, else on PyTorch.
+    """
+    _check_act(act, "batch_norm_act_train")
+    native = supports(x, weight, bias)
+    return _TrainFn.apply(x, weight, bias, float(eps), act, float(negative_slope), native)
+
+
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN without activation; see :func:`bnlab.functional.batch_norm_train`."""
+    return batch_norm_act_train(x, weight, bias, eps, "identity")
+
+
+def supports_eval(x: Tensor, mean: Tensor, var: Tensor, weight, bias) -> bool:
+    """Native evaluation applies when :func:`supports` does and no gradient reaches the stats."""
+    stats_need_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
+    return not stats_need_grad and supports(x, mean, var, weight, bias)
+
+
+def normalize_act(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: Act = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with given statistics."""
+    _check_act(act, "normalize_act")
+    if supports_eval(x, mean, var, weight, bias):
+        invstd = torch.rsqrt(var.detach() + eps)
+        # A copy of the mean: the caller's tensor is often a running buffer that the layer
+        # updates in place before backward runs (normalize_with="running"); saving it would
+        # trip autograd's version check. It is (C,) values, so the copy costs nothing.
+        return _EvalFn.apply(x, mean.detach().clone(), invstd, weight, bias, act, negative_slope,
+                             True)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    invstd = torch.rsqrt(var.to(cdt) + eps)
+    return _ops.torch_eval_forward(x, mean, invstd, weight, bias, act, negative_slope)
+
+
+def normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Evaluation-mode BN on the native kernels; see :func:`bnlab.functional.normalize`."""
+    return normalize_act(x, mean, var, weight, bias, eps, "identity")

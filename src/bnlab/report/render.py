@@ -1,0 +1,209 @@
+"""Turn run directories into ``report.md`` and a self-contained ``report.html``.
+
+Every number and sentence is computed from the runs' files; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..train.rundir import atomic_write_text
+from .collect import Group, group_runs, load_runs, mean_sd, study_info
+from .plots import figures
+
+__all__ = ["table_rows", "verdict", "write_report"]
+
+BASELINE = "none"
+BN_NAMES = ("bn", "torch-bn")
+
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    m, sd = mean_sd(values)
+    if math.isnan(sd):
+        return f"{m * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def _epoch_seconds(g: Group) -> float:
+    """Mean over seeds of each run's mean training seconds per epoch."""
+    return mean_sd([sum(e["epoch_time"] for e in r.epochs) / len(r.epochs) for r in g.runs])[0]
+
+
+def table_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    """One row per normaliser: accuracies in percent as ``mean ± sd`` over seeds."""
+    rows = []
+    for g in groups:
+        times = [sum(e["epoch_time"] for e in r.epochs) / len(r.epochs) for r in g.runs]
+        gap = [r.epochs[-1]["train_acc"] - r.epochs[-1]["val_acc"] for r in g.runs]
+        rows.append({
+            "normaliser": g.name,
+            "seeds": len(g.runs),
+            "epochs": min(len(r.epochs) for r in g.runs),
+            "final val acc %": _pm(g.final("val_acc")),
+            "best val acc %": _pm(g.best("val_acc")),
+            "final train acc %": _pm(g.final("train_acc")),
+            "train-val gap (points)": _pm(gap),
+            "final val loss": _pm(g.final("val_loss"), 1.0, 4),
+            "s / epoch": _pm(times, 1.0, 1),
+        })
+    return rows
+
+
+def _compare(g: Group, base: Group) -> str:
+    a, b = mean_sd(g.final("val_acc")), mean_sd(base.final("val_acc"))
+    diff = (a[0] - b[0]) * 100
+    verb = "helped" if diff > 0 else ("made no difference" if diff == 0 else "did not help")
+    text = (
+        f"`{g.name}` {verb}: final validation accuracy {a[0] * 100:.2f}% against "
+        f"{b[0] * 100:.2f}% without normalisation ({diff:+.2f} points"
+    )
+    best = (mean_sd(g.best("val_acc"))[0] - mean_sd(base.best("val_acc"))[0]) * 100
+    text += f"; best epoch {best:+.2f} points)"
+    spreads = [s for s in (a[1], b[1]) if not math.isnan(s)]
+    if spreads:
+        spread = max(spreads) * 100
+        where = "larger than" if abs(diff) > spread else "within"
+        text += f", a difference {where} the seed-to-seed spread ({spread:.2f} points sd)"
+    else:
+        text += ", from one seed each, so the seed-to-seed spread is unknown"
+    return text + "."
+
+
+def verdict(groups: list[Group]) -> list[str]:
+    """Plain sentences: did BN help in this run, and by how much; then each other variant."""
+    by = {g.name: g for g in groups}
+    if BASELINE not in by:
+        return ["No run without normalisation (`none`) is in this report, so it cannot say "
+                "whether BN helped."]
+    base = by[BASELINE]
+    bn = next((by[n] for n in BN_NAMES if n in by), None)
+    out = []
+    if bn is None:
+        out.append("No plain BN run (`bn`) is in this report, so it cannot say whether BN "
+                   "helped.")
+    else:
+        out.append("In this run BN " + _compare(bn, base).split(" ", 1)[1])
+        tb, tn = _epoch_seconds(bn), _epoch_seconds(base)
+        if tn > 0:
+            out.append(f"An epoch with `{bn.name}` took {tb / tn:.2f}x the time of one without "
+                       "normalisation.")
+    for g in groups:
+        if g is not base and g is not bn:
+            out.append(_compare(g, base))
+    return out
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _header(groups: list[Group], info: dict[str, Any]) -> dict[str, str]:
+    first = groups[0].runs[0]
+    cfg, env = first.config, first.environment
+    dataset = info.get("dataset", cfg.dataset)
+    n_train = info.get("train_examples", "")
+    title = info.get("title") or f"{cfg.model} on {dataset}: with and without normalisation"
+    claim = (f"Question: does batch normalisation help the `{cfg.model}` network on {dataset} "
+             f"with {cfg.optimizer}, batch {cfg.batch_size}, {cfg.epochs} epochs"
+             + (f", {n_train} training examples" if n_train else "") + "?")
+    machine = (f"{env.get('cpu_model') or env.get('processor') or env.get('machine', '?')}, "
+               f"{env.get('cpu_count', '?')} CPUs, torch {env.get('torch', '?')} with "
+               f"{env.get('torch_threads', '?')} threads, bnlab {env.get('bnlab', '?')}, "
+               f"git {env.get('git_revision') or 'unknown'}")
+    loads = [r.environment.get("load_average_at_start") for g in groups for r in g.runs]
+    loads = [x for x in loads if x is not None]
+    if loads:
+        machine += (f"; load average when the runs started {min(loads):.1f} to "
+                    f"{max(loads):.1f} (above the CPU count, other work slowed the timings)"
+                    if max(loads) > (env.get("cpu_count") or 1) else
+                    f"; load average when the runs started at most {max(loads):.1f}")
+    seeds = sorted({s for g in groups for s in g.seeds})
+    evidence = (f"{sum(len(g.runs) for g in groups)} runs: normalisers "
+                f"{', '.join(g.name for g in groups)}; seeds {seeds}; "
+                f"validation on the {dataset} test set; data from {env.get('data_source', '?')}.")
+    return {"title": title, "claim": claim, "machine": machine, "evidence": evidence}
+
+
+_NOTE = ("Training loss and accuracy are averaged over each epoch's mini-batches in training "
+         "mode (as Keras reports them); validation uses evaluation mode (running statistics). "
+         "Accuracies are in percent, mean ± sample standard deviation over seeds.")
+
+
+def _code(text: str) -> str:
+    """Markdown's `name` as HTML <code> (on already escaped text)."""
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | None = None
+                 ) -> tuple[Path, Path]:
+    """Regenerate ``report.md``, ``report.html`` and ``report-files/*.png`` from run dirs.
+
+    ``paths`` are run directories or folders holding them (a ``bnlab run`` output); the report
+    goes to ``out_dir`` (default: the first path).
+    """
+    runs = load_runs(paths)
+    info = study_info(paths)
+    groups = group_runs(runs, info.get("norms"))
+    out = Path(out_dir or paths[0])
+    files = out / "report-files"
+    files.mkdir(parents=True, exist_ok=True)
+    figs = figures(groups)
+    for stem, (_, png) in figs.items():
+        (files / f"{stem}.png").write_bytes(png)
+    rows = table_rows(groups)
+    sentences = verdict(groups)
+    h = _header(groups, info)
+
+    md = [f"# {h['title']}", "", h["claim"], "", "**Answer.** " + " ".join(sentences), "",
+          f"**Evidence.** {h['evidence']}", "", f"**Machine.** {h['machine']}", "",
+          "## Accuracy", "", _md_table(rows), "", _NOTE, ""]
+    for stem, (caption, _) in figs.items():
+        md += [f"## {caption}", "", f"![{caption}](report-files/{stem}.png)", ""]
+    md += ["Regenerate with `bnlab report " + " ".join(str(p) for p in paths) + "`.", ""]
+    md_path = out / "report.md"
+    atomic_write_text(md_path, "\n".join(md))
+
+    e = html.escape
+    head = "".join(f"<th>{e(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r.values()) + "</tr>"
+                   for r in rows)
+    imgs = "".join(
+        f'<figure><img class="plot" id="fig-{stem}" alt="{e(caption)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{e(caption)}</figcaption></figure>"
+        for stem, (caption, png) in figs.items()
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(h['title'])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #eee; }} td:first-child {{ text-align: left; font-weight: bold; }}
+.answer {{ background: #f3f7ff; border-left: 4px solid #36c; padding: 0.6em 1em; }}
+figure {{ margin: 1.5em 0; }} img.plot {{ max-width: 100%; }}
+figcaption, .note, .meta {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>{e(h['title'])}</h1>
+<p>{_code(e(h['claim']))}</p>
+<div class="answer"><p>{"</p><p>".join(_code(e(s)) for s in sentences)}</p></div>
+<p class="meta"><b>Evidence.</b> {e(h['evidence'])}</p>
+<p class="meta"><b>Machine.</b> {e(h['machine'])}</p>
+<h2>Accuracy</h2>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<p class="note">{e(_NOTE)}</p>
+{imgs}
+</body></html>
+"""
+    html_path = out / "report.html"
+    atomic_write_text(html_path, page)
+    return html_path, md_path

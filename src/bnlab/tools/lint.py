@@ -1,0 +1,241 @@
+"""Find the mistakes people make with BN layers, before they cost a training run.
+
+``lint(model, example_input=None, optimizer=None)`` returns a list of :class:`Finding`. Rules
+about neighbours ("right before BN") use the :mod:`torch.fx` graph when the model can be traced
+and ``nn.Sequential`` order otherwise. Rules about shapes and call counts run one forward pass
+with ``example_input``, in evaluation mode and without gradients, with forward hooks; the
+model's modes are restored and no statistics change.
+
+=====  ========  ==============================================================================
+code   severity  mistake
+=====  ========  ==============================================================================
+BN000  warning   the forward with ``example_input`` failed (the error is in the message)
+BN001  error     one BN instance called at several places (the seed's own bug)
+BN002  warning   bias in the Conv/Linear right before BN (cancelled by the mean subtraction)
+BN003  warning   Dropout right before BN (variance shift between training and evaluation)
+BN004  warn/err  training batch too small for stable statistics (error: 1 value per channel)
+BN005  warning   momentum >= 0.9 in a PyTorch-convention layer (looks like Keras' convention)
+BN006  error     non-finite (or negative-variance) running statistics
+BN007  warning   weight decay on BN parameters in the optimizer
+BN008  warning   BN layers in mixed train/eval modes
+BN009  warning   eps too small for a float16 layer (subnormal; flushed to zero on some hardware)
+BN010  warning   BN parameters frozen but running statistics still updating
+=====  ========  ==============================================================================
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ._graph import analyse, bn_layers
+
+__all__ = ["Finding", "lint", "RULES", "MIN_BATCH"]
+
+Severity = Literal["error", "warning"]
+
+#: below this many samples per training batch BN004 warns (Wu & He 2018: ResNet-50 ImageNet
+#: error 23.6% at batch 32, 34.7% at batch 2)
+MIN_BATCH = 8
+
+#: code -> (why, fix)
+RULES: dict[str, tuple[str, str]] = {
+    "BN000": ("rules that need shapes or call counts could not run",
+              "make the model accept example_input, or fix the error shown"),
+    "BN001": ("a shared BN layer mixes the statistics of different inputs in one running "
+              "estimate, and fails outright when the channel counts differ",
+              "create one BN layer per call site"),
+    "BN002": ("BN subtracts the batch mean, which removes any constant the previous layer adds: "
+              "the bias is a wasted parameter that only receives noise",
+              "construct the previous layer with bias=False"),
+    "BN003": ("Dropout scales activations differently in training and evaluation, so the "
+              "variance BN learns in training is wrong at test time (Li et al. 2019)",
+              "put Dropout after the BN layer (or after the last BN)"),
+    "BN004": ("batch statistics from few samples are noisy and differ from the population "
+              "statistics used in evaluation",
+              "use a larger batch, GroupNorm/LayerNorm, or Batch Renorm"),
+    "BN005": ("in PyTorch momentum is the weight of the NEW batch; 0.99 (Keras' default, the "
+              "weight of the OLD value) makes the running statistics follow the last batch",
+              "use 1 - keras_momentum (bnlab.keras.momentum_from_keras), e.g. 0.01"),
+    "BN006": ("evaluation normalises with these statistics: every output becomes NaN/Inf",
+              "recompute them with bnlab.tools.recalibrate, or find the batch that produced them"),
+    "BN007": ("weight decay pulls gamma towards 0 and beta towards 0, shrinking the layer's "
+              "output scale for no regularisation benefit (BN is scale invariant)",
+              "put BN weights and biases in a parameter group with weight_decay=0"),
+    "BN008": ("some layers normalise with batch statistics and others with running statistics, "
+              "usually a forgotten .train()/.eval() on a submodule",
+              "call model.train() or model.eval() on the whole model"),
+    "BN009": ("eps is added to the variance in float16, where values below 6.1e-05 are "
+              "subnormal and may be flushed to zero: a dead channel then divides by zero",
+              "keep BN layers in float32 (autocast does) or use eps >= 1e-3"),
+    "BN010": ("a frozen layer (no gradient for gamma/beta) still updates its running statistics "
+              "in train mode, so 'frozen' features drift while fine-tuning",
+              "call .eval() on frozen BN layers after each model.train()"),
+}
+
+_LINEAR_LIKE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.Linear)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint result. ``module`` is the BN layer's qualified name."""
+
+    code: str
+    severity: Severity
+    module: str
+    message: str
+    why: str
+    fix: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.module or '<model>'}: {self.code} {self.severity}: {self.message}"
+
+
+def _finding(code: str, severity: Severity, module: str, message: str) -> Finding:
+    why, fix = RULES[code]
+    return Finding(code, severity, module, message, why, fix)
+
+
+def _observe(model: nn.Module, example_input) -> tuple[Counter, dict, str]:
+    """Call counts and first input shapes of every BN layer; the forward's error, if any."""
+    counts: Counter[str] = Counter()
+    shapes: dict[str, tuple[int, ...]] = {}
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+
+    def hook(name: str):
+        def pre(module, args):  # returns None: a pre-hook's return value replaces the input
+            counts[name] += 1
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+
+        return pre
+
+    error = ""
+    try:
+        for name, bn in bn_layers(model):
+            handles.append(bn.register_forward_pre_hook(hook(name)))
+        model.eval()  # evaluation mode: no running statistics change
+        with torch.no_grad():
+            if isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    except Exception as exc:  # noqa: BLE001 - reported as BN000, the other rules still run
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return counts, shapes, error
+
+
+def _decayed(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    if optimizer is None:
+        return out
+    for group in optimizer.param_groups:
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        if wd > 0:
+            for p in group["params"]:
+                out[id(p)] = wd
+    return out
+
+
+def lint(model: nn.Module, example_input=None, optimizer=None) -> list[Finding]:
+    """Check ``model`` (and ``optimizer``) for BN mistakes; errors first, then warnings.
+
+    Args:
+        model: any module with torch or bnlab BN layers. Not modified.
+        example_input: a training batch (tensor, or tuple of positional inputs). Enables the
+            call-count (BN001) and batch-size (BN004) rules with forward hooks.
+        optimizer: checked for weight decay on BN parameters (BN007).
+
+    Example::
+
+        >>> bn = nn.BatchNorm2d(8)
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.Conv2d(8, 8, 3), bn)
+        >>> [(f.code, f.module) for f in lint(net)]
+        [('BN001', '1')]
+    """
+    layers = bn_layers(model)
+    analysis = analyse(model)
+    out: list[Finding] = []
+    counts, shapes, error = Counter(), {}, ""
+    if example_input is not None:
+        counts, shapes, error = _observe(model, example_input)
+        if error:
+            out.append(_finding("BN000", "warning", "", f"forward with example_input failed: "
+                                f"{error}"))
+    decayed = _decayed(optimizer)
+    modes = Counter(bn.training for _, bn in layers)
+    for name, bn in layers:
+        site = analysis.sites[name]
+        calls = counts.get(name) if example_input is not None else site.calls
+        if calls and calls > 1:
+            how = "forward hooks" if example_input is not None else analysis.method
+            out.append(_finding("BN001", "error", name,
+                                f"{type(bn).__name__}({bn.num_features}) is called {calls} "
+                                f"times per forward (found with {how})"))
+        prev = model.get_submodule(site.prev) if site.prev is not None else None
+        if isinstance(prev, _LINEAR_LIKE) and prev.bias is not None:
+            out.append(_finding("BN002", "warning", name,
+                                f"{site.prev} ({type(prev).__name__}) right before it has a bias"))
+        if isinstance(prev, _DROPOUT) or "dropout" in site.prev_op.lower():
+            out.append(_finding("BN003", "warning", name,
+                                f"Dropout ({site.prev_op}) right before it"))
+        if bn.training and name in shapes:
+            shape = shapes[name]
+            per_channel = int(torch.Size(shape).numel() // shape[1]) if len(shape) > 1 else 0
+            if per_channel <= 1:
+                out.append(_finding("BN004", "error", name,
+                                    f"input {shape} has {per_channel} value per channel: "
+                                    "training raises"))
+            elif shape[0] < MIN_BATCH:
+                out.append(_finding("BN004", "warning", name,
+                                    f"training batch of {shape[0]} samples (< {MIN_BATCH})"))
+        uses_momentum = getattr(bn, "running", "ema") == "ema"
+        if uses_momentum and bn.momentum is not None and bn.momentum >= 0.9:
+            out.append(_finding("BN005", "warning", name,
+                                f"momentum={bn.momentum} (PyTorch convention: weight of the "
+                                "new batch)"))
+        if bn.track_running_stats and bn.running_mean is not None:
+            finite = bool(torch.isfinite(bn.running_mean).all()
+                          and torch.isfinite(bn.running_var).all())
+            if not finite or bool((bn.running_var < 0).any()):
+                out.append(_finding("BN006", "error", name,
+                                    "running_mean/running_var contain NaN, Inf or negative "
+                                    "variances"))
+        if bn.affine:
+            wd = [decayed[id(p)] for p in (bn.weight, bn.bias) if id(p) in decayed]
+            if wd:
+                out.append(_finding("BN007", "warning", name,
+                                    f"weight_decay={max(wd)} applies to its weight/bias"))
+        minority = modes[True] < modes[False]  # on a tie the eval-mode layers are flagged
+        if len(modes) > 1 and bn.training == minority:
+            mode, other = ("train", "eval") if bn.training else ("eval", "train")
+            out.append(_finding("BN008", "warning", name,
+                                f"in {mode} mode while {modes[not bn.training]} other BN "
+                                f"layer(s) are in {other} mode"))
+        dtypes = {t.dtype for t in (bn.weight, bn.running_var) if t is not None}
+        if torch.float16 in dtypes and bn.eps < torch.finfo(torch.float16).tiny:
+            out.append(_finding("BN009", "warning", name,
+                                f"eps={bn.eps} is below float16's smallest normal "
+                                f"{torch.finfo(torch.float16).tiny:.3g}"))
+        if (bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
+                and bn.training and bn.track_running_stats and bn.momentum != 0):
+            out.append(_finding("BN010", "warning", name,
+                                "weight and bias are frozen but the layer is in train mode "
+                                "and updates its running statistics"))
+    return sorted(out, key=lambda f: (f.severity != "error", f.code, f.module))

@@ -1,0 +1,24 @@
+"""Training runs: a frozen config, a deterministic resumable trainer and run directories."""
+
+from .config import TrainConfig, lr_at, parse_overrides
+from .loop import RunExistsError, build, evaluate, train
+from .progress import PlainProgress, Progress, make_progress
+from .rundir import is_run_dir, load_checkpoint, read_json, read_jsonl, run_environment
+
+__all__ = [
+    "TrainConfig",
+    "lr_at",
+    "parse_overrides",
+    "RunExistsError",
+    "build",
+    "evaluate",
+    "train",
+    "PlainProgress",
+    "Progress",
+    "make_progress",
+    "is_run_dir",
+    "load_checkpoint",
+    "read_json",
+    "read_jsonl",
+    "run_environment",
+]

@@ -1,0 +1,185 @@
+"""One frozen dataclass describes a training run; it loads from TOML and takes overrides.
+
+``TrainConfig.from_toml("run.toml").replace(epochs=2)`` or, from the command line,
+``--set epochs=2``. Unknown keys and ill-typed values are errors naming the key. The resolved
+config is written into the run directory as ``config.toml`` and loads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import tomllib
+
+__all__ = ["TrainConfig", "parse_overrides", "lr_at"]
+
+Optimizer = Literal["adam", "sgd"]
+Schedule = Literal["constant", "cosine", "step"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run computes.
+
+    Attributes:
+        model: a name from :func:`bnlab.models.model_names`.
+        norm: a normaliser name from :func:`bnlab.norms.norm_names`.
+        placement: ``"after"`` or ``"before"`` the activation (``seed_cnn`` only).
+        dataset: ``mnist``, ``fashion-mnist`` or ``mnist1d``.
+        data_dir: searched first for the dataset files (empty: discovery only).
+        train_subset, test_subset: use the first N examples (0: all).
+        epochs, batch_size: the seed's are 10 and 128.
+        optimizer: ``adam`` or ``sgd``; ``lr``, ``momentum`` (SGD), ``weight_decay``.
+        schedule: ``constant``, ``cosine`` (per step, to 0 at the end) or ``step``
+            (multiply by ``gamma`` every ``step_epochs`` epochs).
+        seed: initialisation and shuffling; threads: torch threads (0: leave as is).
+        eval_batch_size: batch size for evaluation.
+        label: the name reports use for this run (empty: the norm name).
+    """
+
+    model: str = "seed_cnn"
+    norm: str = "bn"
+    placement: str = "after"
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    train_subset: int = 0
+    test_subset: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_epochs: int = 1
+    gamma: float = 0.1
+    seed: int = 0
+    threads: int = 0
+    eval_batch_size: int = 1000
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif not isinstance(value, kind) or isinstance(value, bool):
+                raise TypeError(
+                    f"TrainConfig: {f.name} must be {kind.__name__}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+        _choice("optimizer", self.optimizer, Optimizer)
+        _choice("schedule", self.schedule, Schedule)
+        _choice("placement", self.placement, Literal["after", "before"])
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_subset", "test_subset", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be a positive finite float, got {self.lr}")
+        # Fail on a typo now, not after the data has loaded.
+        from ..models import model_names
+        from ..norms import norm_names
+
+        if self.model not in model_names():
+            raise ValueError(
+                f"TrainConfig: unknown model {self.model!r}; valid names: "
+                f"{', '.join(model_names())}"
+            )
+        sequence_models = {"mnist1d_mlp", "mnist1d_cnn"}
+        if (self.dataset == "mnist1d") != (self.model in sequence_models) and \
+                self.dataset in ("mnist", "fashion-mnist", "mnist1d"):
+            fits = sorted(sequence_models) if self.dataset == "mnist1d" else sorted(
+                set(model_names()) - sequence_models)
+            raise ValueError(
+                f"TrainConfig: model {self.model!r} does not take {self.dataset!r} inputs; "
+                f"models for {self.dataset}: {', '.join(fits)}"
+            )
+        if self.norm not in norm_names():
+            raise ValueError(
+                f"TrainConfig: unknown normaliser {self.norm!r}; valid names: "
+                f"{', '.join(norm_names())}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.label or self.norm
+
+    # ---------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"TrainConfig: unknown key(s) {', '.join(unknown)}; valid keys: "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        nested = sorted(k for k, v in data.items() if isinstance(v, dict))
+        if nested:
+            raise ValueError(f"{path}: tables are not config keys: {', '.join(nested)}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_toml(self) -> str:
+        # Flat scalars only: JSON's string/number spelling is valid TOML for them.
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.to_dict().items())
+
+
+def _choice(name: str, value: str, literal: Any) -> None:
+    if value not in get_args(literal):
+        raise ValueError(
+            f"TrainConfig: {name} must be one of {sorted(get_args(literal))}, got {value!r}"
+        )
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["epochs=2", "lr=0.01"]`` -> ``{"epochs": 2, "lr": 0.01}``, typed by the field."""
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in hints:
+            raise ValueError(
+                f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(hints))}"
+            )
+        kind = hints[key]
+        try:
+            out[key] = kind(raw) if kind is not str else raw
+        except ValueError as e:
+            raise ValueError(f"--set {key}: expected {kind.__name__}, got {raw!r}") from e
+    return out
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based): a pure function, so resuming
+    needs no scheduler state."""
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "step":
+        return config.lr * config.gamma ** ((step // steps_per_epoch) // config.step_epochs)
+    total = config.epochs * steps_per_epoch
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))

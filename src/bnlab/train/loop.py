@@ -1,0 +1,253 @@
+"""The trainer: small, deterministic, resumable.
+
+``train(config, run_dir)`` trains one model and leaves a complete run directory (see
+:mod:`bnlab.train.rundir`). Same config and thread count give the same numbers: the initial
+weights come from ``seed``, the batch order of each epoch from ``(seed, epoch)`` and the
+learning rate is a pure function of the step. A checkpoint is written atomically after every
+epoch; Ctrl-C stops at the end of the current step and writes one there. ``resume=True``
+continues from the checkpoint and produces the metrics an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Dataset, batch_order, load_dataset
+from ..models import build_model
+from . import rundir as rd
+from .config import TrainConfig, lr_at
+from .progress import Progress
+
+__all__ = ["train", "train_step", "evaluate", "build", "RunExistsError"]
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run and ``resume`` was not asked for."""
+
+
+def build(config: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model (initialised from ``config.seed``) and its optimizer."""
+    torch.manual_seed(config.seed)
+    kwargs: dict[str, Any] = {}
+    if config.model == "seed_cnn":
+        kwargs["placement"] = config.placement
+    model = build_model(config.model, config.norm, **kwargs)
+    params = model.parameters()
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    return model, opt
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        for start in range(0, len(x), batch_size):
+            out = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            loss_sum += nn.functional.cross_entropy(out, target, reduction="sum").item()
+            correct += int((out.argmax(1) == target).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               lr: float) -> tuple[float, int]:
+    """One optimisation step at learning rate ``lr``; returns the batch loss and hits."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), int((out.argmax(1) == y).sum())
+
+
+class _StopFlag:
+    """Set by the first SIGINT; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+
+@contextlib.contextmanager
+def _sigint_stops(flag: _StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.set:
+            raise KeyboardInterrupt
+        flag.set = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _prepare_dir(config: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = rd.load_checkpoint(run_dir)
+    if rd.is_run_dir(run_dir):
+        if not resume:
+            raise RunExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                "another --out"
+            )
+        saved = TrainConfig.from_toml(run_dir / "config.toml")
+        if saved != config:
+            diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items()
+                    if getattr(config, k) != v}
+            raise ValueError(
+                f"{run_dir}: --resume with another config; differences (saved, given): {diff}"
+            )
+    return ckpt
+
+
+def _summary(config: TrainConfig, epochs: list[dict], status: str) -> dict[str, Any]:
+    s: dict[str, Any] = {"name": config.name, "norm": config.norm, "model": config.model,
+                         "dataset": config.dataset, "seed": config.seed, "status": status,
+                         "epochs_done": len(epochs), "epochs": config.epochs}
+    if epochs:
+        best = max(epochs, key=lambda r: r["val_acc"])
+        last = epochs[-1]
+        s.update({
+            "final_val_acc": last["val_acc"], "final_val_loss": last["val_loss"],
+            "final_train_acc": last["train_acc"], "final_train_loss": last["train_loss"],
+            "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+            "mean_epoch_time": sum(r["epoch_time"] for r in epochs) / len(epochs),
+            "total_train_time": sum(r["epoch_time"] for r in epochs),
+        })
+    return s
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir`` and return the summary.
+
+    ``dataset`` skips loading (subsets from the config still apply); ``on_step(global_step)``
+    is called after every optimisation step. Raises :class:`KeyboardInterrupt` after saving a
+    checkpoint when interrupted with Ctrl-C.
+    """
+    run_dir = Path(run_dir)
+    progress = progress or Progress()
+    ckpt = _prepare_dir(config, run_dir, resume)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rd.atomic_write_text(run_dir / "config.toml", config.to_toml())
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir or None)
+    data = dataset.subset(config.train_subset, config.test_subset)
+    env = rd.run_environment()
+    env["data_source"] = data.source
+    rd.write_json(run_dir / "environment.json", env)
+
+    model, opt = build(config)
+    n = len(data.x_train)
+    steps_per_epoch = -(-n // config.batch_size)
+    epoch0, skip, step = 0, 0, 0
+    acc: dict[str, float] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0,
+                             "cpu": 0.0}
+    steps: list[dict] = rd.read_jsonl(run_dir / "steps.jsonl")
+    epochs: list[dict] = rd.read_jsonl(run_dir / "epochs.jsonl")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        epoch0, skip, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        acc = dict(ckpt["accumulators"])
+        progress.message(f"[{config.name}] resuming at epoch {epoch0 + 1}, step {step}")
+    # Records written after the checkpoint (a crash between the two) are dropped.
+    steps = [r for r in steps if r["step"] < step]
+    epochs = [r for r in epochs if r["epoch"] < epoch0]
+    pending: list[dict] = []
+
+    def checkpoint(epoch: int, in_epoch: int, status: str) -> None:
+        rd.save_checkpoint(run_dir, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": in_epoch,
+            "step": step, "accumulators": dict(acc), "config": config.to_dict(),
+        })
+        steps.extend(pending)
+        pending.clear()
+        rd.write_jsonl(run_dir / "steps.jsonl", steps)
+        rd.write_jsonl(run_dir / "epochs.jsonl", epochs)
+        rd.write_json(run_dir / "summary.json", _summary(config, epochs, status))
+
+    flag = _StopFlag()
+    model.train()
+    with _sigint_stops(flag):
+        for epoch in range(epoch0, config.epochs):
+            batches = list(batch_order(n, config.batch_size, config.seed, epoch))
+            first = skip if epoch == epoch0 else 0
+            progress.start_epoch(config.name, epoch, config.epochs, len(batches), first)
+            for i in range(first, len(batches)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                lr = lr_at(config, step, steps_per_epoch)
+                idx = batches[i]
+                lv, correct = train_step(model, opt, data.x_train[idx], data.y_train[idx], lr)
+                dt = time.perf_counter() - t0
+                acc["loss_sum"] += lv * len(idx)
+                acc["correct"] += correct
+                acc["seen"] += len(idx)
+                acc["time"] += dt
+                acc["cpu"] += time.process_time() - c0
+                pending.append({"step": step, "epoch": epoch, "loss": lv,
+                                "acc": correct / len(idx), "lr": lr, "time": dt})
+                step += 1
+                progress.step(lv)
+                if on_step is not None:
+                    on_step(step)
+                if flag.set and i + 1 < len(batches):
+                    checkpoint(epoch, i + 1, "interrupted")
+                    progress.message(f"[{config.name}] interrupted; checkpoint saved in "
+                                     f"{run_dir} (continue with --resume)")
+                    raise KeyboardInterrupt
+            t0 = time.perf_counter()
+            val_loss, val_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+            record = {
+                "epoch": epoch, "train_loss": acc["loss_sum"] / acc["seen"],
+                "train_acc": acc["correct"] / acc["seen"], "val_loss": val_loss,
+                "val_acc": val_acc, "lr": lr_at(config, step - 1, steps_per_epoch),
+                "epoch_time": acc["time"], "epoch_cpu_time": acc["cpu"],
+                "eval_time": time.perf_counter() - t0,
+                "steps": len(batches),
+            }
+            epochs.append(record)
+            acc = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0, "cpu": 0.0}
+            done = epoch + 1 == config.epochs
+            checkpoint(epoch + 1, 0, "complete" if done else "running")
+            progress.end_epoch(config.name, record, config.epochs)
+            if flag.set and not done:
+                progress.message(f"[{config.name}] interrupted; checkpoint saved in {run_dir} "
+                                 "(continue with --resume)")
+                raise KeyboardInterrupt
+    return rd.read_json(run_dir / "summary.json")

@@ -1,0 +1,96 @@
+"""``bnlab run seed``: the seed's experiment, one run per normaliser and seed, then a report.
+
+::
+
+    OUT/
+      study.json              what was asked: dataset, epochs, normalisers, seeds
+      runs/<norm>-s<seed>/    one run directory each (see bnlab.train.rundir)
+      report.md, report.html, report-files/
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data import load_dataset, resolve_dataset
+from .config import TrainConfig
+from .loop import train
+from .progress import Progress
+from .rundir import read_json, write_json
+
+__all__ = ["SeedStudy", "run_seed_study", "default_out"]
+
+
+@dataclass(frozen=True)
+class SeedStudy:
+    dataset: str = "auto"
+    epochs: int = 10
+    norms: tuple[str, ...] = ("none", "bn", "bn-window", "bn-running")
+    seeds: int = 1
+    placement: str = "after"
+    batch_size: int = 128
+    lr: float = 1e-3
+    train_subset: int = 0
+    test_subset: int = 0
+    threads: int = 0
+    data_dir: str = ""
+
+    def configs(self, dataset: str) -> list[TrainConfig]:
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if not self.norms:
+            raise ValueError("--norms must name at least one normaliser, e.g. none,bn")
+        return [
+            TrainConfig(model="seed_cnn", norm=n, placement=self.placement, dataset=dataset,
+                        data_dir=self.data_dir, train_subset=self.train_subset,
+                        test_subset=self.test_subset, epochs=self.epochs,
+                        batch_size=self.batch_size, lr=self.lr, seed=s, threads=self.threads)
+            for s in range(self.seeds) for n in self.norms
+        ]
+
+
+def default_out(dataset: str) -> Path:
+    return Path("runs") / f"seed-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_seed_study(study: SeedStudy, out: str | Path | None = None, *, resume: bool = False,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Train every (normaliser, seed) of ``study`` and write the report. Returns paths and
+    summaries. Runs already complete are skipped with ``resume``; an interrupted one continues.
+    """
+    from ..report import write_report
+
+    progress = progress or Progress()
+    dataset = resolve_dataset(study.dataset, study.data_dir or None)
+    configs = study.configs(dataset)  # validates every normaliser before loading anything
+    out = Path(out) if out else default_out(dataset)
+    if (out / "study.json").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a study; pass --resume or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(dataset, study.data_dir or None)
+    n_train = study.train_subset or len(data.x_train)
+    info = {"title": f"The seed's CNN on {dataset}: with and without normalisation",
+            "kind": "seed", "dataset": dataset, "epochs": study.epochs,
+            "norms": list(study.norms), "seeds": study.seeds, "train_examples": n_train,
+            "study": {k: (list(v) if isinstance(v, tuple) else v)
+                      for k, v in study.__dict__.items()}}
+    write_json(out / "study.json", info)
+    progress.message(f"bnlab run seed: {dataset} ({n_train} training examples), "
+                     f"{study.epochs} epochs, normalisers {', '.join(study.norms)}, "
+                     f"{study.seeds} seed(s) -> {out}")
+    summaries = []
+    try:
+        for c in configs:
+            run_dir = out / "runs" / f"{c.norm}-s{c.seed}"
+            if resume and (run_dir / "summary.json").exists() and \
+                    read_json(run_dir / "summary.json").get("status") == "complete":
+                summaries.append(read_json(run_dir / "summary.json"))
+                continue
+            summaries.append(train(c, run_dir, dataset=data, resume=resume, progress=progress))
+    finally:
+        progress.close()
+    html, md = write_report([out])
+    return {"out": out, "report_html": html, "report_md": md, "summaries": summaries}

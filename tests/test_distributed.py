@@ -1,0 +1,115 @@
+"""DDP training through torchrun, running-statistics sync, and a killed rank (never a hang)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bnlab.distributed import launch, torchrun_command
+from tests._dist_util import env
+
+
+def worker_args(out, *extra: str) -> list[str]:
+    return ["--out", str(out), "--steps", "4", "--batch-size", "8", "--timeout", "30", *extra]
+
+
+@pytest.mark.parametrize("sync_bn", [True, False], ids=["syncbn", "localbn"])
+def test_torchrun_training_ranks_agree(tmp_path, sync_bn):
+    extra = ["--sync-bn"] if sync_bn else []
+    rc = launch(2, args=worker_args(tmp_path, *extra), timeout_s=180, env=env())
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sync_bn"] is sync_bn
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        # DDP keeps parameters equal; sync_running_stats makes BN buffers equal too.
+        torch.testing.assert_close(r0[k], r1[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert int(r0["1.num_batches_tracked"]) == 4
+    assert (r0["1.running_var"] != 1).all()
+
+
+def test_torchrun_command_and_bad_nproc():
+    cmd = torchrun_command(3, "bnlab.distributed.worker", ["--steps", "1"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[-2:] == ["--steps", "1"]
+    with pytest.raises(ValueError, match="nproc_per_node must be a positive int, got 0"):
+        torchrun_command(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path):
+    port, world = _free_port(), 2
+    procs = []
+    for r in range(world):
+        e = env() | {
+            "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }
+        args = worker_args(tmp_path, "--step-delay", "0.2")
+        args[args.index("--steps") + 1] = "1000"
+        args[args.index("--timeout") + 1] = "20"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bnlab.distributed.worker", *args], env=e,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        victim = procs[1]
+        deadline = time.monotonic() + 120
+        for line in victim.stdout:  # wait until training is under way
+            if "step 2 " in line or time.monotonic() > deadline:
+                break
+        assert victim.poll() is None, "rank 1 ended before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"rank 0 exited {took:.1f} s after rank 1 was killed")
+    assert procs[0].returncode == 1
+    assert "bnlab.distributed.worker: rank 0 stopped" in err
+    assert took < 45, took
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_torchrun_stops_everything_when_a_worker_is_killed(tmp_path):
+    args = worker_args(tmp_path, "--step-delay", "0.2")
+    args[args.index("--steps") + 1] = "1000"
+    proc = subprocess.Popen(
+        torchrun_command(2, args=args), env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        pid = None
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if line.startswith("rank 1 pid "):
+                pid = int(line.split()[3])
+            if pid and "step 2 " in line or time.monotonic() > deadline:
+                break
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc != 0

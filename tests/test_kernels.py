@@ -1,0 +1,270 @@
+"""Native and PyTorch BN kernels against a float64 reference, on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import functional as F
+from bnlab import kernels
+from bnlab.kernels import _ops
+
+BACKENDS = ["native", "torch"]
+
+
+def reference(x, w, b, eps=1e-5, act="identity", slope=0.01):
+    """Naive float64 training BN (+ activation): ``(y, mean, biased_var)``."""
+    xd = x.double()
+    dims = [0, *range(2, x.dim())]
+    mean = xd.mean(dims)
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    var = ((xd - mean.reshape(shape)) ** 2).mean(dims)
+    y = (xd - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+    if w is not None:
+        y = y * w.double().reshape(shape) + b.double().reshape(shape)
+    if act == "relu":
+        y = torch.relu(y)
+    elif act == "leaky_relu":
+        y = torch.nn.functional.leaky_relu(y, slope)
+    return y, mean, var
+
+
+def reference_grads(x, w, b, dy, act="identity", eps=1e-5):
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_()
+    y = reference(xd, wd, bd, eps, act)[0]
+    return torch.autograd.grad(y, (xd, wd, bd), dy.double())
+
+
+def rel(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make(shape, dtype=torch.float32, channels_last=False, offset=0.0, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * std + offset
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with kernels.use_backend(request.param):
+        yield request.param
+
+
+def test_native_extension_was_built():
+    # `make test` builds the extension; a silent build failure must fail here.
+    assert kernels.native_available(), kernels.native_error()
+    assert kernels.backend() == "native"
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+def test_train_forward_backward_match_reference(backend, shape, channels_last, dtype, act):
+    x, w, b, dy = make(shape, dtype, channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    assert kernels.supports(x, w, b) == (backend == "native")
+    y, mean, var = kernels.batch_norm_act_train(x, w, b, 1e-5, act)
+    yr, mr, vr = reference(x.detach(), w, b, 1e-5, act)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    rx, rw, rb = reference_grads(x, w, b, dy, act)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    std = vr.sqrt().max()
+    assert (mean.double() - mr).abs().max() <= tol * (mr.abs().max() + std)
+    for got, want in [(y, yr), (var, vr), (gx, rx), (gw, rw), (gb, rb)]:
+        assert got.dtype == dtype
+        assert rel(got, want) <= tol
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or shape[2] == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "shape,offset,std", [((2, 3, 224, 224), 0.0, 1.0), ((2, 3, 224, 224), 1e4, 1e-2)]
+)
+def test_float32_accuracy_long_channels_and_offset(backend, channels_last, shape, offset, std):
+    # 50176 values per sample and channel, and a common offset 1e6 times the std: a plain
+    # float sum or E[x^2] - E[x]^2 loses every digit here.
+    x, w, b, dy = make(shape, torch.float32, channels_last, offset, std)
+    x.requires_grad_()
+    y, mean, var = kernels.batch_norm_train(x, None, None, 1e-5)
+    yr, mr, vr = reference(x.detach(), None, None)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    xd = x.detach().double().requires_grad_()
+    (rx,) = torch.autograd.grad(reference(xd, None, None)[0], xd, dy.double())
+    if backend == "native":  # the claim is about bnlab's own kernels
+        assert rel(mean, mr) <= 1e-5 or (mean.double() - mr).abs().max() <= 1e-5 * vr.sqrt().max()
+        assert rel(var, vr) <= 1e-5
+        assert rel(y, yr) <= 1e-5
+        assert rel(gx, rx) <= 1e-5
+    else:  # torch's own var_mean is stable too; its output suffers from the offset
+        assert rel(var, vr) <= 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+def test_eval_forward_and_backward_match_reference(backend, channels_last, act):
+    x, w, b, dy = make((6, 5, 4, 3), torch.float32, channels_last)
+    mean, var = torch.randn(5) * 0.1, torch.rand(5) + 0.5
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    y = kernels.normalize_act(x, mean, var, w, b, 1e-5, act)
+    shape = (1, -1, 1, 1)
+
+    def ref(xd, wd, bd):
+        z = (xd - mean.double().reshape(shape)) / torch.sqrt(var.double().reshape(shape) + 1e-5)
+        z = z * wd.reshape(shape) + bd.reshape(shape)
+        return {"relu": torch.relu, "leaky_relu": torch.nn.functional.leaky_relu}.get(
+            act, lambda t: t
+        )(z)
+
+    args = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = ref(*args)
+    assert rel(y, yr) <= 2e-6
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    want = torch.autograd.grad(yr, args, dy.double())
+    for g, r in zip(got, want, strict=True):
+        assert rel(g, r) <= 2e-5
+
+
+def test_gradients_flow_through_mean_and_var_outputs(backend):
+    x, w, b, _ = make((4, 3, 5, 5), torch.float64)
+    x.requires_grad_()
+    _, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
+    gm, gv = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    (got,) = torch.autograd.grad((mean, var), x, (gm, gv))
+    xd = x.detach().requires_grad_()
+    _, mr, vr = reference(xd, w, b)
+    (want,) = torch.autograd.grad((mr, vr), xd, (gm, gv))
+    assert rel(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_float64(backend, act, channels_last):
+    x, w, b, _ = make((3, 2, 3, 3), torch.float64, channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x, w, b):
+        y, mean, var = kernels.batch_norm_act_train(x, w, b, 1e-3, act)
+        return y, mean, var
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_double_backward_uses_the_composition(backend):
+    x, w, b, _ = make((3, 2, 3, 3), torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x, w, b):
+        return kernels.batch_norm_act_train(x, w, b, 1e-3, "leaky_relu", 0.2)[0]
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_functional_dispatch_follows_the_backend():
+    x, w, b, _ = make((4, 3, 5, 5))
+    with kernels.use_backend("native"):
+        y_native = F.batch_norm_train(x.requires_grad_(), w, b, 1e-5)[0]
+        assert type(y_native.grad_fn).__name__ == "_TrainFnBackward"
+        # unsupported inputs fall back to PyTorch, correctly
+        y_half = F.batch_norm_train(x.detach().bfloat16(), w, b, 1e-5)[0]
+        y_strided = F.batch_norm_train(x.detach().transpose(2, 3), w, b, 1e-5)[0]
+    with kernels.use_backend("torch"):
+        y_torch = F.batch_norm_train(x, w, b, 1e-5)[0]
+        assert type(y_torch.grad_fn).__name__ != "_TrainFnBackward"
+    assert rel(y_native, y_torch.double()) <= 1e-5
+    assert rel(y_half.float(), y_torch.double()) <= 1e-2
+    assert rel(y_strided, y_torch.transpose(2, 3).double()) <= 1e-5
+
+
+def test_unsupported_inputs_are_reported():
+    x = torch.randn(4, 3, 5, 5)
+    with kernels.use_backend("native"):
+        assert kernels.supports(x)
+        assert not kernels.supports(x.half())
+        assert not kernels.supports(x[:, :, ::2])  # odd strides
+        assert not kernels.supports(x, torch.ones(3, dtype=torch.float64))  # mixed dtypes
+        assert not kernels.supports(x, torch.ones(4))  # wrong channel count
+        assert not kernels.supports(x[:0])  # empty batch
+        with torch.autograd.forward_ad.dual_level():
+            assert not kernels.supports(x)
+    with kernels.use_backend("torch"):
+        assert not kernels.supports(x)
+
+
+def test_backend_selection_env_and_errors(monkeypatch):
+    monkeypatch.setenv("BNLAB_KERNELS", "torch")
+    assert kernels.backend() == "torch"
+    with kernels.use_backend("native"):  # an explicit choice beats the environment
+        assert kernels.backend() == "native"
+    assert kernels.backend() == "torch"
+    monkeypatch.setenv("BNLAB_KERNELS", "fast")
+    with pytest.raises(ValueError, match="BNLAB_KERNELS must be one of"):
+        kernels.backend()
+    monkeypatch.delenv("BNLAB_KERNELS")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.set_backend("cuda")
+    with pytest.raises(ValueError, match="act must be one of"):
+        kernels.batch_norm_act_train(torch.randn(2, 3, 2), None, None, 1e-5, "gelu")
+
+
+def test_missing_extension_falls_back_and_warns_once(monkeypatch):
+    from bnlab.kernels import api
+
+    monkeypatch.delenv("BNLAB_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_native", None)
+    monkeypatch.setattr(kernels, "_NATIVE_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(kernels, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        assert kernels.backend() == "torch"
+    assert kernels.backend() == "torch"  # no second warning (pytest would not fail on it)
+    assert kernels._warned
+    assert not api.supports(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.set_backend("native")
+    bn = bnlab.BatchNorm2d(3)
+    assert bn(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+
+def test_layer_results_equal_on_both_backends():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 6, 6) * 3 + 1
+    dy = torch.randn_like(x)
+    out = {}
+    for name in BACKENDS:
+        with kernels.use_backend(name):
+            bn = bnlab.BatchNorm2d(4)
+            xx = x.clone().requires_grad_()
+            bn(xx).backward(dy)
+            bn.eval()
+            out[name] = (xx.grad, bn.weight.grad, bn.running_mean, bn.running_var, bn(x))
+    for a, b in zip(out["native"], out["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_non_matching_upstream_gradient_layout_is_handled():
+    x, w, b, dy = make((4, 3, 5, 5), torch.float64, channels_last=True)
+    with kernels.use_backend("native"):
+        out = _ops.native_backward_train(dy.contiguous(), x, None, w, None, None, None, 1e-5,
+                                         "identity", 0.0, True)  # fmt: skip
+    ref = _ops.torch_backward_train(dy, x, None, w, None, None, None, 1e-5, "identity", 0.0, True)
+    for a, r in zip(out, ref, strict=True):
+        assert rel(a, r) <= 1e-10
