@@ -57,12 +57,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def results_table(run_dirs: list[Path]) -> str:
     """Markdown table (claim, study, measured, verdict) from study run directories."""
+    from ..studies._report import machine_line
+
     rows, machines = [], set()
     for d in sorted(run_dirs):
         r = json.loads((d / "results.json").read_text())
         env = json.loads((d / "environment.json").read_text())
-        machines.add(f"{env.get('machine')}, {env.get('torch_threads')} threads, torch "
-                     f"{env.get('torch')}, kernels {env.get('kernel_backend')}")
+        machines.add(machine_line(env))
         rows.append(f"| {r['claim']} | `{r['study']}` ({r['preset']}, {len(r['seeds'])} seeds) "
                     f"| {r['measured']} | **{r['verdict']}**: {r['evidence']} |")
     head = ["| claim | study | what we measured | verdict |", "|---|---|---|---|"]

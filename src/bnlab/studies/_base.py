@@ -8,9 +8,7 @@ computed from the numbers by :func:`compare`, never typed.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -100,26 +98,11 @@ def compare(with_: Sequence[float], without: Sequence[float], *, higher_is_bette
     return "not shown", diff
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def run_study(study: Study, preset: Preset, seeds: int | None, out: Path,
               data_dir: str | None = None, overrides: dict[str, Any] | None = None,
               log: Callable[[str], None] = print) -> Path:
     """Run ``study`` with ``preset`` and write its run directory; returns the directory."""
-    from ..commands.info import environment
+    from ..train.rundir import run_environment, write_json
     from ._report import write_report
 
     if preset not in study.presets:
@@ -141,7 +124,7 @@ def run_study(study: Study, preset: Preset, seeds: int | None, out: Path,
     config = {"study": study.name, "preset": preset, "seeds": ctx.seeds, "settings": settings,
               "data_dir": data_dir}
     write_json(out / "config.json", config)
-    write_json(out / "environment.json", environment())
+    write_json(out / "environment.json", run_environment())
     t0 = time.perf_counter()
     result = study.run(ctx)
     elapsed = time.perf_counter() - t0

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..train.loop import evaluate as _train_evaluate
+
 __all__ = ["FitConfig", "FitResult", "fit", "evaluate", "batches"]
 
 
@@ -67,20 +69,10 @@ def batches(n: int, cfg: FitConfig, labels: Tensor | None = None):
                 yield perm[start : start + cfg.batch_size]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode; restores the mode."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    try:
-        for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size])
-            loss += nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
-            correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
-    finally:
-        model.train(was_training)
-    return correct / len(x), loss / len(x)
+    """Accuracy and mean cross-entropy of ``model`` in eval mode (the trainer's evaluation)."""
+    loss, acc = _train_evaluate(model, x, y, batch_size)
+    return acc, loss
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:

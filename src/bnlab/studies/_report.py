@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-__all__ = ["write_report", "load_results"]
+__all__ = ["write_report", "load_results", "machine_line"]
 
 
 def load_results(run_dir: Path) -> tuple[dict, dict]:
@@ -17,10 +17,12 @@ def load_results(run_dir: Path) -> tuple[dict, dict]:
     return results, env
 
 
-def _machine(env: dict) -> str:
-    return (f"{env.get('machine', '?')} ({env.get('processor') or 'cpu'}), "
-            f"{env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
-            f"bnlab {env.get('bnlab')}, kernels {env.get('kernel_backend')}")
+def machine_line(env: dict) -> str:
+    """One line naming the machine and versions a run was measured on."""
+    cpu = env.get("cpu_model") or env.get("processor") or env.get("machine", "?")
+    return (f"{cpu}, {env.get('cpu_count', '?')} CPUs, {env.get('torch_threads')} torch "
+            f"threads, torch {env.get('torch')}, bnlab {env.get('bnlab')}, kernels "
+            f"{env.get('kernel_backend')}")
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
@@ -38,7 +40,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         "",
         f"**Method:** {r['method']}",
         "",
-        f"**Machine:** {_machine(env)}. Preset `{r['preset']}`, seeds {r['seeds']}, "
+        f"**Machine:** {machine_line(env)}. Preset `{r['preset']}`, seeds {r['seeds']}, "
         f"{r['seconds']:.0f} s.",
         "",
     ]
@@ -64,7 +66,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         f"<p class='v'><b>Verdict: {e(r['verdict'])}.</b> {e(r['evidence'])}</p>",
         f"<p><b>What we measured:</b> {e(r['measured'])}</p>",
         f"<p><b>Method:</b> {e(r['method'])}</p>",
-        f"<p><b>Machine:</b> {e(_machine(env))}. Preset <code>{e(r['preset'])}</code>, "
+        f"<p><b>Machine:</b> {e(machine_line(env))}. Preset <code>{e(r['preset'])}</code>, "
         f"seeds {e(str(r['seeds']))}, {r['seconds']:.0f} s.</p>",
     ]
     for t in r["tables"]:
