@@ -91,8 +91,7 @@ def run(ctx: StudyContext) -> StudyResult:
         f"{mean_std(early_acc['none'])[0]:.3f} without ({v_early}); at step {steps[-1]} "
         f"{mean_std(acc['bn'])[0]:.3f} vs {mean_std(acc['none'])[0]:.3f} ({v_final}); "
         f"median drift of the sigmoid input {mean_std(drift['bn'])[0]:.2f} vs "
-        f"{mean_std(drift['none'])[0]:.2f} spreads "
-        f"({'smaller' if v_drift == 'supported' else 'not smaller'} with BN)"
+        f"{mean_std(drift['none'])[0]:.2f} spreads ({v_drift} that BN keeps it steadier)"
     )
     return StudyResult(
         verdict=verdict, evidence=evidence,
