@@ -3,7 +3,8 @@
 For BatchNorm1d/2d/3d and every torch configuration (momentum 0.1 / None / 0.7, affine on/off,
 track_running_stats on/off, bias off), five training steps with random inputs and random
 upstream gradients, then evaluation: the largest absolute difference in outputs, input
-gradients and running statistics, and the largest relative difference in parameter gradients, on the active kernel backend.
+gradients and running statistics, and the largest relative difference in parameter
+gradients, on the active kernel backend.
 
     python bench/parity_torch.py        # BNLAB_KERNELS=torch for the pure-PyTorch path
 """
