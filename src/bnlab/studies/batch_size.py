@@ -89,8 +89,8 @@ STUDY = Study(
     method="Seed CNN with the norm before ReLU, Adam 1e-3, a fixed number of training "
            "examples per run, batch sizes from 2 up; i.i.d. and class-sorted batches.",
     presets={
-        "quick": {"batch_sizes": "2,8,32,128", "examples": 6000, "lr": 1e-3,
-                  "train": 12000, "test": 2000},
+        "quick": {"batch_sizes": "2,8,32,128", "examples": 4000, "lr": 1e-3,
+                  "train": 12000, "test": 1000},
         "full": {"batch_sizes": "2,4,8,16,32,64,128,256", "examples": 60000, "lr": 1e-3,
                  "train": 0, "test": 0},
     },

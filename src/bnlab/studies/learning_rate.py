@@ -95,8 +95,8 @@ STUDY = Study(
            "learning rates; the largest rate at which every seed trains, and the fewest "
            "steps to a target test accuracy at each model's best rate.",
     presets={
-        "quick": {"lrs": "0.01,0.03,0.1,0.3,1.0", "steps": 400, "eval_every": 25,
-                  "batch_size": 64, "target": 0.8, "train": 12000, "test": 2000},
+        "quick": {"lrs": "0.01,0.1,0.5,2.0", "steps": 300, "eval_every": 25,
+                  "batch_size": 64, "target": 0.8, "train": 12000, "test": 1000},
         "full": {"lrs": "0.003,0.01,0.03,0.1,0.3,1.0,3.0", "steps": 3000, "eval_every": 50,
                  "batch_size": 64, "target": 0.85, "train": 0, "test": 0},
     },

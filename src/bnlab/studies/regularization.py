@@ -94,7 +94,7 @@ STUDY = Study(
            "none, BN, dropout 0.5 before the classifier, L2 5e-4, BN+dropout, BN+L2, and "
            "dropout placed right before each BN; train (full subset) and test accuracy.",
     presets={
-        "quick": {"steps": 600, "train": 5000, "test": 5000},
+        "quick": {"steps": 400, "train": 4000, "test": 3000},
         "full": {"steps": 3000, "train": 10000, "test": 0},
     },
     run=run,

@@ -90,7 +90,7 @@ STUDY = Study(
            "window k=1/10/100, cumulative average, the seed's literal step 5, and exact "
            "population statistics after training (bnlab.tools.recalibrate).",
     presets={
-        "quick": {"steps": 400, "train": 12000, "test": 2000},
+        "quick": {"steps": 300, "train": 12000, "test": 2000},
         "full": {"steps": 4000, "train": 0, "test": 0},
     },
     run=run,
