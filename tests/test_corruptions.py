@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from bnlab.models import seed_cnn
 from bnlab.tools import corruptions as C
-from bnlab.tools.shift import ShiftConfig, _read_idx, format_table, load_fashion_mnist, run
+from bnlab.tools.shift import ShiftConfig, format_table, run, train_source
 
 
 def _images():
@@ -49,14 +50,21 @@ def test_random_corruptions_depend_on_seed_and_validate():
     torch.testing.assert_close(C.gaussian_blur(x, 3).sum(), x.sum(), rtol=1e-4, atol=0)
 
 
-def test_idx_reader_validates(tmp_path):
-    x, y = load_fashion_mnist("test")
-    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
-    assert set(y.unique().tolist()) == set(range(10)) and 0 <= float(x.min()) < float(x.max())
-    bad = tmp_path / "bad-idx1-ubyte"
-    bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
-    with pytest.raises(ValueError, match="expected 5 values"):
-        _read_idx(bad)
+def test_source_model_is_the_shared_seed_cnn_with_torch_bn_after_relu():
+    x = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,))
+    cfg = ShiftConfig(epochs=1, batch_size=64)
+    trained = train_source(x, y, cfg)
+    kinds = [type(m).__name__ for m in trained]
+    assert kinds[:4] == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
+    assert isinstance(trained[2], torch.nn.BatchNorm2d) and not trained.training
+    # same init as the shared model: training starts from seed_cnn("torch-bn") under the seed
+    torch.manual_seed(cfg.seed)
+    fresh = seed_cnn("torch-bn")
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in trained.parameters()]
+    before = ShiftConfig(epochs=1, batch_size=64, placement="before", norm="bn")
+    kinds = [type(m).__name__ for m in train_source(x, y, before)][:3]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"]
 
 
 def test_tiny_shift_benchmark_runs_on_real_data():
