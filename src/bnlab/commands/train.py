@@ -15,6 +15,10 @@ def _run(args: argparse.Namespace) -> int:
         config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
         changes = {k: getattr(args, k) for k in ("model", "norm", "dataset", "epochs", "seed",
                                                  "data_dir") if getattr(args, k) is not None}
+        if args.monitor:
+            changes["monitor"] = True
+        if args.monitor_every is not None:
+            changes["monitor_every"] = args.monitor_every
         changes.update(parse_overrides(args.set))
         config = config.replace(**changes)
     except (ValueError, TypeError, OSError) as e:
@@ -49,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--monitor", action="store_true",
+                   help="record every BN layer's statistics into monitor.jsonl (see README)")
+    p.add_argument("--monitor-every", type=int, metavar="K",
+                   help="with --monitor: record every K-th optimisation step (default 50)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=0.01 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/train-MODEL-NORM-sSEED)")

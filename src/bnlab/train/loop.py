@@ -25,6 +25,7 @@ from ..data import Dataset, batch_order, load_dataset
 from ..models import build_model
 from . import rundir as rd
 from .config import TrainConfig, lr_at
+from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
 
 __all__ = ["train", "train_step", "evaluate", "build", "RunExistsError"]
@@ -178,6 +179,7 @@ def train(
                              "cpu": 0.0}
     steps: list[dict] = rd.read_jsonl(run_dir / "steps.jsonl")
     epochs: list[dict] = rd.read_jsonl(run_dir / "epochs.jsonl")
+    mon_rows: list[dict] = rd.read_jsonl(run_dir / MONITOR_FILE)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -188,7 +190,9 @@ def train(
     # Records written after the checkpoint (a crash between the two) are dropped.
     steps = [r for r in steps if r["step"] < step]
     epochs = [r for r in epochs if r["epoch"] < epoch0]
+    mon_rows = [r for r in mon_rows if r["step"] < step]
     pending: list[dict] = []
+    mon_pending: list[dict] = []
 
     def checkpoint(epoch: int, in_epoch: int, status: str) -> None:
         rd.save_checkpoint(run_dir, {
@@ -199,6 +203,10 @@ def train(
         steps.extend(pending)
         pending.clear()
         rd.write_jsonl(run_dir / "steps.jsonl", steps)
+        if config.monitor:
+            mon_rows.extend(mon_pending)
+            mon_pending.clear()
+            rd.write_jsonl(run_dir / MONITOR_FILE, mon_rows)
         rd.write_jsonl(run_dir / "epochs.jsonl", epochs)
         rd.write_json(run_dir / "summary.json", _summary(config, epochs, status))
 
@@ -213,7 +221,12 @@ def train(
                 t0, c0 = time.perf_counter(), time.process_time()
                 lr = lr_at(config, step, steps_per_epoch)
                 idx = batches[i]
-                lv, correct = train_step(model, opt, data.x_train[idx], data.y_train[idx], lr)
+                batch = (model, opt, data.x_train[idx], data.y_train[idx], lr)
+                if config.monitor and should_record(config.monitor_every, step):
+                    (lv, correct), rows = monitored(model, step, epoch, train_step, *batch)
+                    mon_pending.extend(rows)
+                else:
+                    lv, correct = train_step(*batch)
                 dt = time.perf_counter() - t0
                 acc["loss_sum"] += lv * len(idx)
                 acc["correct"] += correct
