@@ -44,6 +44,9 @@ class TrainConfig:
         monitor: record :class:`bnlab.tools.Monitor` statistics of every BN layer into
             ``monitor.jsonl`` (input/output percentiles, running-vs-batch drift, gradient
             norms, gamma/beta) every ``monitor_every`` optimisation steps (step 0 included).
+        nproc_per_node: data-parallel processes (>1: ``bnlab train`` launches them with
+            torchrun; ``batch_size`` stays the global batch, split over the ranks).
+        sync_bn: convert BN layers to :class:`bnlab.SyncBatchNorm` (needs nproc_per_node > 1).
     """
 
     model: str = "seed_cnn"
@@ -68,6 +71,8 @@ class TrainConfig:
     label: str = ""
     monitor: bool = False
     monitor_every: int = 50
+    nproc_per_node: int = 1
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -83,12 +88,17 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, Optimizer)
         _choice("schedule", self.schedule, Schedule)
         _choice("placement", self.placement, Literal["after", "before"])
-        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs", "monitor_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs", "monitor_every",
+                     "nproc_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("train_subset", "test_subset", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if self.sync_bn and self.nproc_per_node < 2:
+            raise ValueError("TrainConfig: sync_bn needs nproc_per_node > 1, got "
+                             f"nproc_per_node={self.nproc_per_node}; drop --sync-bn or add "
+                             "--nproc-per-node 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a positive finite float, got {self.lr}")
         # Fail on a typo now, not after the data has loaded.
