@@ -9,7 +9,7 @@ import torch
 
 from bnlab.models import seed_cnn
 from bnlab.tools import corruptions as C
-from bnlab.tools.shift import ShiftConfig, format_table, run, train_source
+from bnlab.tools.shift import ShiftConfig, format_table, main, run, train_source
 
 
 def _images():
@@ -67,7 +67,7 @@ def test_source_model_is_the_shared_seed_cnn_with_torch_bn_after_relu():
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"]
 
 
-def test_tiny_shift_benchmark_runs_on_real_data():
+def test_tiny_shift_benchmark_runs_on_real_data(tmp_path, capsys):
     cfg = ShiftConfig(train_size=640, test_size=192, epochs=1, batch_size=64,
                       corruptions=("contrast",), severities=(5,))
     result = run(cfg, log=lambda *_: None)
@@ -77,4 +77,15 @@ def test_tiny_shift_benchmark_runs_on_real_data():
         assert all(0.0 <= r[k] <= 1.0 for k in ("source", "adabn", "tent"))
     assert rows["clean", 0]["adabn"] > 0.3  # a trained model, far above chance (0.1)
     assert "| contrast | 5 |" in format_table(result)
-    json.dumps(result)  # serialisable as the run's summary
+    (tmp_path / "in.json").write_text(json.dumps(result))  # serialisable as the summary
+    # the report is derived from shift.json alone
+    assert main(["--report-from", str(tmp_path / "in.json"), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "report.md").read_text()
+    m = result["mean_over_corruptions"]
+    assert f"| contrast | 5 | {rows['contrast', 5]['source']:.4f} |" in md
+    assert f"TENT {m['tent']:.4f}" in md and "![Test accuracy" in md
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert 'id="fig-shift" ' in page and "data:image/png;base64," in page
+    assert "<td>mean (corrupted)</td>" in page and "src=\"http" not in page
+    assert (tmp_path / "o" / "report-files" / "shift.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "o" / "shift.json").read_text()) == json.loads(json.dumps(result))

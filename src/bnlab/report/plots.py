@@ -12,13 +12,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .collect import Group, mean_sd  # noqa: E402
 
-__all__ = ["figures"]
+__all__ = ["figures", "png"]
 
 _TITLES = {"train_loss": "training loss", "val_loss": "validation loss",
            "train_acc": "training accuracy", "val_acc": "validation accuracy"}
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -53,7 +53,7 @@ def _metric_pair(groups: list[Group], a: str, b: str, title: str) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(title)
     axes[1].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _gap(groups: list[Group]) -> bytes:
@@ -74,7 +74,7 @@ def _gap(groups: list[Group]) -> bytes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _time(groups: list[Group]) -> bytes:
@@ -89,7 +89,7 @@ def _time(groups: list[Group]) -> bytes:
     ax.set_ylabel("seconds per epoch (training)")
     ax.set_title("time per epoch (bars: mean over seeds, dots: each seed)")
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def _steps(groups: list[Group], window: int = 25) -> bytes:
@@ -110,7 +110,7 @@ def _steps(groups: list[Group], window: int = 25) -> bytes:
     ax.set_title("training loss per step, first seed of each normaliser")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _monitor(groups: list[Group]) -> bytes | None:
@@ -144,7 +144,7 @@ def _monitor(groups: list[Group]) -> bytes | None:
     axes[0][0].legend(fontsize=6, ncol=len(runs))
     axes[0][1].legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def figures(groups: list[Group]) -> dict[str, tuple[str, bytes]]:
