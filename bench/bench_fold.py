@@ -3,8 +3,9 @@
 Claim: folding an evaluation-mode BN into the neighbouring convolution removes the BN's
 elementwise pass, so the folded model is faster at the same output. Measured on the seed CNN
 (BN after ReLU, as in the seed, and BN before ReLU), and a small ResNet for 28x28 inputs, at
-batch 1 and 64. Every variant runs in the same process, interleaved in rounds; the numbers are
-medians of per-call times and ratios against the unfolded model of the same run.
+batch 1 and 64 (``bnlab.models.seed_cnn`` and ``small_resnet``, with torch's BN layers).
+Every variant runs in the same process, interleaved in rounds; the numbers are medians of
+per-call times and ratios against the unfolded model of the same run.
 
 Usage: python bench/bench_fold.py [--rounds 30] [--threads 1] [--json runs/bench_fold.json]
 
@@ -24,46 +25,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from bnlab.commands.info import environment
+from bnlab.models import seed_cnn, small_resnet
 from bnlab.tools import fold
-from bnlab.tools.shift import seed_cnn
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
-
-
-class SmallResNet(nn.Module):
-    """ResNet for 28x28 grayscale: 16-channel stem, three basic blocks (16/32/64), 9 BN layers."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
-                                  nn.ReLU())
-        self.layers = nn.Sequential(_Block(16, 16, 1), _Block(16, 32, 2), _Block(32, 64, 2))
-        self.head = nn.Linear(64, classes)
-
-    def forward(self, x):
-        y = self.layers(self.stem(x))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
 def _prepare(model: nn.Module) -> nn.Module:
@@ -140,9 +107,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     models = {
-        "seed CNN (BN after ReLU)": _prepare(seed_cnn(bn_after_relu=True)),
-        "seed CNN (BN before ReLU)": _prepare(seed_cnn(bn_after_relu=False)),
-        "small ResNet": _prepare(SmallResNet()),
+        # torch's BN layers, so that torch.fx's fuse (which knows only those) is a fair peer
+        "seed CNN (BN after ReLU)": _prepare(seed_cnn("torch-bn", "after")),
+        "seed CNN (BN before ReLU)": _prepare(seed_cnn("torch-bn", "before")),
+        "small ResNet": _prepare(small_resnet("torch-bn")),
     }
     rows = bench(models, [int(b) for b in args.batches.split(",")], args.rounds)
     if args.json:

@@ -6,57 +6,30 @@ most 10% (torch's BN: about 30% on 2 cores, see ``../shared/ANCHORS.md``).
 The seed's network (PyTorch port): Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool
 Flatten Linear(1600,10); Adam, batch 128, the 60000 training images, ``--threads`` threads.
 The three variants take turns epoch by epoch (``--epochs`` each); medians are reported.
-The images are read from Debian's ``dataset-fashion-mnist`` IDX files (gzip).
+The images are read by ``bnlab.data.load_dataset`` (``--data-dir``, else bnlab's search path,
+which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.models.seed_cnn``.
 
-    python bench/bench_seed_epoch.py [--epochs 3] [--threads 2]
+    python bench/bench_seed_epoch.py [--epochs 3] [--threads 2] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import bnlab
+from bnlab.commands.info import environment
+from bnlab.data import load_dataset
+from bnlab.models import seed_cnn
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Minimal IDX reader (big-endian header: magic, then one uint32 per dimension)."""
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_train(root: Path = DATA) -> tuple[torch.Tensor, torch.Tensor]:
-    images = read_idx(root / "train-images-idx3-ubyte.gz")
-    labels = read_idx(root / "train-labels-idx1-ubyte.gz")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
-
-
-def seed_cnn(bn: str) -> nn.Sequential:
-    def norm(c: int) -> nn.Module:
-        if bn == "none":
-            return nn.Identity()
-        return nn.BatchNorm2d(c) if bn == "torch" else bnlab.BatchNorm2d(c)
-
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), norm(32), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3), nn.ReLU(), norm(64), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(1600, 10),
-    )  # fmt: skip
+NORMS = {"none": "none", "torch": "torch-bn", "bnlab": "bn"}  # variant -> bnlab.norms name
 
 
 def epoch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
@@ -78,17 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "bench_seed_epoch.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x, y = load_train()
+    data = load_dataset("fashion-mnist", args.data_dir)
+    x, y = data.x_train, data.y_train
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
     variants = ("none", "torch", "bnlab")
     runs = {}
     for v in variants:
         torch.manual_seed(0)
-        model = seed_cnn(v)
+        model = seed_cnn(NORMS[v])
         runs[v] = (model, torch.optim.Adam(model.parameters(), 1e-3))
     times: dict[str, list[float]] = {v: [] for v in variants}
     for e in range(args.epochs + 1):  # the first epoch of each variant is a warm-up
@@ -103,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
           f"bnlab BN {med['bnlab']:.2f} s (backend {bnlab.kernels.backend()})")  # fmt: skip
     print(f"BN overhead: torch {over['torch']:+.1%}, bnlab {over['bnlab']:+.1%} (target <= 10%)")
     payload = {
-        "environment": {"torch": torch.__version__, "bnlab": bnlab.__version__,
-                        "threads": torch.get_num_threads(), "backend": bnlab.kernels.backend(),
-                        "machine": platform.machine()},
+        "environment": environment(),
         "images": len(x), "batch": args.batch, "epoch_s": times, "median_s": med,
         "bn_overhead": over,
     }  # fmt: skip

@@ -12,14 +12,13 @@ over the next 40%; Ghost BN with virtual batches of max(2, B // 4) samples (at B
 2, at B = 32 it is 8); GroupNorm with 8 groups.
 
     python bench/small_batch.py [--train-samples 4000] [--val-samples 2000] [--seeds 1]
+        [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -28,29 +27,17 @@ import torch
 from torch import nn
 
 import bnlab
+from bnlab.data import Dataset, load_dataset
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
 BATCHES = (2, 4, 8, 32)
 NORMS = ("bn", "renorm", "ghost", "gn")
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    """A minimal reader for gzip IDX files (private to this script)."""
-    raw = gzip.decompress(path.read_bytes())
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
-    return data.reshape(dims)
-
-
-def load(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    x = _read_idx(DATA / f"{prefix}-images-idx3-ubyte.gz").float().div_(255.0)
-    y = _read_idx(DATA / f"{prefix}-labels-idx1-ubyte.gz").long()
+def load(data: Dataset, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` seeded-random images of ``split``, standardised with Fashion-MNIST's mean/std."""
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-    return ((x[idx] - 0.286) / 0.353).unsqueeze(1), y[idx]
+    return (x[idx] - 0.286) / 0.353, y[idx]
 
 
 def norm_layer(name: str, c: int, batch: int, steps: int) -> nn.Module:
@@ -98,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--val-samples", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the Fashion-MNIST IDX files (default: bnlab's search path)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny batches: 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train = load("train", args.train_samples, seed=0)
-    val = load("test", args.val_samples, seed=1)
+    data = load_dataset("fashion-mnist", args.data_dir)
+    train = load(data, "train", args.train_samples, seed=0)
+    val = load(data, "test", args.val_samples, seed=1)
     t0 = time.perf_counter()
     print(f"Fashion-MNIST: {args.train_samples} training images (one pass), "
           f"{args.val_samples} test images; {args.seeds} seed(s); torch {torch.__version__}")

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from bnlab.models import seed_cnn
 from bnlab.tools import corruptions as C
-from bnlab.tools.shift import ShiftConfig, _read_idx, format_table, load_fashion_mnist, run
+from bnlab.tools.shift import ShiftConfig, format_table, main, run, train_source
 
 
 def _images():
@@ -49,17 +50,24 @@ def test_random_corruptions_depend_on_seed_and_validate():
     torch.testing.assert_close(C.gaussian_blur(x, 3).sum(), x.sum(), rtol=1e-4, atol=0)
 
 
-def test_idx_reader_validates(tmp_path):
-    x, y = load_fashion_mnist("test")
-    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
-    assert set(y.unique().tolist()) == set(range(10)) and 0 <= float(x.min()) < float(x.max())
-    bad = tmp_path / "bad-idx1-ubyte"
-    bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
-    with pytest.raises(ValueError, match="expected 5 values"):
-        _read_idx(bad)
+def test_source_model_is_the_shared_seed_cnn_with_torch_bn_after_relu():
+    x = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,))
+    cfg = ShiftConfig(epochs=1, batch_size=64)
+    trained = train_source(x, y, cfg)
+    kinds = [type(m).__name__ for m in trained]
+    assert kinds[:4] == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
+    assert isinstance(trained[2], torch.nn.BatchNorm2d) and not trained.training
+    # same init as the shared model: training starts from seed_cnn("torch-bn") under the seed
+    torch.manual_seed(cfg.seed)
+    fresh = seed_cnn("torch-bn")
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in trained.parameters()]
+    before = ShiftConfig(epochs=1, batch_size=64, placement="before", norm="bn")
+    kinds = [type(m).__name__ for m in train_source(x, y, before)][:3]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"]
 
 
-def test_tiny_shift_benchmark_runs_on_real_data():
+def test_tiny_shift_benchmark_runs_on_real_data(tmp_path, capsys):
     cfg = ShiftConfig(train_size=640, test_size=192, epochs=1, batch_size=64,
                       corruptions=("contrast",), severities=(5,))
     result = run(cfg, log=lambda *_: None)
@@ -69,4 +77,15 @@ def test_tiny_shift_benchmark_runs_on_real_data():
         assert all(0.0 <= r[k] <= 1.0 for k in ("source", "adabn", "tent"))
     assert rows["clean", 0]["adabn"] > 0.3  # a trained model, far above chance (0.1)
     assert "| contrast | 5 |" in format_table(result)
-    json.dumps(result)  # serialisable as the run's summary
+    (tmp_path / "in.json").write_text(json.dumps(result))  # serialisable as the summary
+    # the report is derived from shift.json alone
+    assert main(["--report-from", str(tmp_path / "in.json"), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "report.md").read_text()
+    m = result["mean_over_corruptions"]
+    assert f"| contrast | 5 | {rows['contrast', 5]['source']:.4f} |" in md
+    assert f"TENT {m['tent']:.4f}" in md and "![Test accuracy" in md
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert 'id="fig-shift" ' in page and "data:image/png;base64," in page
+    assert "<td>mean (corrupted)</td>" in page and "src=\"http" not in page
+    assert (tmp_path / "o" / "report-files" / "shift.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "o" / "shift.json").read_text()) == json.loads(json.dumps(result))

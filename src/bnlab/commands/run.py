@@ -29,6 +29,11 @@ def add_seed_arguments(p: argparse.ArgumentParser, *, epochs: int, norms: str, s
     p.add_argument("--out", default=None, help="study directory (default: runs/seed-...)")
     p.add_argument("--resume", action="store_true",
                    help="continue the study in --out: skip finished runs, resume interrupted ones")
+    p.add_argument("--monitor", action="store_true",
+                   help="record every BN layer's statistics (monitor.jsonl per run) and draw "
+                        "them in the report")
+    p.add_argument("--monitor-every", type=int, default=50, metavar="K",
+                   help="with --monitor: record every K-th optimisation step (default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -41,7 +46,8 @@ def run_seed(args: argparse.Namespace, title_note: str = "") -> int:
     study = SeedStudy(dataset=args.dataset, epochs=args.epochs, norms=norms, seeds=args.seeds,
                       placement=args.placement, batch_size=args.batch_size, lr=args.lr,
                       train_subset=args.train_subset, test_subset=args.test_subset,
-                      threads=args.threads, data_dir=args.data_dir)
+                      threads=args.threads, data_dir=args.data_dir, monitor=args.monitor,
+                      monitor_every=args.monitor_every)
     progress = make_progress(args.quiet)
     try:
         result = run_seed_study(study, args.out, resume=args.resume, progress=progress)

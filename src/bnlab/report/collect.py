@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.config import TrainConfig
+from ..train.monitoring import MONITOR_FILE
 from ..train.rundir import is_run_dir, read_json, read_jsonl
 
 __all__ = ["Run", "Group", "find_runs", "load_runs", "group_runs", "mean_sd", "STUDY_FILE"]
@@ -26,6 +27,7 @@ class Run:
     steps: list[dict[str, Any]]
     summary: dict[str, Any]
     environment: dict[str, Any]
+    monitor: list[dict[str, Any]] = field(default_factory=list)  # monitor.jsonl, if recorded
 
 
 @dataclass
@@ -85,7 +87,8 @@ def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
         summary = read_json(d / "summary.json") if (d / "summary.json").exists() else {}
         env = read_json(d / "environment.json") if (d / "environment.json").exists() else {}
         runs.append(Run(d, TrainConfig.from_toml(d / "config.toml"), epochs,
-                        read_jsonl(d / "steps.jsonl"), summary, env))
+                        read_jsonl(d / "steps.jsonl"), summary, env,
+                        read_jsonl(d / MONITOR_FILE)))
     if not runs:
         raise FileNotFoundError("the run directories hold no finished epoch yet")
     return runs

@@ -12,13 +12,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .collect import Group, mean_sd  # noqa: E402
 
-__all__ = ["figures"]
+__all__ = ["figures", "png"]
 
 _TITLES = {"train_loss": "training loss", "val_loss": "validation loss",
            "train_acc": "training accuracy", "val_acc": "validation accuracy"}
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -53,7 +53,7 @@ def _metric_pair(groups: list[Group], a: str, b: str, title: str) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(title)
     axes[1].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _gap(groups: list[Group]) -> bytes:
@@ -74,7 +74,7 @@ def _gap(groups: list[Group]) -> bytes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _time(groups: list[Group]) -> bytes:
@@ -89,7 +89,7 @@ def _time(groups: list[Group]) -> bytes:
     ax.set_ylabel("seconds per epoch (training)")
     ax.set_title("time per epoch (bars: mean over seeds, dots: each seed)")
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def _steps(groups: list[Group], window: int = 25) -> bytes:
@@ -110,12 +110,47 @@ def _steps(groups: list[Group], window: int = 25) -> bytes:
     ax.set_title("training loss per step, first seed of each normaliser")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
+
+
+def _monitor(groups: list[Group]) -> bytes | None:
+    """Per BN layer (rows): output 15/50/85th percentiles and input-gradient norm over steps,
+    for the first monitored run of each normaliser; ``None`` when no run was monitored."""
+    runs = [(i, g.name, next((r for r in g.runs if r.monitor), None)) for i, g in enumerate(groups)]
+    runs = [(i, name, r) for i, name, r in runs if r is not None]
+    if not runs:
+        return None
+    layers = list(dict.fromkeys(row["layer"] for _, _, r in runs for row in r.monitor))
+    fig, axes = plt.subplots(len(layers), 2, figsize=(10, 2.6 * len(layers)), squeeze=False)
+    for i, name, run in runs:
+        for li, layer in enumerate(layers):
+            rows = [row for row in run.monitor if row["layer"] == layer]
+            x = [row["step"] for row in rows]
+            for p, style in zip((15, 50, 85), (":", "-", "--"), strict=True):
+                key = f"out_p{p}"
+                axes[li][0].plot(x, [row.get(key, float("nan")) for row in rows], style,
+                                 color=f"C{i}", lw=1, label=f"{name} p{p}")
+            pts = [(row["step"], row["grad_in_norm"]) for row in rows if "grad_in_norm" in row]
+            if pts:
+                axes[li][1].plot(*zip(*pts, strict=True), "-", color=f"C{i}", marker=".",
+                                 lw=1, label=f"{name} (seed {run.config.seed})")
+    for li, layer in enumerate(layers):
+        axes[li][0].set_title(f"BN layer {layer}: output 15/50/85th percentiles", fontsize=9)
+        axes[li][1].set_title(f"BN layer {layer}: gradient norm at its input", fontsize=9)
+        axes[li][1].set_yscale("log")
+        for ax in axes[li]:
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("optimisation step")
+    axes[0][0].legend(fontsize=6, ncol=len(runs))
+    axes[0][1].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
 
 
 def figures(groups: list[Group]) -> dict[str, tuple[str, bytes]]:
-    """``{file stem: (caption, PNG bytes)}`` for every figure of the report."""
-    return {
+    """``{file stem: (caption, PNG bytes)}`` for every figure of the report (``monitor``
+    only when some run recorded ``monitor.jsonl``)."""
+    out = {
         "accuracy": ("Training and validation accuracy per epoch (line: mean over seeds, "
                      "band: min to max)", _metric_pair(groups, "train_acc", "val_acc",
                                                         "accuracy")),
@@ -125,3 +160,8 @@ def figures(groups: list[Group]) -> dict[str, tuple[str, bytes]]:
         "steps": ("Training loss per optimisation step", _steps(groups)),
         "time": ("Time per epoch", _time(groups)),
     }
+    mon = _monitor(groups)
+    if mon is not None:
+        out["monitor"] = ("BN layers during training (bnlab.tools.Monitor, first monitored "
+                          "seed of each normaliser)", mon)
+    return out

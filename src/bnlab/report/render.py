@@ -5,7 +5,6 @@ Every number and sentence is computed from the runs' files; nothing is typed in.
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
@@ -14,6 +13,7 @@ from typing import Any
 
 from ..train.rundir import atomic_write_text
 from .collect import Group, group_runs, load_runs, mean_sd, study_info
+from .page import code, figures_html, html_page, html_table, md_table
 from .plots import figures
 
 __all__ = ["table_rows", "verdict", "write_report"]
@@ -98,13 +98,6 @@ def verdict(groups: list[Group]) -> list[str]:
     return out
 
 
-def _md_table(rows: list[dict[str, Any]]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _header(groups: list[Group], info: dict[str, Any]) -> dict[str, str]:
     first = groups[0].runs[0]
     cfg, env = first.config, first.environment
@@ -137,12 +130,6 @@ _NOTE = ("Training loss and accuracy are averaged over each epoch's mini-batches
          "Accuracies are in percent, mean ± sample standard deviation over seeds.")
 
 
-def _code(text: str) -> str:
-    """Markdown's `name` as HTML <code> (on already escaped text)."""
-    parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
 def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | None = None
                  ) -> tuple[Path, Path]:
     """Regenerate ``report.md``, ``report.html`` and ``report-files/*.png`` from run dirs.
@@ -165,7 +152,7 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | No
 
     md = [f"# {h['title']}", "", h["claim"], "", "**Answer.** " + " ".join(sentences), "",
           f"**Evidence.** {h['evidence']}", "", f"**Machine.** {h['machine']}", "",
-          "## Accuracy", "", _md_table(rows), "", _NOTE, ""]
+          "## Accuracy", "", md_table(rows), "", _NOTE, ""]
     for stem, (caption, _) in figs.items():
         md += [f"## {caption}", "", f"![{caption}](report-files/{stem}.png)", ""]
     md += ["Regenerate with `bnlab report " + " ".join(str(p) for p in paths) + "`.", ""]
@@ -173,37 +160,15 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | No
     atomic_write_text(md_path, "\n".join(md))
 
     e = html.escape
-    head = "".join(f"<th>{e(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r.values()) + "</tr>"
-                   for r in rows)
-    imgs = "".join(
-        f'<figure><img class="plot" id="fig-{stem}" alt="{e(caption)}" '
-        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{e(caption)}</figcaption></figure>"
-        for stem, (caption, png) in figs.items()
-    )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{e(h['title'])}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }}
-th {{ background: #eee; }} td:first-child {{ text-align: left; font-weight: bold; }}
-.answer {{ background: #f3f7ff; border-left: 4px solid #36c; padding: 0.6em 1em; }}
-figure {{ margin: 1.5em 0; }} img.plot {{ max-width: 100%; }}
-figcaption, .note, .meta {{ color: #555; font-size: 0.9em; }}
-</style></head><body>
-<h1>{e(h['title'])}</h1>
-<p>{_code(e(h['claim']))}</p>
-<div class="answer"><p>{"</p><p>".join(_code(e(s)) for s in sentences)}</p></div>
+    body = f"""<p>{code(e(h['claim']))}</p>
+<div class="answer"><p>{"</p><p>".join(code(e(s)) for s in sentences)}</p></div>
 <p class="meta"><b>Evidence.</b> {e(h['evidence'])}</p>
 <p class="meta"><b>Machine.</b> {e(h['machine'])}</p>
 <h2>Accuracy</h2>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{html_table(rows)}
 <p class="note">{e(_NOTE)}</p>
-{imgs}
-</body></html>
-"""
+{figures_html(figs)}"""
+    page = html_page(h["title"], body)
     html_path = out / "report.html"
     atomic_write_text(html_path, page)
     return html_path, md_path

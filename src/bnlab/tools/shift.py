@@ -4,24 +4,26 @@ Claim tested: re-estimating BN statistics on shifted test data (AdaBN) and adapt
 affine parameters by entropy minimisation (TENT) recover accuracy lost to input corruptions,
 as Schneider et al. 2020 and Wang et al. 2021 report for CIFAR-10-C and ImageNet-C.
 
-Protocol: train the seed CNN (Conv-ReLU-BN-MaxPool x2, Linear) on Fashion-MNIST's training
-set; for each corruption and severity, corrupt the test set (seeded), and measure
+Protocol: train the seed CNN (:func:`bnlab.models.seed_cnn`, Conv-ReLU-BN-MaxPool x2, Linear;
+torch's BN after the ReLU unless ``norm``/``placement`` say otherwise) on Fashion-MNIST's
+training set (:func:`bnlab.data.load_dataset`); for each corruption and severity, corrupt
+the test set (seeded), and measure
 
 * ``source``: the trained model in evaluation mode (training-set running statistics);
 * ``adabn``: a copy whose BN statistics are the exact statistics of the corrupted test set;
 * ``tent``: a fresh TENT wrapper (Adam, lr 1e-3, one step per batch) passed once over the
   shuffled corrupted test set; accuracy of its online predictions.
 
-Results go to ``OUT/shift.json``, ``OUT/shift.md`` and ``OUT/shift.png``.
+Results go to ``OUT/shift.json``; the report, derived from it only, to ``OUT/report.md``,
+``OUT/report.html`` (self-contained) and ``OUT/report-files/shift.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
-import struct
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,54 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data import load_dataset
+from ..models import seed_cnn
 from .adapt import Tent, adapt
 from .corruptions import CORRUPTIONS, corrupt
 
-__all__ = ["ShiftConfig", "load_fashion_mnist", "run", "seed_cnn", "format_table", "main"]
-
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Read a (gzip) IDX file into a uint8 array. Validates the magic number and the size."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, "
-                         f"got {body.size}")
-    return body.reshape(dims)
-
-
-def load_fashion_mnist(split: str, root: Path | str = FASHION_ROOT) -> tuple[Tensor, Tensor]:
-    """``(images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64)`` for ``train``/``test``."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"load_fashion_mnist: split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
-    x = torch.from_numpy(images.copy()).float().div_(255).unsqueeze(1)
-    return x, torch.from_numpy(labels.copy()).long()
-
-
-def seed_cnn(bn_after_relu: bool = True) -> nn.Sequential:
-    """The seed's CNN: Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool Linear(1600,10).
-
-    ``bn_after_relu=False`` puts each BN between the convolution and its ReLU instead.
-    """
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        conv, bn, act = nn.Conv2d(cin, cout, 3), nn.BatchNorm2d(cout), nn.ReLU()
-        return [conv, act, bn, nn.MaxPool2d(2)] if bn_after_relu else [conv, bn, act,
-                                                                       nn.MaxPool2d(2)]
-
-    return nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(), nn.Linear(1600, 10))
-
+__all__ = ["ShiftConfig", "run", "table_rows", "format_table", "write_shift_report", "main"]
 
 @dataclass(frozen=True)
 class ShiftConfig:
@@ -88,6 +48,8 @@ class ShiftConfig:
     lr: float = 1e-3
     tent_lr: float = 1e-3
     seed: int = 0
+    norm: str = "torch-bn"
+    placement: str = "after"
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
 
@@ -98,7 +60,7 @@ def _batches(x: Tensor, size: int) -> list[Tensor]:
 
 def train_source(x: Tensor, y: Tensor, cfg: ShiftConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    model = seed_cnn()
+    model = seed_cnn(cfg.norm, cfg.placement)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -138,11 +100,11 @@ def evaluate_all(source: nn.Module, x: Tensor, y: Tensor, cfg: ShiftConfig) -> d
     }
 
 
-def run(cfg: ShiftConfig, root: Path | str = FASHION_ROOT, log=print) -> dict:
+def run(cfg: ShiftConfig, data_dir: str | os.PathLike | None = None, log=print) -> dict:
     """Train the source model and measure every corruption and severity; returns the results."""
     t0 = time.perf_counter()
-    xtr, ytr = load_fashion_mnist("train", root)
-    xte, yte = load_fashion_mnist("test", root)
+    data = load_dataset("fashion-mnist", data_dir)
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     g = torch.Generator().manual_seed(cfg.seed)
     tr = torch.randperm(len(xtr), generator=g)[: cfg.train_size]
     te = torch.randperm(len(xte), generator=g)[: cfg.test_size]  # also TENT's stream order
@@ -164,23 +126,28 @@ def run(cfg: ShiftConfig, root: Path | str = FASHION_ROOT, log=print) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def table_rows(result: dict) -> list[dict[str, str]]:
+    """Accuracies per corruption and severity, plus the mean over the corrupted rows."""
+    rows = [{"corruption": r["corruption"], "severity": str(r["severity"]),
+             "source": f"{r['source']:.4f}", "AdaBN": f"{r['adabn']:.4f}",
+             "TENT": f"{r['tent']:.4f}"} for r in result["rows"]]
+    m = result["mean_over_corruptions"]
+    rows.append({"corruption": "mean (corrupted)", "severity": "1-5",
+                 "source": f"{m['source']:.4f}", "AdaBN": f"{m['adabn']:.4f}",
+                 "TENT": f"{m['tent']:.4f}"})
+    return rows
+
+
 def format_table(result: dict) -> str:
     """A markdown table of accuracies, one row per corruption and severity, plus the mean."""
-    lines = ["| corruption | severity | source | AdaBN | TENT |", "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['corruption']} | {r['severity']} | {r['source']:.4f} | "
-                     f"{r['adabn']:.4f} | {r['tent']:.4f} |")
-    m = result["mean_over_corruptions"]
-    lines.append(f"| **mean (corrupted)** | 1-5 | {m['source']:.4f} | {m['adabn']:.4f} | "
-                 f"{m['tent']:.4f} |")
-    return "\n".join(lines)
+    from ..report.page import md_table
+
+    return md_table(table_rows(result))
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict) -> bytes:
+    """Accuracy against severity, one panel per corruption; PNG bytes."""
+    from ..report.plots import plt, png
 
     names = list(dict.fromkeys(r["corruption"] for r in result["rows"] if r["severity"] > 0))
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), sharey=True,
@@ -196,30 +163,69 @@ def plot(result: dict, path: Path) -> None:
     axes[0][0].set_ylabel("test accuracy")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return png(fig)
+
+
+def write_shift_report(result: dict, out: Path) -> tuple[Path, Path]:
+    """``OUT/report.md`` and a self-contained ``OUT/report.html`` (table and figure), from
+    ``result`` only (as :func:`run` returns it or ``shift.json`` holds it)."""
+    from ..report.page import write_page
+
+    cfg, m = result["config"], result["mean_over_corruptions"]
+    clean = result["rows"][0]
+    best = max(("adabn", "tent"), key=lambda k: m[k])
+    paragraphs = [
+        "Question: do AdaBN (BN statistics re-estimated on the shifted test data) and TENT "
+        "(BN affine parameters adapted by entropy minimisation) recover the accuracy a "
+        "Fashion-MNIST model loses to input corruptions?",
+        f"**Answer.** Mean accuracy over the corrupted test sets: source {m['source']:.4f}, "
+        f"AdaBN {m['adabn']:.4f} ({m['adabn'] - m['source']:+.4f}), TENT {m['tent']:.4f} "
+        f"({m['tent'] - m['source']:+.4f}); the better adaptation here is "
+        f"{'AdaBN' if best == 'adabn' else 'TENT'}. On clean data: source "
+        f"{clean['source']:.4f}, AdaBN {clean['adabn']:.4f}, TENT {clean['tent']:.4f}.",
+        f"**Evidence.** seed CNN (`{cfg['norm']}`, norm {cfg['placement']} the ReLU), "
+        f"{cfg['epochs']} epoch(s) on {cfg['train_size']} training images, batch "
+        f"{cfg['batch_size']}, seed {cfg['seed']}; {cfg['test_size']} test images per "
+        f"corruption and severity; TENT learning rate {cfg['tent_lr']}.",
+        f"**Machine.** torch {result['torch']} with {result['threads']} threads; "
+        f"{result['seconds']:.0f} s in all.",
+    ]
+    figs = {"shift": ("Test accuracy against corruption severity", plot(result))}
+    return write_page(out, "Fashion-MNIST corruptions: source vs AdaBN vs TENT", paragraphs,
+                      {"Accuracy": table_rows(result)}, figs,
+                      footer="Regenerate from shift.json with "
+                             "`python bench/bench_shift.py --report-from OUT/shift.json`.")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/shift"))
-    p.add_argument("--root", type=Path, default=FASHION_ROOT)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the Fashion-MNIST IDX files (default: bnlab's search path)")
+    p.add_argument("--norm", default=ShiftConfig.norm,
+                   help="normaliser of the seed CNN (a bnlab.norms name; default torch's BN)")
+    p.add_argument("--placement", choices=("after", "before"), default=ShiftConfig.placement,
+                   help="BN after the ReLU (the seed's order) or before it")
     for f in ("train_size", "test_size", "epochs", "batch_size", "seed"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(ShiftConfig, f))
     p.add_argument("--tent-lr", type=float, default=ShiftConfig.tent_lr)
+    p.add_argument("--report-from", type=Path, default=None, metavar="SHIFT_JSON",
+                   help="only regenerate the report from a saved shift.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ShiftConfig(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed, tent_lr=args.tent_lr)
-    result = run(cfg, args.root, log=lambda *a: print(*a, flush=True))
+                      batch_size=args.batch_size, seed=args.seed, tent_lr=args.tent_lr,
+                      norm=args.norm, placement=args.placement)
+    if args.report_from:
+        result = json.loads(args.report_from.read_text())
+    else:
+        result = run(cfg, args.data_dir, log=lambda *a: print(*a, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shift.json").write_text(json.dumps(result, indent=2))
-    table = format_table(result)
-    (args.out / "shift.md").write_text(table + "\n")
-    plot(result, args.out / "shift.png")
-    print(table)
-    print(f"wrote {args.out}/shift.json, shift.md, shift.png")
+    html_path, md_path = write_shift_report(result, args.out)
+    print(format_table(result))
+    print(f"wrote {args.out}/shift.json, {md_path.name}, {html_path.name}, report-files/")
     return 0

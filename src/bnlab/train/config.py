@@ -41,6 +41,12 @@ class TrainConfig:
         seed: initialisation and shuffling; threads: torch threads (0: leave as is).
         eval_batch_size: batch size for evaluation.
         label: the name reports use for this run (empty: the norm name).
+        monitor: record :class:`bnlab.tools.Monitor` statistics of every BN layer into
+            ``monitor.jsonl`` (input/output percentiles, running-vs-batch drift, gradient
+            norms, gamma/beta) every ``monitor_every`` optimisation steps (step 0 included).
+        nproc_per_node: data-parallel processes (>1: ``bnlab train`` launches them with
+            torchrun; ``batch_size`` stays the global batch, split over the ranks).
+        sync_bn: convert BN layers to :class:`bnlab.SyncBatchNorm` (needs nproc_per_node > 1).
     """
 
     model: str = "seed_cnn"
@@ -63,6 +69,10 @@ class TrainConfig:
     threads: int = 0
     eval_batch_size: int = 1000
     label: str = ""
+    monitor: bool = False
+    monitor_every: int = 50
+    nproc_per_node: int = 1
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -70,7 +80,7 @@ class TrainConfig:
             value, kind = getattr(self, f.name), hints[f.name]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
-            elif not isinstance(value, kind) or isinstance(value, bool):
+            elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise TypeError(
                     f"TrainConfig: {f.name} must be {kind.__name__}, got {value!r} "
                     f"({type(value).__name__})"
@@ -78,12 +88,17 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, Optimizer)
         _choice("schedule", self.schedule, Schedule)
         _choice("placement", self.placement, Literal["after", "before"])
-        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs", "monitor_every",
+                     "nproc_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("train_subset", "test_subset", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if self.sync_bn and self.nproc_per_node < 2:
+            raise ValueError("TrainConfig: sync_bn needs nproc_per_node > 1, got "
+                             f"nproc_per_node={self.nproc_per_node}; drop --sync-bn or add "
+                             "--nproc-per-node 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a positive finite float, got {self.lr}")
         # Fail on a typo now, not after the data has loaded.
@@ -167,6 +182,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
                 f"--set: unknown key {key!r}; valid keys: {', '.join(sorted(hints))}"
             )
         kind = hints[key]
+        if kind is bool:
+            if raw.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {key}: expected true or false, got {raw!r}")
+            out[key] = raw.strip().lower() in ("true", "1")
+            continue
         try:
             out[key] = kind(raw) if kind is not str else raw
         except ValueError as e:

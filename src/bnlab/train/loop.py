@@ -11,6 +11,7 @@ continues from the checkpoint and produces the metrics an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -25,9 +26,12 @@ from ..data import Dataset, batch_order, load_dataset
 from ..models import build_model
 from . import rundir as rd
 from .config import TrainConfig, lr_at
+from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
+from .replicas import Local
 
-__all__ = ["train", "train_step", "evaluate", "build", "RunExistsError"]
+__all__ = ["train", "train_step", "evaluate", "build", "build_net", "make_optimizer",
+           "RunExistsError"]
 
 
 class RunExistsError(FileExistsError):
@@ -36,19 +40,27 @@ class RunExistsError(FileExistsError):
 
 def build(config: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model (initialised from ``config.seed``) and its optimizer."""
+    model = build_net(config)
+    return model, make_optimizer(config, model.parameters())
+
+
+def build_net(config: TrainConfig) -> nn.Module:
+    """The model of ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
     kwargs: dict[str, Any] = {}
     if config.model == "seed_cnn":
         kwargs["placement"] = config.placement
-    model = build_model(config.model, config.norm, **kwargs)
-    params = model.parameters()
+    return build_model(config.model, config.norm, **kwargs)
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
             params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
-    return model, opt
+    return opt
 
 
 @torch.no_grad()
@@ -57,9 +69,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(x), batch_size):
-            out = model(x[start : start + batch_size])
+            out = model(x[start : start + batch_size].to(device)).cpu()
             target = y[start : start + batch_size]
             loss_sum += nn.functional.cross_entropy(out, target, reduction="sum").item()
             correct += int((out.argmax(1) == target).sum())
@@ -73,6 +86,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
     """One optimisation step at learning rate ``lr``; returns the batch loss and hits."""
     for group in opt.param_groups:
         group["lr"] = lr
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     out = model(x)
     loss = nn.functional.cross_entropy(out, y)
     opt.zero_grad(set_to_none=True)
@@ -150,27 +165,42 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     on_step: Callable[[int], None] | None = None,
+    replicas: Local | None = None,
+    on_end: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir`` and return the summary.
 
     ``dataset`` skips loading (subsets from the config still apply); ``on_step(global_step)``
-    is called after every optimisation step. Raises :class:`KeyboardInterrupt` after saving a
-    checkpoint when interrupted with Ctrl-C.
+    is called after every optimisation step, ``on_end(model)`` once with the final model.
+    Raises :class:`KeyboardInterrupt` after saving a checkpoint when interrupted with Ctrl-C.
+    ``replicas`` is the data-parallel context of this process (:mod:`bnlab.train.ddp`; default:
+    a single process); with it only rank 0 writes ``run_dir``.
     """
     run_dir = Path(run_dir)
     progress = progress or Progress()
+    ctx = replicas or Local()
+    if ctx.world_size != config.nproc_per_node:
+        raise ValueError(
+            f"train: config.nproc_per_node={config.nproc_per_node} but this process is one of "
+            f"{ctx.world_size}; start it with `bnlab train --nproc-per-node "
+            f"{config.nproc_per_node}`"
+        )
     ckpt = _prepare_dir(config, run_dir, resume)
+    ctx.barrier()  # every rank has checked the directory before rank 0 writes into it
     if config.threads:
         torch.set_num_threads(config.threads)
-    rd.atomic_write_text(run_dir / "config.toml", config.to_toml())
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir or None)
     data = dataset.subset(config.train_subset, config.test_subset)
-    env = rd.run_environment()
-    env["data_source"] = data.source
-    rd.write_json(run_dir / "environment.json", env)
+    if ctx.is_main:
+        rd.atomic_write_text(run_dir / "config.toml", config.to_toml())
+        env = rd.run_environment()
+        env.update(data_source=data.source, world_size=ctx.world_size,
+                   device=str(ctx.device))
+        rd.write_json(run_dir / "environment.json", env)
 
-    model, opt = build(config)
+    ddp, model = ctx.wrap(build_net(config), config.sync_bn)
+    opt = make_optimizer(config, ddp.parameters())
     n = len(data.x_train)
     steps_per_epoch = -(-n // config.batch_size)
     epoch0, skip, step = 0, 0, 0
@@ -178,6 +208,7 @@ def train(
                              "cpu": 0.0}
     steps: list[dict] = rd.read_jsonl(run_dir / "steps.jsonl")
     epochs: list[dict] = rd.read_jsonl(run_dir / "epochs.jsonl")
+    mon_rows: list[dict] = rd.read_jsonl(run_dir / MONITOR_FILE)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -188,9 +219,16 @@ def train(
     # Records written after the checkpoint (a crash between the two) are dropped.
     steps = [r for r in steps if r["step"] < step]
     epochs = [r for r in epochs if r["epoch"] < epoch0]
+    mon_rows = [r for r in mon_rows if r["step"] < step]
     pending: list[dict] = []
+    mon_pending: list[dict] = []
 
     def checkpoint(epoch: int, in_epoch: int, status: str) -> None:
+        ctx.sync_stats(model)
+        if not ctx.is_main:
+            pending.clear()
+            mon_pending.clear()
+            return
         rd.save_checkpoint(run_dir, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": in_epoch,
@@ -199,11 +237,15 @@ def train(
         steps.extend(pending)
         pending.clear()
         rd.write_jsonl(run_dir / "steps.jsonl", steps)
+        if config.monitor:
+            mon_rows.extend(mon_pending)
+            mon_pending.clear()
+            rd.write_jsonl(run_dir / MONITOR_FILE, mon_rows)
         rd.write_jsonl(run_dir / "epochs.jsonl", epochs)
         rd.write_json(run_dir / "summary.json", _summary(config, epochs, status))
 
     flag = _StopFlag()
-    model.train()
+    ddp.train()
     with _sigint_stops(flag):
         for epoch in range(epoch0, config.epochs):
             batches = list(batch_order(n, config.batch_size, config.seed, epoch))
@@ -212,16 +254,26 @@ def train(
             for i in range(first, len(batches)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 lr = lr_at(config, step, steps_per_epoch)
-                idx = batches[i]
-                lv, correct = train_step(model, opt, data.x_train[idx], data.y_train[idx], lr)
+                idx = ctx.shard(batches[i])
+                batch = (ddp, opt, data.x_train[idx], data.y_train[idx], lr)
+                if config.monitor and ctx.is_main and should_record(config.monitor_every, step):
+                    (lv, correct), rows = monitored(model, step, epoch, train_step, *batch)
+                    mon_pending.extend(rows)
+                else:
+                    lv, correct = train_step(*batch)
+                # global loss and hits; any rank's Ctrl-C stops every rank at this step
+                loss_sum, correct, seen, stop = ctx.reduce(
+                    [lv * len(idx), correct, len(idx), float(flag.set)])
+                flag.set = flag.set or stop > 0
+                lv, correct = loss_sum / seen, int(correct)
                 dt = time.perf_counter() - t0
-                acc["loss_sum"] += lv * len(idx)
+                acc["loss_sum"] += loss_sum
                 acc["correct"] += correct
-                acc["seen"] += len(idx)
+                acc["seen"] += seen
                 acc["time"] += dt
                 acc["cpu"] += time.process_time() - c0
                 pending.append({"step": step, "epoch": epoch, "loss": lv,
-                                "acc": correct / len(idx), "lr": lr, "time": dt})
+                                "acc": correct / seen, "lr": lr, "time": dt})
                 step += 1
                 progress.step(lv)
                 if on_step is not None:
@@ -232,7 +284,11 @@ def train(
                                      f"{run_dir} (continue with --resume)")
                     raise KeyboardInterrupt
             t0 = time.perf_counter()
-            val_loss, val_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+            ctx.sync_stats(model)
+            val_loss, val_acc = math.nan, math.nan
+            if ctx.is_main:  # the other ranks wait in their next collective
+                val_loss, val_acc = evaluate(model, data.x_test, data.y_test,
+                                             config.eval_batch_size)
             record = {
                 "epoch": epoch, "train_loss": acc["loss_sum"] / acc["seen"],
                 "train_acc": acc["correct"] / acc["seen"], "val_loss": val_loss,
@@ -250,4 +306,9 @@ def train(
                 progress.message(f"[{config.name}] interrupted; checkpoint saved in {run_dir} "
                                  "(continue with --resume)")
                 raise KeyboardInterrupt
+    ctx.barrier()  # rank 0 has written the last checkpoint before any rank leaves
+    if on_end is not None:
+        on_end(model)
+    if not ctx.is_main:
+        return {"rank": ctx.rank, "status": "complete", "epochs_done": len(epochs)}
     return rd.read_json(run_dir / "summary.json")

@@ -37,6 +37,8 @@ class SeedStudy:
     test_subset: int = 0
     threads: int = 0
     data_dir: str = ""
+    monitor: bool = False
+    monitor_every: int = 50
 
     def configs(self, dataset: str) -> list[TrainConfig]:
         if self.seeds < 1:
@@ -47,7 +49,8 @@ class SeedStudy:
             TrainConfig(model="seed_cnn", norm=n, placement=self.placement, dataset=dataset,
                         data_dir=self.data_dir, train_subset=self.train_subset,
                         test_subset=self.test_subset, epochs=self.epochs,
-                        batch_size=self.batch_size, lr=self.lr, seed=s, threads=self.threads)
+                        batch_size=self.batch_size, lr=self.lr, seed=s, threads=self.threads,
+                        monitor=self.monitor, monitor_every=self.monitor_every)
             for s in range(self.seeds) for n in self.norms
         ]
 
