@@ -65,9 +65,20 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
             a0 += e0; a1 += e1; a2 += e2; a3 += e3;
             q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
         }
-        d1 += SFX(vsum)(a0) + SFX(vsum)(a1) + SFX(vsum)(a2) + SFX(vsum)(a3);
-        d2 += SFX(vsum)(q0) + SFX(vsum)(q1) + SFX(vsum)(q2) + SFX(vsum)(q3);
+        /* the four partial vectors hold at most BLOCK / VL terms per lane together */
+        d1 += SFX(vsum)((a0 + a1) + (a2 + a3));
+        d2 += SFX(vsum)((q0 + q1) + (q2 + q3));
         i += len;
+    }
+    if (S - i >= VL) { /* short planes: one more vector step before the scalar tail */
+        SFX(vec) a = zero, q = zero;
+        for (; S - i >= VL; i += VL) {
+            SFX(vec) e = SFX(vload)(p + i) - pv;
+            a += e;
+            q += e * e;
+        }
+        d1 += SFX(vsum)(a);
+        d2 += SFX(vsum)(q);
     }
     for (; i < S; i++) {
         double d = (double)(p[i] - piv);
@@ -161,11 +172,26 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
             c0 += e0; c1 += e1;
             q0 += e0 * e0; q1 += e1 * e1;
         }
-        d1 += SFX(vsum)(a0) + SFX(vsum)(a1);
-        d2 += SFX(vsum)(b0) + SFX(vsum)(b1);
-        d3 += SFX(vsum)(c0) + SFX(vsum)(c1);
-        d4 += SFX(vsum)(q0) + SFX(vsum)(q1);
+        d1 += SFX(vsum)(a0 + a1);
+        d2 += SFX(vsum)(b0 + b1);
+        d3 += SFX(vsum)(c0 + c1);
+        d4 += SFX(vsum)(q0 + q1);
         i += len;
+    }
+    if (S - i >= VL) { /* short planes: one more vector step before the scalar tail */
+        SFX(vec) a = zero, bq = zero, c = zero, q = zero;
+        for (; S - i >= VL; i += VL) {
+            SFX(vec) e = SFX(vload)(p + i) - cv, g = SFX(vload)(g0 + i);
+            if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
+            a += g;
+            bq += g * e;
+            c += e;
+            q += e * e;
+        }
+        d1 += SFX(vsum)(a);
+        d2 += SFX(vsum)(bq);
+        d3 += SFX(vsum)(c);
+        d4 += SFX(vsum)(q);
     }
     for (; i < S; i++) {
         T d = p[i] - ctr;
