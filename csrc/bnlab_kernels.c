@@ -68,6 +68,7 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #define T_EPS FLT_EPSILON
 #define SFX(name) name##_f32
 #include "bn_impl.h"
+#include "bn_impl_bwd.h"
 #include "bn_drivers.h"
 #undef T
 #undef T_EPS
@@ -79,6 +80,7 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #define T_EPS DBL_EPSILON
 #define SFX(name) name##_f64
 #include "bn_impl.h"
+#include "bn_impl_bwd.h"
 #include "bn_drivers.h"
 #undef T
 #undef T_EPS
