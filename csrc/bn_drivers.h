@@ -79,17 +79,20 @@ static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhw
 static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
                             const T *ctr, const T *sc, const T *sh, int act, T slope, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+    int stream = streamed(N * C * S * (int64_t)sizeof(T));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         if (nhwc) {
-            SFX(apply_nhwc)(x, y, C, r0, r1, ctr, sc, sh, act, slope);
+            SFX(apply_nhwc)(x, y, C, r0, r1, ctr, sc, sh, act, slope, stream);
         } else {
             for (int64_t p = r0; p < r1; p++) {
                 int64_t c = p % C;
-                SFX(apply_plane)(x + p * S, y + p * S, S, ctr[c], sc[c], sh[c], act, slope);
+                SFX(apply_plane)(x + p * S, y + p * S, S, ctr[c], sc[c], sh[c], act, slope,
+                                 stream);
             }
         }
+        stream_fence();
     }
 }
 
@@ -127,18 +130,20 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
                           int nhwc, const T *ctr, const T *msc, const T *msh, int act, T slope,
                           const T *A, const T *B, const T *D, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+    int stream = streamed(N * C * S * (int64_t)sizeof(T));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         if (nhwc) {
-            SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, B, D);
+            SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, B, D, stream);
         } else {
             for (int64_t p = r0; p < r1; p++) {
                 int64_t c = p % C;
                 SFX(bdx_plane)(dy + p * S, x + p * S, dx + p * S, S, ctr[c], msc[c], msh[c], act,
-                               slope, A[c], B[c], D[c]);
+                               slope, A[c], B[c], D[c], stream);
             }
         }
+        stream_fence();
     }
 }
 

@@ -65,9 +65,20 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
             a0 += e0; a1 += e1; a2 += e2; a3 += e3;
             q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
         }
-        d1 += SFX(vsum)(a0) + SFX(vsum)(a1) + SFX(vsum)(a2) + SFX(vsum)(a3);
-        d2 += SFX(vsum)(q0) + SFX(vsum)(q1) + SFX(vsum)(q2) + SFX(vsum)(q3);
+        /* the four partial vectors hold at most BLOCK / VL terms per lane together */
+        d1 += SFX(vsum)((a0 + a1) + (a2 + a3));
+        d2 += SFX(vsum)((q0 + q1) + (q2 + q3));
         i += len;
+    }
+    if (S - i >= VL) { /* short planes: one more vector step before the scalar tail */
+        SFX(vec) a = zero, q = zero;
+        for (; S - i >= VL; i += VL) {
+            SFX(vec) e = SFX(vload)(p + i) - pv;
+            a += e;
+            q += e * e;
+        }
+        d1 += SFX(vsum)(a);
+        d2 += SFX(vsum)(q);
     }
     for (; i < S; i++) {
         double d = (double)(p[i] - piv);
@@ -103,14 +114,63 @@ static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m
     }
 }
 
+/* ------------------------------------------------------------------ streaming stores
+ * Outputs much larger than the last-level cache are written with non-temporal stores (SSE2,
+ * part of the x86-64 baseline; elsewhere plain stores): they skip the read-for-ownership of
+ * every output line, a third of the memory traffic of a copy. */
+static inline void SFX(vstream)(T *q, SFX(vec) v) {
+#if defined(__SSE2__)
+    if (sizeof(T) == 4)
+        _mm_stream_ps((float *)q, (__m128)v);
+    else
+        _mm_stream_pd((double *)q, (__m128d)v);
+#else
+    memcpy(q, &v, sizeof v);
+#endif
+}
+
+/* the activation on a vector: relu -> v or 0, leaky -> v or v * slope */
+static inline SFX(vec) SFX(vact)(SFX(vec) v, int act, SFX(vec) slope) {
+    SFX(vec) zero = {0};
+    SFX(ivec) m = v > zero;
+    if (act == ACT_RELU) return (SFX(vec))((SFX(ivec))v & m);
+    if (act == ACT_LEAKY) return (SFX(vec))(((SFX(ivec))v & m) | ((SFX(ivec))(v * slope) & ~m));
+    return v;
+}
+
+/* Elements before q + i reaches a 16-byte boundary (the alignment streaming stores need). */
+static inline int64_t SFX(head)(const T *q, int64_t S) {
+    int64_t h = (int64_t)(((16 - ((uintptr_t)q & 15)) & 15) / sizeof(T));
+    if (((uintptr_t)q % sizeof(T)) != 0) return S; /* misaligned element: no streaming */
+    return h < S ? h : S;
+}
+
 /* ------------------------------------------------------------------ y = act((x - ctr) * scale + shift) */
 static inline __attribute__((always_inline)) void SFX(apply_seg)(
     const T *restrict p, T *restrict q, int64_t S, T ctr, T sc, T sh, int act, T slope) {
     for (int64_t i = 0; i < S; i++) q[i] = SFX(act_fwd)((p[i] - ctr) * sc + sh, act, slope);
 }
 
+static inline __attribute__((always_inline)) void SFX(apply_stream)(
+    const T *restrict p, T *restrict q, int64_t S, T ctr, T sc, T sh, int act, T slope) {
+    SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + sc, hv = zero + sh, lv = zero + slope;
+    int64_t i = SFX(head)(q, S);
+    SFX(apply_seg)(p, q, i, ctr, sc, sh, act, slope);
+    for (; S - i >= VL; i += VL)
+        SFX(vstream)(q + i, SFX(vact)((SFX(vload)(p + i) - cv) * sv + hv, act, lv));
+    SFX(apply_seg)(p + i, q + i, S - i, ctr, sc, sh, act, slope);
+}
+
 static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int act,
-                             T slope) {
+                             T slope, int stream) {
+    if (stream) {
+        switch (act) {
+        case ACT_RELU: SFX(apply_stream)(x, y, S, ctr, sc, sh, ACT_RELU, slope); break;
+        case ACT_LEAKY: SFX(apply_stream)(x, y, S, ctr, sc, sh, ACT_LEAKY, slope); break;
+        default: SFX(apply_stream)(x, y, S, ctr, sc, sh, ACT_ID, slope);
+        }
+        return;
+    }
     switch (act) {
     case ACT_RELU: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_RELU, slope); break;
     case ACT_LEAKY: SFX(apply_seg)(x, y, S, ctr, sc, sh, ACT_LEAKY, slope); break;
@@ -129,8 +189,38 @@ static inline __attribute__((always_inline)) void SFX(apply_rows)(
     }
 }
 
+/* Streaming NHWC rows: needs C a multiple of the vector width and an aligned output. */
+static inline int SFX(rows_streamable)(const T *y, int64_t C) {
+    return C % VL == 0 && ((uintptr_t)y & 15) == 0;
+}
+
+static inline __attribute__((always_inline)) void SFX(apply_rows_stream)(
+    const T *restrict x, T *restrict y, int64_t C, int64_t m0, int64_t m1, const T *restrict ctr,
+    const T *restrict sc, const T *restrict sh, int act, T slope) {
+    SFX(vec) zero = {0}, lv = zero + slope;
+    for (int64_t m = m0; m < m1; m++) {
+        const T *restrict p = x + m * C;
+        T *restrict q = y + m * C;
+        for (int64_t c = 0; c < C; c += VL)
+            SFX(vstream)(q + c, SFX(vact)((SFX(vload)(p + c) - SFX(vload)(ctr + c)) *
+                                                  SFX(vload)(sc + c) +
+                                              SFX(vload)(sh + c),
+                                          act, lv));
+    }
+}
+
 static void SFX(apply_nhwc)(const T *x, T *y, int64_t C, int64_t m0, int64_t m1, const T *ctr,
-                            const T *sc, const T *sh, int act, T slope) {
+                            const T *sc, const T *sh, int act, T slope, int stream) {
+    if (stream && SFX(rows_streamable)(y, C)) {
+        switch (act) {
+        case ACT_RELU: SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_RELU, slope); break;
+        case ACT_LEAKY:
+            SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_LEAKY, slope);
+            break;
+        default: SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_ID, slope);
+        }
+        return;
+    }
     switch (act) {
     case ACT_RELU: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_RELU, slope); break;
     case ACT_LEAKY: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_LEAKY, slope); break;
@@ -138,152 +228,4 @@ static void SFX(apply_nhwc)(const T *x, T *y, int64_t C, int64_t m0, int64_t m1,
     }
 }
 
-/* ------------------------------------------------------------------ backward reductions */
-static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
-    const T *restrict g0, const T *restrict p, int64_t S, T ctr, T msc, T msh, int act, T slope,
-    double *o) {
-    SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
-    double d1 = 0.0, d2 = 0.0, d3 = 0.0, d4 = 0.0;
-    int64_t i = 0;
-    while (S - i >= 2 * VL) {
-        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / (2 * VL) * (2 * VL);
-        SFX(vec) a0 = zero, a1 = zero, b0 = zero, b1 = zero, c0 = zero, c1 = zero, q0 = zero,
-                 q1 = zero;
-        for (int64_t k = i; k < i + len; k += 2 * VL) {
-            SFX(vec) e0 = SFX(vload)(p + k) - cv, e1 = SFX(vload)(p + k + VL) - cv;
-            SFX(vec) g0v = SFX(vload)(g0 + k), g1v = SFX(vload)(g0 + k + VL);
-            if (act != ACT_ID) {
-                g0v *= SFX(vgrad)(e0 * sv + hv, act, lv);
-                g1v *= SFX(vgrad)(e1 * sv + hv, act, lv);
-            }
-            a0 += g0v; a1 += g1v;
-            b0 += g0v * e0; b1 += g1v * e1;
-            c0 += e0; c1 += e1;
-            q0 += e0 * e0; q1 += e1 * e1;
-        }
-        d1 += SFX(vsum)(a0) + SFX(vsum)(a1);
-        d2 += SFX(vsum)(b0) + SFX(vsum)(b1);
-        d3 += SFX(vsum)(c0) + SFX(vsum)(c1);
-        d4 += SFX(vsum)(q0) + SFX(vsum)(q1);
-        i += len;
-    }
-    for (; i < S; i++) {
-        T d = p[i] - ctr;
-        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
-        d1 += g;
-        d2 += (double)g * d;
-        d3 += d;
-        d4 += (double)d * d;
-    }
-    o[0] += d1;
-    o[1] += d2;
-    o[2] += d3;
-    o[3] += d4;
-}
-
-/* o[0..3] += sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2) over one plane (NCHW). */
-static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T msh, int act,
-                            T slope, double *o) {
-    switch (act) {
-    case ACT_RELU: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_RELU, slope, o); break;
-    case ACT_LEAKY: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_LEAKY, slope, o); break;
-    default: SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, ACT_ID, slope, o);
-    }
-}
-
-static inline __attribute__((always_inline)) void SFX(bred_rows)(
-    const T *restrict dy, const T *restrict x, int64_t C, int64_t m0, int64_t m1,
-    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    T *restrict a1, T *restrict a2, T *restrict a3, T *restrict a4) {
-    for (int64_t m = m0; m < m1; m++) {
-        const T *restrict p = x + m * C;
-        const T *restrict g0 = dy + m * C;
-        for (int64_t c = 0; c < C; c++) {
-            T d = p[c] - ctr[c];
-            T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
-            a1[c] += g;
-            a2[c] += g * d;
-            a3[c] += d;
-            a4[c] += d * d;
-        }
-    }
-}
-
-/* o holds 4 * C doubles: sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2). */
-static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64_t m1,
-                           const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
-                           T *a1, T *a2, T *a3, T *a4) {
-    for (int64_t m = m0; m < m1;) {
-        int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-        for (int64_t c = 0; c < C; c++) a1[c] = a2[c] = a3[c] = a4[c] = 0;
-        switch (act) {
-        case ACT_RELU:
-            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_RELU, slope, a1, a2, a3, a4);
-            break;
-        case ACT_LEAKY:
-            SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_LEAKY, slope, a1, a2, a3, a4);
-            break;
-        default: SFX(bred_rows)(dy, x, C, m, end, ctr, msc, msh, ACT_ID, slope, a1, a2, a3, a4);
-        }
-        m = end;
-        for (int64_t c = 0; c < C; c++) {
-            o[c] += a1[c];
-            o[C + c] += a2[c];
-            o[2 * C + c] += a3[c];
-            o[3 * C + c] += a4[c];
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ dx = A * g + B * (x - ctr) + D */
-static inline __attribute__((always_inline)) void SFX(bdx_seg)(
-    const T *restrict g0, const T *restrict p, T *restrict q, int64_t S, T ctr, T msc, T msh,
-    int act, T slope, T A, T B, T D) {
-    for (int64_t i = 0; i < S; i++) {
-        T d = p[i] - ctr;
-        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
-        q[i] = A * g + B * d + D;
-    }
-}
-
-static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T msc, T msh,
-                           int act, T slope, T A, T B, T D) {
-    switch (act) {
-    case ACT_RELU: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_RELU, slope, A, B, D); break;
-    case ACT_LEAKY: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_LEAKY, slope, A, B, D); break;
-    default: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_ID, slope, A, B, D);
-    }
-}
-
-static inline __attribute__((always_inline)) void SFX(bdx_rows)(
-    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t m0, int64_t m1,
-    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    const T *restrict A, const T *restrict B, const T *restrict D) {
-    for (int64_t m = m0; m < m1; m++) {
-        const T *restrict p = x + m * C;
-        const T *restrict g0 = dy + m * C;
-        T *restrict q = dx + m * C;
-        for (int64_t c = 0; c < C; c++) {
-            T d = p[c] - ctr[c];
-            T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
-            q[c] = A[c] * g + B[c] * d + D[c];
-        }
-    }
-}
-
-static void SFX(bdx_nhwc)(const T *dy, const T *x, T *dx, int64_t C, int64_t m0, int64_t m1,
-                          const T *ctr, const T *msc, const T *msh, int act, T slope, const T *A,
-                          const T *B, const T *D) {
-    switch (act) {
-    case ACT_RELU:
-        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_RELU, slope, A, B, D);
-        break;
-    case ACT_LEAKY:
-        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_LEAKY, slope, A, B, D);
-        break;
-    default: SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_ID, slope, A, B, D);
-    }
-}
-
-#undef VL
-#undef STEP
+/* the backward kernels follow in bn_impl_bwd.h (VL and STEP stay defined until its end) */

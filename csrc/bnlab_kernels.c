@@ -15,6 +15,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
@@ -31,6 +34,27 @@ static int threads_for(int64_t work, int nt) {
     return nt;
 }
 
+/* Outputs of at least STREAM_BYTES (about the last-level cache of a server core complex) are
+ * written with non-temporal stores; BNLAB_STREAM_BYTES overrides the threshold (0: always,
+ * -1: never), read once. */
+#define STREAM_BYTES ((int64_t)24 << 20)
+static int64_t stream_bytes = -2;
+
+static int streamed(int64_t bytes) {
+    if (stream_bytes == -2) {
+        const char *e = getenv("BNLAB_STREAM_BYTES");
+        stream_bytes = e && *e ? atoll(e) : STREAM_BYTES;
+    }
+    return stream_bytes >= 0 && bytes >= stream_bytes;
+}
+
+/* Make a thread's streaming stores visible before the team's barrier. */
+static inline void stream_fence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
 /* Ranges of rows (NHWC rows or NCHW planes) the work is cut into: a few per thread. */
 static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
     int64_t nk = (int64_t)nt * 4;
@@ -44,6 +68,7 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #define T_EPS FLT_EPSILON
 #define SFX(name) name##_f32
 #include "bn_impl.h"
+#include "bn_impl_bwd.h"
 #include "bn_drivers.h"
 #undef T
 #undef T_EPS
@@ -55,6 +80,7 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #define T_EPS DBL_EPSILON
 #define SFX(name) name##_f64
 #include "bn_impl.h"
+#include "bn_impl_bwd.h"
 #include "bn_drivers.h"
 #undef T
 #undef T_EPS
@@ -158,7 +184,18 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 #endif
 }
 
+static PyObject *py_set_stream_bytes(PyObject *self, PyObject *args) {
+    long long v;
+    if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
+    streamed(0); /* reads the environment first, so the returned value is the one in force */
+    long long previous = stream_bytes;
+    stream_bytes = v < -1 ? -1 : v;
+    return PyLong_FromLongLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_stream_bytes", py_set_stream_bytes, METH_VARARGS,
+     "set_stream_bytes(n) -> previous: outputs of >= n bytes use streaming stores (-1: never)"},
     {"train_fwd", py_train_fwd, METH_VARARGS,
      "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, thr, eps, act, slope, nt)"},
     {"eval_fwd", py_eval_fwd, METH_VARARGS,

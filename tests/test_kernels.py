@@ -61,9 +61,11 @@ def backend(request):
         yield request.param
 
 
-def test_native_extension_was_built():
-    # `make test` builds the extension; a silent build failure must fail here.
+def test_native_extension_was_built(monkeypatch):
+    # `make test` builds the extension; a silent build failure must fail here (also when the
+    # suite runs under BNLAB_KERNELS=torch: the default backend is still the native one).
     assert kernels.native_available(), kernels.native_error()
+    monkeypatch.delenv("BNLAB_KERNELS", raising=False)
     assert kernels.backend() == "native"
 
 
@@ -268,3 +270,36 @@ def test_non_matching_upstream_gradient_layout_is_handled():
     ref = _ops.torch_backward_train(dy, x, None, w, None, None, None, 1e-5, "identity", 0.0, True)
     for a, r in zip(out, ref, strict=True):
         assert rel(a, r) <= 1e-10
+
+
+@pytest.fixture
+def streaming_always():
+    """Force the non-temporal-store paths (normally only for outputs >= 24 MB) for one test."""
+    previous = _ops._native.set_stream_bytes(0)
+    try:
+        yield
+    finally:
+        _ops._native.set_stream_bytes(previous)
+
+
+# (4, 8, 5, 7): NCHW planes of 35 values start unaligned; C=8 rows stream in NHWC, C=6 do not.
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+def test_streaming_stores_give_the_reference_results(streaming_always, shape, channels_last,
+                                                     dtype, act):  # fmt: skip
+    x, w, b, dy = make(shape, dtype, channels_last)
+    with kernels.use_backend("native"):
+        y, _, var, thr = _ops.native_train_forward(x, w, b, 1e-5, act, 0.01)
+        dx, dw, db = _ops.native_backward_train(dy, x, thr, w, b, None, None, 1e-5, act, 0.01,
+                                                True)  # fmt: skip
+        invstd = torch.rsqrt(var + 1e-5)
+        ye = _ops.native_eval_forward(x, x.new_zeros(shape[1]), invstd, w, b, act, 0.01)
+    yr = reference(x, w, b, 1e-5, act)[0]
+    rx, rw, rb = reference_grads(x, w, b, dy, act)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    for got, want in [(y, yr), (dx, rx), (dw, rw), (db, rb)]:
+        assert rel(got, want) <= tol
+    ye_ref = _ops.torch_eval_forward(x, x.new_zeros(shape[1]), invstd, w, b, act, 0.01)
+    assert rel(ye, ye_ref.double()) <= tol

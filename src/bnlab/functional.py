@@ -84,7 +84,7 @@ def normalize(
     Runs on bnlab's compiled kernels when they support the tensors (see :mod:`bnlab.kernels`).
     """
     if _kernels.supports_eval(x, mean, var, weight, bias):
-        return _kernels.normalize(x, mean, var, weight, bias, eps)
+        return _kernels.api.normalize_native(x, mean, var, weight, bias, eps)
     cdt = compute_dtype(x.dtype)
     invstd = torch.rsqrt(var.to(cdt) + eps)
     scale = invstd if weight is None else invstd * weight.to(cdt)
@@ -106,7 +106,7 @@ def batch_norm_train(
     when they support the tensors, this pure-PyTorch code otherwise.
     """
     if _kernels.supports(x, weight, bias):
-        return _kernels.batch_norm_train(x, weight, bias, eps)
+        return _kernels.api.batch_norm_train_native(x, weight, bias, eps)
     mean, var = batch_stats(x)
     return normalize(x, mean, var, weight, bias, eps), mean, var
 

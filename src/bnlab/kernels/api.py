@@ -142,6 +142,15 @@ def batch_norm_train(
     return batch_norm_act_train(x, weight, bias, eps, "identity")
 
 
+def batch_norm_train_native(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_train` on the native kernels, for a caller that has just checked
+    :func:`supports` (the check is not repeated: on small tensors it is a measurable part of
+    a step)."""
+    return _TrainFn.apply(x, weight, bias, float(eps), "identity", 0.01, True)
+
+
 def supports_eval(x: Tensor, mean: Tensor, var: Tensor, weight, bias) -> bool:
     """Native evaluation applies when :func:`supports` does and no gradient reaches the stats."""
     stats_need_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
@@ -161,15 +170,33 @@ def normalize_act(
     """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with given statistics."""
     _check_act(act, "normalize_act")
     if supports_eval(x, mean, var, weight, bias):
-        invstd = torch.rsqrt(var.detach() + eps)
-        # A copy of the mean: the caller's tensor is often a running buffer that the layer
-        # updates in place before backward runs (normalize_with="running"); saving it would
-        # trip autograd's version check. It is (C,) values, so the copy costs nothing.
-        return _EvalFn.apply(x, mean.detach().clone(), invstd, weight, bias, act, negative_slope,
-                             True)
+        return _normalize_act_native(x, mean, var, weight, bias, eps, act, negative_slope)
     cdt = torch.promote_types(x.dtype, torch.float32)
     invstd = torch.rsqrt(var.to(cdt) + eps)
     return _ops.torch_eval_forward(x, mean, invstd, weight, bias, act, negative_slope)
+
+
+def _normalize_act_native(x, mean, var, weight, bias, eps, act, slope) -> Tensor:
+    """Native evaluation BN; the caller has checked :func:`supports_eval`."""
+    invstd = torch.rsqrt(var.detach() + eps)
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        # Nothing to differentiate (inference): the kernel alone, no autograd node.
+        return _ops.native_eval_forward(x, mean, invstd, weight, bias, act, slope)
+    # A copy of the mean: the caller's tensor is often a running buffer that the layer
+    # updates in place before backward runs (normalize_with="running"); saving it would
+    # trip autograd's version check. It is (C,) values, so the copy costs nothing.
+    return _EvalFn.apply(x, mean.detach().clone(), invstd, weight, bias, act, slope, True)
+
+
+def normalize_native(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """:func:`normalize` for a caller that has just checked :func:`supports_eval`."""
+    return _normalize_act_native(x, mean, var, weight, bias, eps, "identity", 0.01)
 
 
 def normalize(
