@@ -96,3 +96,43 @@ def test_depth_study_runs_on_real_data(tmp_path: Path) -> None:
     assert len(r["tables"][0]["rows"]) == 6  # 3 activations x with/without BN
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+
+
+# Settings that make each study a seconds-long smoke run on real data: it must run end to end,
+# reach a verdict and write its report. (The cost study times code; it has its own smoke test.)
+TINY = {
+    "ioffe-mnist": {"steps": "20", "eval_every": "10", "train": "600", "test": "200"},
+    "learning-rate": {"lrs": "0.05,5.0", "steps": "10", "eval_every": "5", "train": "600",
+                      "test": "200"},
+    "batch-size": {"batch_sizes": "4,32", "examples": "128", "train": "600", "test": "200"},
+    "regularization": {"steps": "5", "train": "300", "test": "200"},
+    "running-stats": {"steps": "5", "train": "600", "test": "256"},
+    "beyond-images": {"steps": "5", "seq_steps": "3"},
+    "shift": {"train": "512", "test": "256", "epochs": "1", "max_severity": "1"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_study_runs_end_to_end(name: str, tmp_path: Path) -> None:
+    out = run_study(get_study(name), "quick", 1, tmp_path / name, overrides=TINY[name],
+                    log=lambda m: None)
+    r = json.loads((out / "results.json").read_text())
+    assert r["verdict"] in ("supported", "contradicted", "not shown") and r["evidence"]
+    assert r["tables"] and all(t["rows"] for t in r["tables"])
+    for _, fig in r["figures"]:
+        assert (out / fig).stat().st_size > 1000
+    assert "Verdict:" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_cost_study_times_every_variant(tmp_path: Path) -> None:
+    out = run_study(get_study("cost"), "quick", 1, tmp_path / "cost",
+                    overrides={"rounds": "1", "train_batches": "2", "eval_batches": "1",
+                               "threads": "1", "train": "512", "test": "1000"},
+                    log=lambda m: None)
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["numbers"]["eval_s_per_batch"]) == {
+        "no BN", "torch BN", "bnlab BN (torch backend)", "bnlab BN (native)",
+        "bnlab fused BN+ReLU (native)", "folded BN (inference)"}
+    assert all(v > 0 for v in r["numbers"]["train_s_per_batch"].values())

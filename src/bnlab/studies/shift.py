@@ -15,7 +15,7 @@ def run(ctx: StudyContext) -> StudyResult:
     for seed in ctx.seeds:
         cfg = shift.ShiftConfig(train_size=s["train"], test_size=s["test"], epochs=s["epochs"],
                                 seed=seed, severities=tuple(range(1, s["max_severity"] + 1)))
-        per_seed.append(shift.run(cfg, log=ctx.log))
+        per_seed.append(shift.run(cfg, ctx.data_dir, log=ctx.log))
     clean = {m: [r["rows"][0][m] for r in per_seed] for m in METHODS}
     shifted = {m: [r["mean_over_corruptions"][m] for r in per_seed] for m in METHODS}
     v_drop, drop = compare(clean["source"], shifted["source"], min_effect=0.02)
@@ -37,7 +37,7 @@ def run(ctx: StudyContext) -> StudyResult:
                                    for m in METHODS])
     rows.append(["mean (corrupted)", "all"] + [fmt_ms(shifted[m], 3) for m in METHODS])
     fig = ctx.figure_path("shift")
-    shift.plot(per_seed[0], fig)
+    fig.write_bytes(shift.plot(per_seed[0]))
     return StudyResult(
         verdict=verdict, evidence=evidence,
         measured="Accuracy of a seed CNN trained on clean Fashion-MNIST, on test images with "
