@@ -52,11 +52,13 @@ def run(ctx: StudyContext) -> StudyResult:
         "contradicted" if drop["bn"] < min(drop["gn"], drop["ln"]) - 0.02 else "not shown")
     sorted_drop = {n: mean_std(acc[(n, large, False)])[0] - mean_std(acc[(n, large, True)])[0]
                    for n in NORMS}
+    # drop > 0: the large batch did better than the small one (BN's claimed weakness)
     evidence = (
-        f"going from batch {large} to {small}, accuracy falls by {drop['bn']:+.3f} with BN, "
-        f"{drop['renorm']:+.3f} Batch Renorm, {drop['ghost']:+.3f} Ghost BN, "
-        f"{drop['gn']:+.3f} GroupNorm, {drop['ln']:+.3f} LayerNorm; class-sorted batches of "
-        f"{large} cost BN {sorted_drop['bn']:+.3f} vs GroupNorm {sorted_drop['gn']:+.3f}"
+        f"accuracy at batch {small} minus at batch {large} (same number of examples): "
+        f"{-drop['bn']:+.3f} BN, {-drop['renorm']:+.3f} Batch Renorm, {-drop['ghost']:+.3f} "
+        f"Ghost BN, {-drop['gn']:+.3f} GroupNorm, {-drop['ln']:+.3f} LayerNorm; class-sorted "
+        f"instead of i.i.d. batches of {large} cost BN {sorted_drop['bn']:.3f} and GroupNorm "
+        f"{sorted_drop['gn']:.3f} of accuracy"
     )
     rows = [[n, "sorted" if so else "iid"] + [fmt_ms(acc[(n, b, so)], 3) for b in sizes]
             for so in (False, True) for n in NORMS]
