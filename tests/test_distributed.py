@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,14 +98,19 @@ def test_torchrun_stops_everything_when_a_worker_is_killed(tmp_path):
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        pid = None
+        pid, last_step, seen = None, -1, []
         deadline = time.monotonic() + 120
+        # Lines from the two ranks interleave in any order: find rank 1's pid wherever it
+        # appears, and kill it once it is known and training has taken a couple of steps.
         for line in proc.stdout:
-            if line.startswith("rank 1 pid "):
-                pid = int(line.split()[3])
-            if pid and "step 2 " in line or time.monotonic() > deadline:
+            seen.append(line)
+            if m := re.search(r"rank 1 pid (\d+)", line):
+                pid = int(m.group(1))
+            if m := re.search(r"rank \d+ step (\d+) ", line):
+                last_step = max(last_step, int(m.group(1)))
+            if (pid is not None and last_step >= 2) or time.monotonic() > deadline:
                 break
-        assert pid is not None
+        assert pid is not None, "rank 1 never reported its pid:\n" + "".join(seen[-40:])
         os.kill(pid, signal.SIGKILL)
         proc.stdout.close()
         rc = proc.wait(timeout=60)
