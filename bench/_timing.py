@@ -30,14 +30,16 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 30, warmup: int =
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 5,
-                        repeats: int = 8) -> dict[str, float]:
+                        repeats: int = 8, warmup: int = 1) -> dict[str, float]:
     """Median times of several functions measured in alternating rounds.
 
     Alternating keeps slow drifts of the machine (other load, frequency) from favouring one
-    contender: every contender sees every phase of the run.
+    contender: every contender sees every phase of the run. ``repeats=1`` alternates call by
+    call. ``warmup`` untimed rounds of one call each come first.
     """
-    for fn in fns.values():
-        fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -58,9 +60,10 @@ def machine() -> dict:
     }
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(target: str | Path, payload: dict) -> Path:
+    """Write ``payload`` atomically to ``target``: a path, or a name under ``bench/results``."""
+    path = RESULTS / f"{target}.json" if isinstance(target, str) else Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)

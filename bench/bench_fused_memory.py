@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import _timing
 import bnlab
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(kind: str, channels: int, depth: int = 8) -> nn.Sequential:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--child", choices=["eager", "fused"], help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_fused_memory.json")
+    p.add_argument("--out", type=Path, default=_timing.RESULTS / "bench_fused_memory.json")
     args = p.parse_args(argv)
     if args.child:
         peak_child(args.child, args.batch, args.channels, args.size)
@@ -120,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": {k: f[k] / e[k] for k in e},
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
+    _timing.write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

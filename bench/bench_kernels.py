@@ -30,20 +30,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+import _timing
 import bnlab
 from bnlab.kernels import _ops
 
 SHAPES = [(128, 32, 26, 26), (128, 64, 11, 11), (64, 64, 56, 56), (256, 256, 14, 14)]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-RESULTS = Path(__file__).resolve().parent / "results"
 # glibc tunables: keep freed blocks (no munmap / trim), so fresh outputs reuse faulted pages
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
@@ -85,17 +83,9 @@ def _run_both(argv: list[str], out: Path) -> int:
     return 0
 
 
-def _median_interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds of each callable, the callables taking turns within every repeat."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, the callables taking turns call by call."""
+    return _timing.interleaved_medians(fns, rounds=repeats, repeats=1, warmup=3)
 
 
 def _train_step(bn: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -123,14 +113,14 @@ def bench_config(shape, layout: str, dtype: torch.dtype, repeats: int) -> dict:
     _, mean, var, _ = _ops.native_train_forward(xd, w, b, 1e-5, "identity", 0.0)
     invstd = torch.rsqrt(var + 1e-5)
 
-    train = _median_interleaved(
+    train = _interleaved(
         {"torch": _train_step(ref, x, dy), "bnlab": _train_step(ours, x, dy)}, repeats
     )
     ref.eval()
     ours.eval()
     with torch.no_grad():
-        evals = _median_interleaved({"torch": lambda: ref(xd), "bnlab": lambda: ours(xd)}, repeats)
-    kernels = _median_interleaved(
+        evals = _interleaved({"torch": lambda: ref(xd), "bnlab": lambda: ours(xd)}, repeats)
+    kernels = _interleaved(
         {
             "copy": lambda: out.copy_(xd),
             "clone": lambda: xd.clone(),  # copy into a fresh tensor, as the kernels write
@@ -191,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_kernels.json")
+    p.add_argument("--out", type=Path, default=_timing.RESULTS / "bench_kernels.json")
     p.add_argument("--allocator", choices=["both", "default", "tuned"], default="both",
                    help="glibc malloc settings to run under (see the module docstring)")
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -251,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
     }
-    args.out.write_text(json.dumps(payload, indent=2))
+    _timing.write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,7 +15,6 @@ which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.model
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import _timing
 import bnlab
 from bnlab.commands.info import environment
 from bnlab.data import load_dataset
 from bnlab.models import seed_cnn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = {"none": "none", "torch": "torch-bn", "bnlab": "bn"}  # variant -> bnlab.norms name
 
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS / "bench_seed_epoch.json")
+    p.add_argument("--out", type=Path, default=_timing.RESULTS / "bench_seed_epoch.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", args.data_dir)
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(x), "batch": args.batch, "epoch_s": times, "median_s": med,
         "bn_overhead": over,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
+    _timing.write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 
