@@ -16,6 +16,7 @@ from .runtime import (
     bn_layers,
     cleanup,
     init_from_env,
+    run_rank,
     sync_running_stats,
     wrap_ddp,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "cleanup",
     "init_from_env",
     "launch",
+    "run_rank",
     "sync_running_stats",
     "torchrun_command",
     "wrap_ddp",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "bn_layers",
     "sync_running_stats",
     "cleanup",
+    "run_rank",
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -137,3 +140,21 @@ def cleanup() -> None:
     """Destroy the default process group if one is initialised."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_rank(label: str, work: Callable[[], object], hint: str = "") -> int:
+    """Run this rank's ``work``; any failure ends the rank at once with status 1, never a hang.
+
+    The message names ``label`` and the rank (``"{label}: rank R stopped: Error: ..."`` plus
+    ``hint``). On failure the interpreter's teardown is skipped: destroying a process group
+    whose peer died can block. On success the process group is destroyed and 0 is returned.
+    """
+    rank = os.environ.get("RANK", "?")
+    try:
+        work()
+    except Exception as e:  # noqa: BLE001 - any failure must end this rank, never hang it
+        print(f"{label}: rank {rank} stopped: {type(e).__name__}: {e}{hint}", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+    cleanup()
+    return 0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..norms import make_norm, norm_names
-from .runtime import cleanup, init_from_env, sync_running_stats, wrap_ddp
+from .runtime import init_from_env, run_rank, sync_running_stats, wrap_ddp
 
 __all__ = ["small_cnn", "synthetic_task", "main"]
 
@@ -109,20 +109,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    rank = os.environ.get("RANK", "?")
-    try:
-        _train(args)
-    except Exception as e:  # noqa: BLE001 - any failure must end this rank, never hang it
-        print(
-            f"bnlab.distributed.worker: rank {rank} stopped: {type(e).__name__}: {e}\n"
-            "(another rank crashed or stopped answering, or this rank failed)",
-            file=sys.stderr, flush=True,
-        )
-        # Skip interpreter teardown: destroying a process group whose peer died can block.
-        os._exit(1)
-    cleanup()
-    return 0
-
+    return run_rank("bnlab.distributed.worker", lambda: _train(args),
+                    "\n(another rank crashed or stopped answering, or this rank failed)")
 
 if __name__ == "__main__":
     sys.exit(main())

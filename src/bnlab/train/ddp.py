@@ -96,18 +96,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    rank = os.environ.get("RANK", "?")
-    try:
-        _run(args)
-    except Exception as e:  # noqa: BLE001 - any failure must end this rank, never hang it
-        print(f"bnlab train: rank {rank} stopped: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
-        os._exit(1)  # tearing down a process group whose peer died can block
-    from ..distributed import cleanup
+    from ..distributed import run_rank
 
-    cleanup()
-    return 0
+    args = _parse(argv)
+    return run_rank("bnlab train", lambda: _run(args))
 
 
 if __name__ == "__main__":
