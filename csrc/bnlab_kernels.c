@@ -88,6 +88,8 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #undef ivec_t
 
 /* ------------------------------------------------------------------ Python bindings */
+#include "bn_buffers.h"
+
 typedef unsigned long long ptr_t;
 #define P(type, v) ((type *)(uintptr_t)(v))
 
@@ -204,6 +206,13 @@ static PyMethodDef methods[] = {
      "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, thr, w, b, gmean, gvar, dw, db, "
      "eps, act, slope, train, nt)"},
     {"build_info", py_build_info, METH_NOARGS, "compile-time facts: OpenMP version, lanes"},
+#if BNLAB_HAVE_BUFFERS
+    {"buffer", py_buffer, METH_VARARGS, "buffer(nbytes) -> Buffer (huge-page memory, reused)"},
+    {"empty_cache", py_empty_cache, METH_NOARGS, "unmap every cached output buffer"},
+    {"buffer_stats", py_buffer_stats, METH_NOARGS, "cache size, limit, hits and misses"},
+    {"set_cache_limit", py_set_cache_limit, METH_VARARGS,
+     "set_cache_limit(n) -> previous: keep at most n bytes of freed buffers (0: none)"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -212,4 +221,9 @@ static struct PyModuleDef moduledef = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&moduledef); }
+PyMODINIT_FUNC PyInit__native(void) {
+#if BNLAB_HAVE_BUFFERS
+    if (PyType_Ready(&BufferType) < 0) return NULL;
+#endif
+    return PyModule_Create(&moduledef);
+}

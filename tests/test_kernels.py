@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -303,3 +305,72 @@ def test_streaming_stores_give_the_reference_results(streaming_always, shape, ch
         assert rel(got, want) <= tol
     ye_ref = _ops.torch_eval_forward(x, x.new_zeros(shape[1]), invstd, w, b, act, 0.01)
     assert rel(ye, ye_ref.double()) <= tol
+
+
+# ---------------------------------------------------------------------------- output buffers
+needs_buffers = pytest.mark.skipif(
+    _ops._native is None or not hasattr(_ops._native, "buffer"),
+    reason="the native extension was not built with output buffers (no mmap on this platform)",
+)
+
+
+@needs_buffers
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_outputs_live_in_reused_buffers(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(16, 32, 24, 24).contiguous(memory_format=fmt)  # 1.2 MB: buffer-backed
+    assert x.numel() * 4 >= _ops.BUFFER_MIN_BYTES
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    ref = _ops.torch_train_forward(x, w, b, 1e-5, "identity", 0.0)[0]
+    bnlab.kernels.empty_cache()  # earlier tests' buffers would be candidates too
+    before = bnlab.kernels.buffer_stats()
+    y = _ops.native_train_forward(x, w, b, 1e-5, "identity", 0.0)[0]
+    assert y.stride() == x.stride() and y.shape == x.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    ptr = y.data_ptr()
+    del y  # the buffer goes back to the cache ...
+    y2 = _ops.native_train_forward(x, w, b, 1e-5, "identity", 0.0)[0]
+    after = bnlab.kernels.buffer_stats()
+    assert y2.data_ptr() == ptr  # ... and the next output of that size reuses it
+    assert after["hits"] >= before["hits"] + 1
+    torch.testing.assert_close(y2, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_buffers
+def test_buffer_outlives_every_python_reference_but_the_tensor():
+    x = torch.randn(8, 64, 32, 32)
+    y = _ops.empty_like(x)
+    y.fill_(3.0)
+    other = _ops.empty_like(x)  # y is alive: it must not be handed out again
+    assert other.data_ptr() != y.data_ptr()
+    other.fill_(-1.0)
+    gc.collect()
+    assert torch.all(y == 3.0)
+    with pytest.raises(RuntimeError):
+        y.resize_(2 * y.numel())  # documented: buffer-backed tensors are not resizable
+
+
+@needs_buffers
+def test_buffer_cache_limit_and_empty_cache():
+    x = torch.randn(8, 64, 32, 32)
+    previous = _ops._native.set_cache_limit(0)
+    try:
+        bnlab.kernels.empty_cache()
+        y = _ops.empty_like(x)
+        del y
+        assert bnlab.kernels.buffer_stats()["cached_bytes"] == 0  # limit 0: nothing kept
+        _ops._native.set_cache_limit(1 << 30)
+        y = _ops.empty_like(x)
+        del y
+        stats = bnlab.kernels.buffer_stats()
+        assert stats["cached_buffers"] == 1 and stats["cached_bytes"] >= x.numel() * 4
+        bnlab.kernels.empty_cache()
+        assert bnlab.kernels.buffer_stats()["cached_bytes"] == 0
+    finally:
+        _ops._native.set_cache_limit(previous)
+
+
+def test_small_outputs_use_torch_allocator():
+    x = torch.randn(2, 3, 4, 4)
+    y = _ops.empty_like(x)
+    assert y.untyped_storage().resizable()  # an ordinary torch allocation

@@ -20,6 +20,15 @@ Which backend runs:
 If the extension is missing (no compiler at install time) bnlab works on PyTorch alone and
 warns once, saying why.
 
+Outputs of 1 MiB and more (``y`` forward, ``dx`` backward) are written into memory mapped
+by the extension with transparent huge pages, and freed outputs are kept for reuse, so a
+training step does not page-fault its outputs afresh every time (the general-purpose
+allocator returns such blocks to the kernel on free; each new one then faults every 4 KiB,
+which costs more than the BN arithmetic). The cache holds at most
+``BNLAB_BUFFER_CACHE_BYTES`` bytes (default 512 MiB, ``0`` disables it);
+:func:`buffer_stats` reports it and :func:`empty_cache` releases it. Tensors backed by such a
+buffer cannot be resized in place (``resize_``); everything else is an ordinary tensor.
+
 Example::
 
     >>> import torch, bnlab
@@ -66,12 +75,28 @@ __all__ = [
     "batch_norm_act_train",
     "normalize_act",
     "supports_eval",
+    "empty_cache",
+    "buffer_stats",
 ]
 
 
 def native_available() -> bool:
     """Whether the compiled extension was built and imports."""
     return _native is not None
+
+
+def empty_cache() -> None:
+    """Release the freed output buffers the native kernels keep for reuse."""
+    if _native is not None and hasattr(_native, "empty_cache"):
+        _native.empty_cache()
+
+
+def buffer_stats() -> dict[str, int]:
+    """The output-buffer cache: ``cached_buffers``, ``cached_bytes``, ``limit_bytes``, ``hits``
+    (outputs served from it) and ``misses`` (fresh mappings). Empty without the extension."""
+    if _native is None or not hasattr(_native, "buffer_stats"):
+        return {}
+    return dict(_native.buffer_stats())
 
 
 def native_error() -> str | None:

@@ -51,6 +51,26 @@ def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
     return None
 
 
+# Outputs of at least this many bytes live in the extension's huge-page buffers (see
+# csrc/bn_buffers.h); smaller ones come from torch's allocator, where they are cheap.
+BUFFER_MIN_BYTES = 1 << 20
+_HAVE_BUFFERS = _native is not None and hasattr(_native, "buffer")
+
+
+def empty_like(x: Tensor) -> Tensor:
+    """An uninitialised tensor with the shape, dtype and (dense) strides of ``x``.
+
+    Large ones are backed by a huge-page buffer of the extension, taken from its cache of freed
+    outputs when one fits: the kernels then write into memory that is already faulted in,
+    instead of paying a page fault every 4 KiB on each step.
+    """
+    nbytes = x.numel() * x.element_size()
+    if not _HAVE_BUFFERS or nbytes < BUFFER_MIN_BYTES:
+        return torch.empty_like(x)
+    flat = torch.frombuffer(_native.buffer(nbytes), dtype=x.dtype, count=x.numel())
+    return flat.as_strided(x.shape, x.stride())
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -63,7 +83,7 @@ def _like(t: Tensor, like: Tensor) -> Tensor:
     """``t`` with exactly the strides of ``like`` (copied only when they differ)."""
     if t.stride() == like.stride() and t.dtype == like.dtype:
         return t
-    out = torch.empty_like(like)
+    out = empty_like(like)
     out.copy_(t)
     return out
 
@@ -73,7 +93,7 @@ def native_train_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     nhwc, n, c, s = _layout(x)
-    y = torch.empty_like(x)
+    y = empty_like(x)
     mean, var, invstd = x.new_empty(c), x.new_empty(c), x.new_empty(c)
     thr = None if act == "identity" else x.new_empty(c)
     w, b = _vec(w), _vec(b)
@@ -90,7 +110,7 @@ def native_eval_forward(
     slope: float,
 ) -> Tensor:
     nhwc, n, c, s = _layout(x)
-    y = torch.empty_like(x)
+    y = empty_like(x)
     mean, invstd, w, b = _vec(mean), _vec(invstd), _vec(w), _vec(b)
     _native.eval_fwd(
         _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, mean.data_ptr(),
@@ -104,7 +124,7 @@ def _native_backward(dy, x, mean, invstd, thr, w, b, gmean, gvar, eps, act, slop
                      need_dx):  # fmt: skip
     nhwc, n, c, s = _layout(x)
     dy = _like(dy, x)
-    dx = torch.empty_like(x) if need_dx else None
+    dx = empty_like(x) if need_dx else None
     dw, db = x.new_empty(c), x.new_empty(c)
     vecs = [_vec(t) for t in (mean, invstd, thr, w, b, gmean, gvar)]
     _native.backward(
