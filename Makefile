@@ -36,7 +36,8 @@ demo: setup
 	$(BIN)/bnlab demo
 
 # The layer battery runs a second time on the pure-PyTorch kernels, so both backends are held
-# to the same float64 reference and torch parity (the kernel tests cover both on their own).
+# to the same float64 reference and torch parity (the kernel tests cover both on their own),
+# and the kernel tests a third time on the baseline (non-AVX2) build of the native kernels.
 BATTERY := tests/test_battery.py tests/test_numerics.py tests/test_properties.py \
 	tests/test_running_modes.py tests/test_functional.py
 
@@ -44,6 +45,7 @@ test: setup
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
 	BNLAB_KERNELS=torch $(BIN)/python -m pytest -q $(BATTERY)
+	BNLAB_SIMD=baseline $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused.py
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench

@@ -41,7 +41,7 @@ native = Extension(
     "bnlab.kernels._native",
     sources=["csrc/bnlab_kernels.c"],
     depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h"],
-    extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", *_OPENMP] if _unix else ["/O2",
+    extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", "-Wno-psabi", *_OPENMP] if _unix else ["/O2",
                                                                                        "/openmp"]),
     extra_link_args=_OPENMP if _unix else [],
 )

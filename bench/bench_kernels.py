@@ -110,7 +110,8 @@ def bench_config(shape, layout: str, dtype: torch.dtype, repeats: int) -> dict:
     xd = x.detach()
     out = torch.empty_like(xd)
     w, b = ours.weight.detach(), ours.bias.detach()
-    _, mean, var, _ = _ops.native_train_forward(xd, w, b, 1e-5, "identity", 0.0)
+    _, mean, var, saved_invstd, delta, _ = _ops.native_train_forward(xd, w, b, 1e-5,
+                                                                     "identity", 0.0)
     invstd = torch.rsqrt(var + 1e-5)
 
     train = _interleaved(
@@ -127,7 +128,8 @@ def bench_config(shape, layout: str, dtype: torch.dtype, repeats: int) -> dict:
             "train_fwd": lambda: _ops.native_train_forward(xd, w, b, 1e-5, "identity", 0.0),
             "eval_fwd": lambda: _ops.native_eval_forward(xd, mean, invstd, w, b, "identity", 0.0),
             "backward": lambda: _ops.native_backward_train(
-                dy, xd, None, w, None, None, None, 1e-5, "identity", 0.0, True
+                dy, xd, mean, saved_invstd, delta, None, w, None, None, None, 1e-5, "identity",
+                0.0, True,
             ),
         },
         repeats,

@@ -19,8 +19,8 @@ static void SFX(pivots)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, T
 
 /* Mean, variance, invstd and the normalising coefficients of channel c from its sums. */
 static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, const T *w,
-                          const T *b, double eps, T *mean_o, T *var_o, T *invstd_o, T *thr_o,
-                          T *ctr, T *sc, T *sh) {
+                          const T *b, double eps, T *mean_o, T *var_o, T *invstd_o, T *delta_o,
+                          T *thr_o, T *ctr, T *sc, T *sh) {
     double m1 = s1 / n;
     double var = s2 / n - m1 * m1;
     if (var < 0) var = 0;
@@ -31,16 +31,20 @@ static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, cons
     mean_o[c] = center;
     var_o[c] = (T)var;
     invstd_o[c] = invstd;
+    /* the rounding of the mean to T, for backward: (x - mean) = (x - center) - delta */
+    if (delta_o) delta_o[c] = (T)(mean - (double)center);
     ctr[c] = center;
     sc[c] = (T)scale;
     /* (mean - center) is the rounding of the mean to T: folded into the shift, so y stays exact
      * to T precision when |mean| >> std. */
     sh[c] = (T)((b ? (double)b[c] : 0.0) - (mean - (double)center) * (double)(T)scale);
-    /* The activation's threshold: (x - ctr) sc + sh > 0 <=> sign(sc) (x - thr) > 0. It is all
-     * backward needs to recompute the mask (the statistics are recomputed from x). */
+    /* The activation's threshold: (x - ctr) sc + sh > 0 <=> sign(sc) (x - piv - thr) > 0. It is
+     * all backward needs to recompute the mask. It is stored relative to the pivot: near a
+     * large common offset an absolute threshold rounded to T would be as coarse as x itself
+     * and misclassify every value equal to it. */
     if (thr_o) {
         if (sc[c] != 0)
-            thr_o[c] = (T)((double)center - (double)sh[c] / (double)sc[c]);
+            thr_o[c] = (T)((double)center - (double)piv - (double)sh[c] / (double)sc[c]);
         else
             thr_o[c] = sh[c] > 0 ? -(T)INFINITY : (T)INFINITY;
     }
@@ -62,9 +66,7 @@ static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhw
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         double *o = part + 2 * C * t;
         if (nhwc) {
-            T *acc = malloc(2 * C * sizeof(T));
-            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + C, acc, acc + C);
-            free(acc);
+            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + C);
         } else {
             for (int64_t p = r0; p < r1; p++)
                 SFX(sums_plane)(x + p * S, S, piv[p % C], &o[p % C], &o[C + p % C]);
@@ -96,51 +98,49 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
     }
 }
 
-/* s holds 4 * C doubles: sum(g), sum(g (x - ctr)), sum(x - ctr), sum((x - ctr)^2). */
+/* s holds 2 * C doubles, sum(g) and sum(g (x - ctr)), and with st also sum(x - ctr) and
+ * sum((x - ctr)^2) (4 * C). */
 static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
-                           int nt) {
+                           int st, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
+    int64_t ns = (st ? 4 : 2) * C;
     double *part = calloc(4 * C * nk, sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         double *o = part + 4 * C * t;
         if (nhwc) {
-            T *acc = malloc(4 * C * sizeof(T));
-            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, acc, acc + C,
-                           acc + 2 * C, acc + 3 * C);
-            free(acc);
+            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st);
         } else {
             for (int64_t p = r0; p < r1; p++) {
                 int64_t c = p % C;
-                double o4[4] = {0.0, 0.0, 0.0, 0.0};
-                SFX(bred_plane)(dy + p * S, x + p * S, S, ctr[c], msc[c], msh[c], act, slope, o4);
-                for (int k = 0; k < 4; k++) o[k * C + c] += o4[k];
+                SFX(bred_plane)(dy + p * S, x + p * S, S, ctr[c], msc[c], msh[c], act, slope,
+                                o + c, C, st);
             }
         }
     }
-    for (int64_t k = 0; k < 4 * C; k++) s[k] = 0.0;
+    for (int64_t k = 0; k < ns; k++) s[k] = 0.0;
     for (int64_t t = 0; t < nk; t++)
-        for (int64_t k = 0; k < 4 * C; k++) s[k] += part[4 * C * t + k];
+        for (int64_t k = 0; k < ns; k++) s[k] += part[4 * C * t + k];
     free(part);
 }
 
 static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
                           int nhwc, const T *ctr, const T *msc, const T *msh, int act, T slope,
-                          const T *A, const T *B, const T *D, int nt) {
+                          const T *A, const T *G, const T *B, const T *D, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
     int stream = streamed(N * C * S * (int64_t)sizeof(T));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         if (nhwc) {
-            SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, B, D, stream);
+            SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, G, B, D, stream);
         } else {
             for (int64_t p = r0; p < r1; p++) {
                 int64_t c = p % C;
                 SFX(bdx_plane)(dy + p * S, x + p * S, dx + p * S, S, ctr[c], msc[c], msh[c], act,
-                               slope, A[c], B[c], D[c], stream);
+                               slope, A[c], G[c], B[c], D[c], stream);
             }
         }
         stream_fence();
@@ -148,9 +148,13 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
 }
 
 /* ------------------------------------------------------------------ kernels */
-static void SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
-                           const T *w, const T *b, T *mean_o, T *var_o, T *invstd_o, T *thr_o,
-                           double eps, int act, T slope, int nt) {
+/* Training forward. With running buffers rm/rv (else NULL) it also moves them towards the
+ * batch statistics, rm += factor (mean - rm), rv += factor (var * unbias - rv), unless a
+ * statistic is NaN/Inf. Returns 1 when every statistic is finite, else 0 (nothing updated). */
+static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
+                          const T *w, const T *b, T *mean_o, T *var_o, T *invstd_o, T *delta_o,
+                          T *thr_o, double eps, int act, T slope, T *rm, T *rv, double factor,
+                          double unbias, int nt) {
     T *piv = malloc(4 * C * sizeof(T));
     T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
     double *s = malloc(2 * C * sizeof(double));
@@ -159,11 +163,20 @@ static void SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, in
     SFX(pivots)(x, N, C, S, nhwc, piv);
     SFX(stats_pass)(x, N, C, S, nhwc, piv, s, nt);
     for (int64_t c = 0; c < C; c++)
-        SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o, thr_o, ctr,
-                      sc, sh);
+        SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o, delta_o,
+                      thr_o, ctr, sc, sh);
     SFX(apply_pass)(x, y, N, C, S, nhwc, ctr, sc, sh, act, slope, nt);
+    int finite = 1;
+    for (int64_t c = 0; c < C; c++)
+        if (!isfinite(mean_o[c]) || !isfinite(var_o[c])) finite = 0;
+    if (finite && rm && rv)
+        for (int64_t c = 0; c < C; c++) {
+            rm[c] = (T)((double)rm[c] + factor * ((double)mean_o[c] - (double)rm[c]));
+            rv[c] = (T)((double)rv[c] + factor * ((double)var_o[c] * unbias - (double)rv[c]));
+        }
     free(s);
     free(piv);
+    return finite;
 }
 
 /* y = act((x - mean) * w * invstd + b) with given statistics (evaluation mode). */
@@ -181,72 +194,89 @@ static void SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     free(sc);
 }
 
-/* Per-channel dx = A g + B (x - ctr) + D and the parameter gradients, from the three sums
- * sum(g), sum(g (x - ctr)), sum(x - ctr). In training the statistics depend on x (the
- * centring and scaling terms, plus the gradients arriving at the mean and variance outputs). */
-static void SFX(bcoef)(int64_t c, const double *o3, double n, const T *invstd, const T *w,
-                       const T *gmean, const T *gvar, int train, T *dw, T *db, T *A, T *B,
-                       T *D) {
-    double sg = o3[0], sgx = o3[1], sx = o3[2];
+/* Per-channel dx = A (G g + B (x - ctr) + D) and the parameter gradients, from the sums
+ * sum(g) and sum(g (x - ctr)). In training the statistics depend on x (the centring and
+ * scaling terms, plus the gradients arriving at the mean and variance outputs); `delta` is the
+ * true mean minus the stored (rounded) one. */
+static void SFX(bcoef)(int64_t c, double sg, double sgx, double n, const T *invstd, const T *w,
+                       double delta, const T *gmean, const T *gvar, int train, T *dw, T *db, T *A,
+                       T *G, T *B, T *D) {
     double r = invstd[c];
     double scale = (double)(T)((w ? (double)w[c] : 1.0) * r);
-    double delta = train ? sx / n : 0.0; /* true mean minus the stored (rounded) mean */
-    double s1 = sgx - delta * sg;        /* sum(g (x - mean)) */
+    double s1 = sgx - delta * sg; /* sum(g (x - mean)) */
     if (dw) dw[c] = (T)(r * s1);
     if (db) db[c] = (T)sg;
-    double a = scale, bb = 0.0, d = 0.0;
+    /* dx = scale (g + b (x - ctr) + d) + b2 (x - ctr) + d2, the last two from gmean/gvar */
+    double bb = 0.0, d = 0.0, b2 = 0.0, d2 = 0.0;
     if (train) {
-        bb = -scale * r * r * s1 / n;
-        d = -scale * sg / n - bb * delta;
-        if (gmean) d += (double)gmean[c] / n;
+        bb = -r * r * s1 / n;
+        d = -sg / n - bb * delta;
+        if (gmean) d2 += (double)gmean[c] / n;
         if (gvar) {
             double k = 2.0 * (double)gvar[c] / n;
-            bb += k;
-            d -= k * delta;
+            b2 += k;
+            d2 -= k * delta;
         }
     }
-    A[c] = (T)a;
-    B[c] = (T)bb;
-    D[c] = (T)d;
+    if (scale != 0.0) {
+        A[c] = (T)scale;
+        G[c] = (T)1;
+        B[c] = (T)(bb + b2 / scale);
+        D[c] = (T)(d + d2 / scale);
+    } else { /* w == 0: only the gradients arriving at the statistics reach x */
+        A[c] = (T)1;
+        G[c] = (T)0;
+        B[c] = (T)b2;
+        D[c] = (T)d2;
+    }
 }
 
-/* Training (train=1): the statistics are recomputed from x around the same pivots as the
- * forward (mean and invstd are not read), the activation mask comes from the thresholds `thr`
- * (NULL for the identity). Evaluation (train=0): `mean` and `invstd` are the fixed statistics. */
+/* Backward. Training (train=1) differentiates through the batch statistics; evaluation
+ * (train=0) treats `mean` and `invstd` as constants. In training the statistics are either the
+ * ones the forward returned (`mean` rounded to T, `invstd`, `delta` the rounding of the mean)
+ * or, when `mean` is NULL, recomputed from x around the forward's pivots (the fused BN +
+ * activation saves only x and the activation thresholds `thr`, NULL for the identity). */
 static void SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
-                          int nhwc, const T *mean, const T *invstd, const T *thr, const T *w,
-                          const T *b, const T *gmean, const T *gvar, T *dw, T *db, double eps,
-                          int act, T slope, int train, int nt) {
-    T *ctr = malloc(7 * C * sizeof(T));
+                          int nhwc, const T *mean, const T *invstd, const T *delta, const T *thr,
+                          const T *w, const T *b, const T *gmean, const T *gvar, T *dw, T *db,
+                          double eps, int act, T slope, int train, int nt) {
+    T *ctr = malloc(8 * C * sizeof(T));
     T *msc = ctr + C, *msh = ctr + 2 * C, *A = ctr + 3 * C, *B = ctr + 4 * C, *D = ctr + 5 * C;
-    T *rstd = ctr + 6 * C;
+    T *rstd = ctr + 6 * C, *G = ctr + 7 * C;
     double *s = malloc(4 * C * sizeof(double));
     double n = (double)N * (double)S;
-    if (train) SFX(pivots)(x, N, C, S, nhwc, ctr);
+    int recompute = train && !mean;
+    /* the pivots (msc's slot, overwritten below) centre the recomputed sums and locate thr */
+    if (recompute || (train && thr)) SFX(pivots)(x, N, C, S, nhwc, msc);
     for (int64_t c = 0; c < C; c++) {
+        T piv = recompute || (train && thr) ? msc[c] : (T)0;
+        ctr[c] = recompute ? piv : mean[c];
+        if (!recompute) rstd[c] = invstd[c];
         if (train) {
+            /* the mask: (x - ctr) sgn + (ctr - piv - thr) sgn = sgn (x - piv - thr) */
             double sgn = w ? (w[c] > 0 ? 1.0 : (w[c] < 0 ? -1.0 : 0.0)) : 1.0;
             if (sgn == 0.0) sgn = 1.0; /* w == 0: thr is +-inf, the mask a constant */
             msc[c] = (T)sgn;
-            msh[c] = thr ? (T)(((double)ctr[c] - (double)thr[c]) * sgn) : (T)0;
+            msh[c] = thr ? (T)(((double)ctr[c] - (double)piv - (double)thr[c]) * sgn) : (T)0;
         } else {
-            ctr[c] = mean[c];
-            rstd[c] = invstd[c];
             msc[c] = (T)((w ? (double)w[c] : 1.0) * (double)invstd[c]);
             msh[c] = b ? b[c] : (T)0;
         }
     }
     nt = threads_for(N * C * S, nt);
-    SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, nt);
+    SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, recompute, nt);
     for (int64_t c = 0; c < C; c++) {
-        if (train) {
+        double dl = 0.0; /* true mean minus ctr */
+        if (recompute) {
             double m1 = s[2 * C + c] / n, var = s[3 * C + c] / n - m1 * m1;
             rstd[c] = (T)(1.0 / sqrt((var < 0 ? 0.0 : var) + eps));
+            dl = m1;
+        } else if (train && delta) {
+            dl = (double)delta[c];
         }
-        double o3[3] = {s[c], s[C + c], s[2 * C + c]};
-        SFX(bcoef)(c, o3, n, rstd, w, gmean, gvar, train, dw, db, A, B, D);
+        SFX(bcoef)(c, s[c], s[C + c], n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
     }
-    if (dx) SFX(bdx_pass)(dy, x, dx, N, C, S, nhwc, ctr, msc, msh, act, slope, A, B, D, nt);
+    if (dx) SFX(bdx_pass)(dy, x, dx, N, C, S, nhwc, ctr, msc, msh, act, slope, A, G, B, D, nt);
     free(s);
     free(ctr);
 }

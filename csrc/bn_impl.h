@@ -1,10 +1,12 @@
-/* Batch-norm kernels for one element type. Included twice by bnlab_kernels.c, with
- * T = float / SFX(name) = name##_f32 and T = double / SFX(name) = name##_f64.
+/* Batch-norm kernels for one element type and instruction set. Included by bnlab_kernels.c once
+ * per combination: T = float / SFX(name) = name##_f32, T = double / name##_f64, and the same
+ * with an _avx2 suffix inside a target("avx2,fma") region.
  *
  * Layouts: NCHW is x[n][c][s] (channel c owns N contiguous segments of S values);
  * NHWC is x[m][c] (channels innermost, M rows). Sums are taken of (x - pivot) in T lanes over
  * short blocks and flushed into double, so long channels and large common offsets keep
- * their precision (a float lane never holds more than BLOCK / LANES terms).
+ * their precision (a float lane never holds more than BLOCK / VL terms of a plane, or ROWBLOCK
+ * rows of a channel).
  */
 
 /* ------------------------------------------------------------------ activation */
@@ -22,11 +24,11 @@ static inline T SFX(act_grad)(T v, int act, T slope) {
 }
 
 /* ------------------------------------------------------------------ sums */
-/* NCHW planes are reduced with explicit SIMD-width vectors (GCC/Clang vector extensions,
- * lowered to whatever the target has): four independent accumulators that stay in registers. */
-typedef T SFX(vec) __attribute__((vector_size(16)));
-typedef ivec_t SFX(ivec) __attribute__((vector_size(16)));
-#define VL ((int64_t)(16 / sizeof(T)))
+/* Explicit SIMD vectors (GCC/Clang vector extensions) of 32 bytes: one AVX register in the
+ * AVX2 build of these kernels, two SSE registers in the baseline build. */
+typedef T SFX(vec) __attribute__((vector_size(32)));
+typedef ivec_t SFX(ivec) __attribute__((vector_size(32)));
+#define VL ((int64_t)(32 / sizeof(T)))
 #define STEP (4 * VL)
 
 static inline SFX(vec) SFX(vload)(const T *p) {
@@ -39,6 +41,11 @@ static inline double SFX(vsum)(SFX(vec) v) {
     double s = 0.0;
     for (int64_t l = 0; l < VL; l++) s += v[l];
     return s;
+}
+
+/* o[l] += v[l] for the VL lanes (into double) */
+static inline void SFX(vflush)(double *restrict o, SFX(vec) v) {
+    for (int64_t l = 0; l < VL; l++) o[l] += v[l];
 }
 
 /* activation derivative as a vector: 1 where pre > 0, else 0 (relu) or slope (leaky) */
@@ -89,28 +96,51 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
     *o2 += d2;
 }
 
+/* NHWC: the K vectors of channels [c, c + K VL) summed over rows [m, end) in registers, then
+ * flushed into the double sums (the row block is short enough for T lanes). */
+static inline __attribute__((always_inline)) void SFX(sums_cols)(
+    const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c, const T *restrict piv,
+    double *restrict o1, double *restrict o2, const int K) {
+    SFX(vec) zero = {0}, pv[4], a[4], q[4];
+    for (int k = 0; k < K; k++) {
+        pv[k] = SFX(vload)(piv + c + k * VL);
+        a[k] = zero;
+        q[k] = zero;
+    }
+    for (int64_t r = m; r < end; r++) {
+        const T *restrict p = x + r * C + c;
+        for (int k = 0; k < K; k++) {
+            SFX(vec) e = SFX(vload)(p + k * VL) - pv[k];
+            a[k] += e;
+            q[k] += e * e;
+        }
+    }
+    for (int k = 0; k < K; k++) {
+        SFX(vflush)(o1 + c + k * VL, a[k]);
+        SFX(vflush)(o2 + c + k * VL, q[k]);
+    }
+}
+
 /* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC). */
 static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m1,
-                           const T *restrict piv, double *restrict o1, double *restrict o2,
-                           T *restrict a1, T *restrict a2) {
+                           const T *restrict piv, double *restrict o1, double *restrict o2) {
+    int64_t cv = C / VL * VL;
     for (int64_t m = m0; m < m1;) {
         int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-        for (int64_t c = 0; c < C; c++) {
-            a1[c] = 0;
-            a2[c] = 0;
-        }
-        for (; m < end; m++) {
-            const T *restrict p = x + m * C;
-            for (int64_t c = 0; c < C; c++) {
-                T d = p[c] - piv[c];
-                a1[c] += d;
-                a2[c] += d * d;
+        int64_t c = 0;
+        for (; c + 4 * VL <= cv; c += 4 * VL) SFX(sums_cols)(x, C, m, end, c, piv, o1, o2, 4);
+        for (; c < cv; c += VL) SFX(sums_cols)(x, C, m, end, c, piv, o1, o2, 1);
+        for (; c < C; c++) { /* channels past the last full vector */
+            double d1 = 0.0, d2 = 0.0;
+            for (int64_t r = m; r < end; r++) {
+                double d = (double)(x[r * C + c] - piv[c]);
+                d1 += d;
+                d2 += d * d;
             }
+            o1[c] += d1;
+            o2[c] += d2;
         }
-        for (int64_t c = 0; c < C; c++) {
-            o1[c] += a1[c];
-            o2[c] += a2[c];
-        }
+        m = end;
     }
 }
 
@@ -119,11 +149,17 @@ static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m
  * part of the x86-64 baseline; elsewhere plain stores): they skip the read-for-ownership of
  * every output line, a third of the memory traffic of a copy. */
 static inline void SFX(vstream)(T *q, SFX(vec) v) {
-#if defined(__SSE2__)
+#if defined(__AVX__)
     if (sizeof(T) == 4)
-        _mm_stream_ps((float *)q, (__m128)v);
+        _mm256_stream_ps((float *)q, (__m256)v);
     else
-        _mm_stream_pd((double *)q, (__m128d)v);
+        _mm256_stream_pd((double *)q, (__m256d)v);
+#elif defined(__SSE2__)
+    __m128 lo, hi;
+    memcpy(&lo, &v, 16);
+    memcpy(&hi, (char *)&v + 16, 16);
+    _mm_stream_ps((float *)q, lo);
+    _mm_stream_ps((float *)q + 4, hi);
 #else
     memcpy(q, &v, sizeof v);
 #endif
@@ -138,9 +174,9 @@ static inline SFX(vec) SFX(vact)(SFX(vec) v, int act, SFX(vec) slope) {
     return v;
 }
 
-/* Elements before q + i reaches a 16-byte boundary (the alignment streaming stores need). */
+/* Elements before q + i reaches a 32-byte boundary (the alignment streaming stores need). */
 static inline int64_t SFX(head)(const T *q, int64_t S) {
-    int64_t h = (int64_t)(((16 - ((uintptr_t)q & 15)) & 15) / sizeof(T));
+    int64_t h = (int64_t)(((32 - ((uintptr_t)q & 31)) & 31) / sizeof(T));
     if (((uintptr_t)q % sizeof(T)) != 0) return S; /* misaligned element: no streaming */
     return h < S ? h : S;
 }
@@ -189,9 +225,9 @@ static inline __attribute__((always_inline)) void SFX(apply_rows)(
     }
 }
 
-/* Streaming NHWC rows: needs C a multiple of the vector width and an aligned output. */
+/* Streaming NHWC rows: needs C a multiple of the vector width and a 32-byte aligned output. */
 static inline int SFX(rows_streamable)(const T *y, int64_t C) {
-    return C % VL == 0 && ((uintptr_t)y & 15) == 0;
+    return C % VL == 0 && ((uintptr_t)y & 31) == 0;
 }
 
 static inline __attribute__((always_inline)) void SFX(apply_rows_stream)(

@@ -15,15 +15,14 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 #endif
 
 enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 
-#define LANES 16      /* independent accumulators: a few SIMD registers' worth */
 #define BLOCK 512     /* values per lane block before the lanes are flushed into double */
-#define ROWBLOCK 32   /* NHWC rows accumulated in T before the flush into double */
+#define ROWBLOCK 64   /* NHWC rows accumulated in T registers before the flush into double */
 #define MIN_PER_THREAD 16384
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */
@@ -63,6 +62,10 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
     return nk < 1 ? 1 : nk;
 }
 
+/* Each element type is compiled twice: for the baseline instruction set of the target (SSE2
+ * on x86-64) and, on x86-64 with GCC or Clang, for AVX2 + FMA. The AVX2 build runs when the CPU
+ * has both (checked once at import; BNLAB_SIMD=baseline forces the baseline). No -march flag:
+ * the same binary runs on every x86-64 machine. */
 #define T float
 #define ivec_t int32_t
 #define T_EPS FLT_EPSILON
@@ -70,9 +73,9 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #include "bn_impl.h"
 #include "bn_impl_bwd.h"
 #include "bn_drivers.h"
+#undef SFX
 #undef T
 #undef T_EPS
-#undef SFX
 #undef ivec_t
 
 #define T double
@@ -82,10 +85,60 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 #include "bn_impl.h"
 #include "bn_impl_bwd.h"
 #include "bn_drivers.h"
+#undef SFX
 #undef T
 #undef T_EPS
-#undef SFX
 #undef ivec_t
+
+#if (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)))
+#define BNLAB_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define T float
+#define ivec_t int32_t
+#define T_EPS FLT_EPSILON
+#define SFX(name) name##_f32_avx2
+#include "bn_impl.h"
+#include "bn_impl_bwd.h"
+#include "bn_drivers.h"
+#undef SFX
+#undef T
+#undef T_EPS
+#undef ivec_t
+
+#define T double
+#define ivec_t int64_t
+#define T_EPS DBL_EPSILON
+#define SFX(name) name##_f64_avx2
+#include "bn_impl.h"
+#include "bn_impl_bwd.h"
+#include "bn_drivers.h"
+#undef SFX
+#undef T
+#undef T_EPS
+#undef ivec_t
+#pragma GCC pop_options
+#else
+#define BNLAB_AVX2 0
+#endif
+
+/* 1 when the AVX2 build runs (decided once, at import) */
+static int use_avx2 = 0;
+
+static void choose_simd(void) {
+#if BNLAB_AVX2
+    const char *e = getenv("BNLAB_SIMD");
+    int forced_baseline = e && strcmp(e, "baseline") == 0;
+    __builtin_cpu_init();
+    use_avx2 = !forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+}
+
+#if BNLAB_AVX2
+#define DISPATCH(fn, sfx, ...) (use_avx2 ? fn##_##sfx##_avx2(__VA_ARGS__) : fn##_##sfx(__VA_ARGS__))
+#else
+#define DISPATCH(fn, sfx, ...) fn##_##sfx(__VA_ARGS__)
+#endif
 
 /* ------------------------------------------------------------------ Python bindings */
 #include "bn_buffers.h"
@@ -113,24 +166,28 @@ static int check_common(int dtype, long long N, long long C, long long S, int ac
 
 static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
     int dtype, nhwc, act, nt;
-    ptr_t x, y, w, b, mean, var, invstd, thr;
+    ptr_t x, y, w, b, mean, var, invstd, delta, thr, rm, rv;
     long long N, C, S;
-    double eps, slope;
-    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKKdidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w, &b,
-                          &mean, &var, &invstd, &thr, &eps, &act, &slope, &nt))
+    double eps, slope, factor, unbias;
+    int finite;
+    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKKKdidKKddi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w,
+                          &b, &mean, &var, &invstd, &delta, &thr, &eps, &act, &slope, &rm, &rv,
+                          &factor, &unbias, &nt))
         return NULL;
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
-        train_fwd_f32(P(float, x), P(float, y), N, C, S, nhwc, P(float, w), P(float, b),
-                      P(float, mean), P(float, var), P(float, invstd), P(float, thr), eps, act,
-                      (float)slope, nt);
+        finite = DISPATCH(train_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, w),
+                          P(float, b), P(float, mean), P(float, var), P(float, invstd),
+                          P(float, delta), P(float, thr), eps, act, (float)slope, P(float, rm),
+                          P(float, rv), factor, unbias, nt);
     else
-        train_fwd_f64(P(double, x), P(double, y), N, C, S, nhwc, P(double, w), P(double, b),
-                      P(double, mean), P(double, var), P(double, invstd), P(double, thr), eps, act,
-                      slope, nt);
+        finite = DISPATCH(train_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc,
+                          P(double, w), P(double, b), P(double, mean), P(double, var),
+                          P(double, invstd), P(double, delta), P(double, thr), eps, act, slope,
+                          P(double, rm), P(double, rv), factor, unbias, nt);
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return PyBool_FromLong(finite);
 }
 
 static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
@@ -144,46 +201,53 @@ static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
-        eval_fwd_f32(P(float, x), P(float, y), N, C, S, nhwc, P(float, mean), P(float, invstd),
-                     P(float, w), P(float, b), act, (float)slope, nt);
+        DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
+                 P(float, invstd), P(float, w), P(float, b), act, (float)slope, nt);
     else
-        eval_fwd_f64(P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
-                     P(double, invstd), P(double, w), P(double, b), act, slope, nt);
+        DISPATCH(eval_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
+                 P(double, invstd), P(double, w), P(double, b), act, slope, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     int dtype, nhwc, act, train, nt;
-    ptr_t dy, x, dx, mean, invstd, thr, w, b, gmean, gvar, dw, db;
+    ptr_t dy, x, dx, mean, invstd, delta, thr, w, b, gmean, gvar, dw, db;
     long long N, C, S;
     double eps, slope;
-    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKKdidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C,
-                          &S, &mean, &invstd, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps, &act,
-                          &slope, &train, &nt))
+    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKKKdidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C,
+                          &S, &mean, &invstd, &delta, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps,
+                          &act, &slope, &train, &nt))
         return NULL;
     if (!check_common(dtype, N, C, S, act)) return NULL;
+    if ((!train || mean) && (!mean || !invstd)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "backward needs mean and invstd (or, in training, neither: recompute)");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
-        backward_f32(P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc, P(float, mean),
-                     P(float, invstd), P(float, thr), P(float, w), P(float, b), P(float, gmean),
-                     P(float, gvar), P(float, dw), P(float, db), eps, act, (float)slope, train,
-                     nt);
+        DISPATCH(backward, f32, P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc,
+                 P(float, mean), P(float, invstd), P(float, delta), P(float, thr), P(float, w),
+                 P(float, b), P(float, gmean), P(float, gvar), P(float, dw), P(float, db), eps,
+                 act, (float)slope, train, nt);
     else
-        backward_f64(P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc, P(double, mean),
-                     P(double, invstd), P(double, thr), P(double, w), P(double, b),
-                     P(double, gmean), P(double, gvar), P(double, dw), P(double, db), eps, act,
-                     slope, train, nt);
+        DISPATCH(backward, f64, P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc,
+                 P(double, mean), P(double, invstd), P(double, delta), P(double, thr),
+                 P(double, w), P(double, b), P(double, gmean), P(double, gvar), P(double, dw),
+                 P(double, db), eps, act, slope, train, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 #ifdef _OPENMP
-    return Py_BuildValue("{s:i,s:i,s:i}", "openmp", _OPENMP, "lanes", LANES, "block", BLOCK);
+    int omp = _OPENMP;
 #else
-    return Py_BuildValue("{s:i,s:i,s:i}", "openmp", 0, "lanes", LANES, "block", BLOCK);
+    int omp = 0;
 #endif
+    return Py_BuildValue("{s:i,s:i,s:s}", "openmp", omp, "block", BLOCK, "simd",
+                         use_avx2 ? "avx2" : "baseline");
 }
 
 static PyObject *py_set_stream_bytes(PyObject *self, PyObject *args) {
@@ -199,13 +263,14 @@ static PyMethodDef methods[] = {
     {"set_stream_bytes", py_set_stream_bytes, METH_VARARGS,
      "set_stream_bytes(n) -> previous: outputs of >= n bytes use streaming stores (-1: never)"},
     {"train_fwd", py_train_fwd, METH_VARARGS,
-     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, thr, eps, act, slope, nt)"},
+     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, delta, thr, eps, act, slope, "
+     "running_mean, running_var, factor, unbias, nt) -> statistics finite (running updated)"},
     {"eval_fwd", py_eval_fwd, METH_VARARGS,
      "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt)"},
     {"backward", py_backward, METH_VARARGS,
-     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, thr, w, b, gmean, gvar, dw, db, "
-     "eps, act, slope, train, nt)"},
-    {"build_info", py_build_info, METH_NOARGS, "compile-time facts: OpenMP version, lanes"},
+     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, delta, thr, w, b, gmean, gvar, dw, "
+     "db, eps, act, slope, train, nt); mean=invstd=0 in training: recompute them from x"},
+    {"build_info", py_build_info, METH_NOARGS, "build facts: OpenMP version, block, SIMD in use"},
 #if BNLAB_HAVE_BUFFERS
     {"buffer", py_buffer, METH_VARARGS, "buffer(nbytes) -> Buffer (huge-page memory, reused)"},
     {"empty_cache", py_empty_cache, METH_NOARGS, "unmap every cached output buffer"},
@@ -222,6 +287,7 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
+    choose_simd();
 #if BNLAB_HAVE_BUFFERS
     if (PyType_Ready(&BufferType) < 0) return NULL;
 #endif

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -71,7 +72,13 @@ def test_native_extension_was_built(monkeypatch):
     assert kernels.backend() == "native"
 
 
-@pytest.mark.parametrize("shape", [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1)])
+# (70, 45, 2, 1): channels-last rows of 45 channels (whole vectors of 4 and 1, then 5 single
+# channels) in row blocks that do not divide 140 rows; (2, 3, 10, 103): NCHW planes longer
+# than one accumulation block.
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1), (70, 45, 2, 1), (2, 3, 10, 103)],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
@@ -98,16 +105,18 @@ def test_train_forward_backward_match_reference(backend, shape, channels_last, d
 @pytest.mark.parametrize(
     "shape,offset,std", [((2, 3, 224, 224), 0.0, 1.0), ((2, 3, 224, 224), 1e4, 1e-2)]
 )
-def test_float32_accuracy_long_channels_and_offset(backend, channels_last, shape, offset, std):
+@pytest.mark.parametrize("act", ["identity", "relu"])  # saved / recomputed statistics
+def test_float32_accuracy_long_channels_and_offset(backend, channels_last, shape, offset, std,
+                                                   act):  # fmt: skip
     # 50176 values per sample and channel, and a common offset 1e6 times the std: a plain
     # float sum or E[x^2] - E[x]^2 loses every digit here.
     x, w, b, dy = make(shape, torch.float32, channels_last, offset, std)
     x.requires_grad_()
-    y, mean, var = kernels.batch_norm_train(x, None, None, 1e-5)
-    yr, mr, vr = reference(x.detach(), None, None)
+    y, mean, var = kernels.batch_norm_act_train(x, None, None, 1e-5, act)
+    yr, mr, vr = reference(x.detach(), None, None, act=act)
     (gx,) = torch.autograd.grad(y, x, dy)
     xd = x.detach().double().requires_grad_()
-    (rx,) = torch.autograd.grad(reference(xd, None, None)[0], xd, dy.double())
+    (rx,) = torch.autograd.grad(reference(xd, None, None, act=act)[0], xd, dy.double())
     if backend == "native":  # the claim is about bnlab's own kernels
         assert rel(mean, mr) <= 1e-5 or (mean.double() - mr).abs().max() <= 1e-5 * vr.sqrt().max()
         assert rel(var, vr) <= 1e-5
@@ -266,10 +275,12 @@ def test_layer_results_equal_on_both_backends():
 
 def test_non_matching_upstream_gradient_layout_is_handled():
     x, w, b, dy = make((4, 3, 5, 5), torch.float64, channels_last=True)
+    _, mean, _, invstd, delta, _ = _ops.native_train_forward(x, w, b, 1e-5, "identity", 0.0)
     with kernels.use_backend("native"):
-        out = _ops.native_backward_train(dy.contiguous(), x, None, w, None, None, None, 1e-5,
-                                         "identity", 0.0, True)  # fmt: skip
-    ref = _ops.torch_backward_train(dy, x, None, w, None, None, None, 1e-5, "identity", 0.0, True)
+        out = _ops.native_backward_train(dy.contiguous(), x, mean, invstd, delta, None, w, None,
+                                         None, None, 1e-5, "identity", 0.0, True)  # fmt: skip
+    ref = _ops.torch_backward_train(dy, x, mean, invstd, delta, None, w, None, None, None, 1e-5,
+                                    "identity", 0.0, True)  # fmt: skip
     for a, r in zip(out, ref, strict=True):
         assert rel(a, r) <= 1e-10
 
@@ -293,15 +304,18 @@ def test_streaming_stores_give_the_reference_results(streaming_always, shape, ch
                                                      dtype, act):  # fmt: skip
     x, w, b, dy = make(shape, dtype, channels_last)
     with kernels.use_backend("native"):
-        y, _, var, thr = _ops.native_train_forward(x, w, b, 1e-5, act, 0.01)
-        dx, dw, db = _ops.native_backward_train(dy, x, thr, w, b, None, None, 1e-5, act, 0.01,
-                                                True)  # fmt: skip
+        y, mean, var, invs, delta, thr = _ops.native_train_forward(x, w, b, 1e-5, act, 0.01)
+        dx, dw, db = _ops.native_backward_train(dy, x, mean, invs, delta, thr, w, b, None, None,
+                                                1e-5, act, 0.01, True)  # fmt: skip
+        # the fused layer's path: statistics recomputed from x
+        dx2, dw2, db2 = _ops.native_backward_train(dy, x, None, None, None, thr, w, b, None,
+                                                   None, 1e-5, act, 0.01, True)  # fmt: skip
         invstd = torch.rsqrt(var + 1e-5)
         ye = _ops.native_eval_forward(x, x.new_zeros(shape[1]), invstd, w, b, act, 0.01)
     yr = reference(x, w, b, 1e-5, act)[0]
     rx, rw, rb = reference_grads(x, w, b, dy, act)
     tol = 2e-5 if dtype == torch.float32 else 1e-10
-    for got, want in [(y, yr), (dx, rx), (dw, rw), (db, rb)]:
+    for got, want in [(y, yr), (dx, rx), (dw, rw), (db, rb), (dx2, rx), (dw2, rw), (db2, rb)]:
         assert rel(got, want) <= tol
     ye_ref = _ops.torch_eval_forward(x, x.new_zeros(shape[1]), invstd, w, b, act, 0.01)
     assert rel(ye, ye_ref.double()) <= tol
@@ -374,3 +388,26 @@ def test_small_outputs_use_torch_allocator():
     x = torch.randn(2, 3, 4, 4)
     y = _ops.empty_like(x)
     assert y.untyped_storage().resizable()  # an ordinary torch allocation
+
+
+def test_simd_build_in_use_is_reported():
+    info = _ops._native.build_info()
+    assert info["simd"] in ("avx2", "baseline")
+    if os.environ.get("BNLAB_SIMD") == "baseline":
+        assert info["simd"] == "baseline"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_through_returned_statistics_with_a_zero_weight(backend, channels_last):
+    # mean and var are differentiable outputs; with w == 0 only their gradients reach x.
+    x, w, b, dy = make((6, 4, 3, 5), torch.float64, channels_last)
+    w = w.clone()
+    w[1] = 0.0
+    gm, gv = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x.requires_grad_()
+    y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
+    got = torch.autograd.grad((y * dy).sum() + (mean * gm).sum() + (var * gv).sum(), x)[0]
+    xd = x.detach().clone().requires_grad_()
+    yr, mr, vr = reference(xd, w, b)
+    want = torch.autograd.grad((yr * dy).sum() + (mr * gm).sum() + (vr * gv).sum(), xd)[0]
+    assert rel(got, want) <= 1e-10

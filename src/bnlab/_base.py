@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import kernels as _kernels
 
 Running = Literal["ema", "cumulative", "window"]
 NormalizeWith = Literal["batch", "running"]
@@ -251,25 +252,73 @@ class _NormBase(nn.Module):
         if x.numel() == 0:
             # Nothing to normalise and nothing to learn from: keep the statistics as they are.
             return self._eval_forward(x) if self.track_running_stats else x.clone()
+        if self.training and self.track_running_stats:
+            y = self._native_train_step(x)
+            if y is not None:
+                return y
         y, mean, var, count = self._batch_forward(x)
         if self.training and self.track_running_stats:
             self._update_running(mean.detach(), var.detach(), count)
         return y
 
+    def _native_act(self) -> tuple[str, float] | None:
+        """``(act, negative_slope)`` when this layer's training batch is plain BN (+ that
+        activation) on its own statistics, which one native call can do together with the
+        running update; ``None`` when a variant normalises differently."""
+        if type(self)._batch_forward is not _NormBase._batch_forward:
+            return None
+        return ("identity", 0.0)
+
+    def _native_train_step(self, x: Tensor) -> Tensor | None:
+        """The whole training step (statistics, output, running update) in one native call,
+        or ``None`` when it does not apply (then :meth:`_batch_forward` and
+        :meth:`_update_running` run, with the same results)."""
+        if self.running == "window" or self.normalize_with != "batch":
+            return None
+        spec = self._native_act()
+        if spec is None or not _kernels.supports(
+            x, self.weight, self.bias, self.running_mean, self.running_var
+        ):
+            return None
+        count = F.count_per_channel(x)
+        update = _kernels._ops.RunningUpdate(
+            self.running_mean, self.running_var, self._update_factor(),
+            count / (count - 1) if count > 1 else 1.0,
+        )  # fmt: skip
+        y = _kernels.api.batch_norm_act_train_update(
+            x, self.weight, self.bias, self.eps, spec[0], spec[1], update
+        )
+        if update.finite:
+            self.num_batches_tracked.add_(1)
+        else:
+            self._skip_nonfinite()
+        return y
+
+    def _update_factor(self) -> float:
+        """Weight of the batch about to enter the moving average."""
+        if self.running == "cumulative" or self.momentum is None:
+            return F.cumulative_factor(int(self.num_batches_tracked) + 1)
+        return self.momentum
+
+    def _skip_nonfinite(self) -> None:
+        """A batch with NaN/Inf statistics was kept out: warn once, or raise."""
+        msg = (
+            f"{type(self).__name__}: a training batch produced non-finite statistics "
+            "(NaN or Inf in the input); the running statistics were not updated"
+        )
+        if self.nonfinite == "raise":
+            raise NonFiniteStatisticsError(msg)
+        if not self._warned_nonfinite:
+            warnings.warn(msg + " (warned once per layer)", RuntimeWarning, stacklevel=4)
+            self._warned_nonfinite = True
+
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
         """Move the running statistics towards a batch's ``mean`` and biased ``var``."""
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            msg = (
-                f"{type(self).__name__}: a training batch produced non-finite statistics "
-                "(NaN or Inf in the input); the running statistics were not updated"
-            )
-            if self.nonfinite == "raise":
-                raise NonFiniteStatisticsError(msg)
-            if not self._warned_nonfinite:
-                warnings.warn(msg + " (warned once per layer)", RuntimeWarning, stacklevel=3)
-                self._warned_nonfinite = True
+            self._skip_nonfinite()
             return
+        factor = self._update_factor()  # before the count moves
         seen = int(self.num_batches_tracked)
         self.num_batches_tracked.add_(1)
         uvar = F.unbiased_var(var, count)
@@ -279,9 +328,5 @@ class _NormBase(nn.Module):
             self.running_mean.copy_(F.window_stats(self.window_mean, seen + 1))
             self.running_var.copy_(F.window_stats(self.window_var, seen + 1))
             return
-        if self.running == "cumulative" or self.momentum is None:
-            factor = F.cumulative_factor(seen + 1)
-        else:
-            factor = self.momentum
         self.running_mean.copy_(F.ema_update(self.running_mean, mean, factor))
         self.running_var.copy_(F.ema_update(self.running_var, uvar, factor))

@@ -98,6 +98,11 @@ class BatchNormAct2d(_NormBase):
             s += f", negative_slope={self.negative_slope}"
         return s
 
+    def _native_act(self) -> tuple[str, float] | None:
+        if type(self)._batch_forward is not BatchNormAct2d._batch_forward:
+            return None
+        return (self.act, self.negative_slope)
+
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         n = F.count_per_channel(x)
         if self.normalize_with == "running" and int(self.num_batches_tracked) > 0:

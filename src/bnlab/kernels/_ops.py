@@ -3,14 +3,19 @@
 Both implementations have the same signatures, so the autograd functions in
 :mod:`bnlab.kernels.api` pick one without caring which:
 
-* ``train_forward(x, w, b, eps, act, slope) -> (y, mean, var, thr)``: batch statistics
-  (biased variance), ``y = act((x - mean) * invstd * w + b)`` and, for a non-identity
-  activation, the per-channel threshold ``thr`` where the pre-activation changes sign
-  (``None`` for the identity);
-* ``backward_train(dy, x, thr, w, b, gmean, gvar, eps, act, slope, need_dx) -> (dx, dw, db)``
-  recomputes the statistics from ``x`` and the activation mask from ``thr``: backward needs
-  nothing else, so only ``x`` and ``thr`` are saved. The gradient includes the terms through
-  the batch statistics and ``gmean``/``gvar`` arriving at the returned mean and variance;
+* ``train_forward(x, w, b, eps, act, slope) -> (y, mean, var, invstd, delta, thr)``: batch
+  statistics (biased variance), ``y = act((x - mean) * invstd * w + b)``, ``delta`` (the
+  rounding of ``mean`` to the tensor's dtype, or ``None`` when it is not tracked) and, for a
+  non-identity activation, the per-channel threshold ``thr`` where the pre-activation changes
+  sign (``None`` for the identity; its encoding is private to each backend: the native one
+  stores it relative to the per-channel pivot, so that it keeps its precision under a large
+  common offset);
+* ``backward_train(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope,
+  need_dx) -> (dx, dw, db)`` takes those ``(C,)`` statistics (saved by the autograd function
+  beside ``x``), or recomputes them from ``x`` when ``mean`` and ``invstd`` are ``None`` (the
+  fused BN + activation saves only ``x`` and ``thr``), and recomputes the activation mask from
+  ``thr``. The gradient includes the terms through the batch statistics and
+  ``gmean``/``gvar`` arriving at the returned mean and variance;
 * ``eval_forward(x, mean, invstd, w, b, act, slope) -> y`` and
   ``backward_eval(dy, x, mean, invstd, w, b, act, slope, need_dx) -> (dx, dw, db)`` with
   fixed statistics.
@@ -89,20 +94,48 @@ def _like(t: Tensor, like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- native
+class RunningUpdate:
+    """A request to move running statistics towards this batch's, inside the training forward.
+
+    ``running_mean += factor * (mean - running_mean)`` and ``running_var += factor * (var *
+    unbias - running_var)`` (``unbias = n / (n - 1)``), both skipped when a batch statistic is
+    NaN/Inf; ``finite`` tells afterwards which happened. The buffers must be contiguous and of
+    the input's dtype (what :func:`bnlab.kernels.supports` checks).
+    """
+
+    __slots__ = ("running_mean", "running_var", "factor", "unbias", "finite")
+
+    def __init__(self, running_mean: Tensor, running_var: Tensor, factor: float, unbias: float):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.factor, self.unbias = float(factor), float(unbias)
+        self.finite: bool | None = None
+
+
 def native_train_forward(
-    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     nhwc, n, c, s = _layout(x)
     y = empty_like(x)
-    mean, var, invstd = x.new_empty(c), x.new_empty(c), x.new_empty(c)
+    mean, var = x.new_empty(c), x.new_empty(c)  # returned: separate tensors
+    invstd, delta = x.new_empty(2, c).unbind(0)  # only saved for backward
     thr = None if act == "identity" else x.new_empty(c)
     w, b = _vec(w), _vec(b)
-    _native.train_fwd(
+    rm = rv = None
+    if update is not None:
+        rm, rv = update.running_mean, update.running_var
+    finite = _native.train_fwd(
         _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, _ptr(w), _ptr(b),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), _ptr(thr), float(eps),
-        ACT_CODES[act], float(slope), torch.get_num_threads(),
+        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), delta.data_ptr(), _ptr(thr),
+        float(eps), ACT_CODES[act], float(slope), _ptr(rm), _ptr(rv),
+        update.factor if update else 0.0, update.unbias if update else 1.0,
+        torch.get_num_threads(),
     )  # fmt: skip
-    return y, mean, var, thr
+    if update is not None:
+        update.finite = finite
+        if finite:  # written through raw pointers: tell autograd the buffers changed
+            torch.autograd.graph.increment_version((rm, rv))
+    return y, mean, var, invstd, delta, thr
 
 
 def native_eval_forward(
@@ -120,13 +153,13 @@ def native_eval_forward(
     return y
 
 
-def _native_backward(dy, x, mean, invstd, thr, w, b, gmean, gvar, eps, act, slope, train,
-                     need_dx):  # fmt: skip
+def _native_backward(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope,
+                     train, need_dx):  # fmt: skip
     nhwc, n, c, s = _layout(x)
     dy = _like(dy, x)
     dx = empty_like(x) if need_dx else None
     dw, db = x.new_empty(c), x.new_empty(c)
-    vecs = [_vec(t) for t in (mean, invstd, thr, w, b, gmean, gvar)]
+    vecs = [_vec(t) for t in (mean, invstd, delta, thr, w, b, gmean, gvar)]
     _native.backward(
         _DTYPE_CODES[x.dtype], nhwc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s,
         *[_ptr(t) for t in vecs], dw.data_ptr(), db.data_ptr(), float(eps), ACT_CODES[act],
@@ -136,12 +169,12 @@ def _native_backward(dy, x, mean, invstd, thr, w, b, gmean, gvar, eps, act, slop
 
 
 def native_backward_train(
-    dy: Tensor, x: Tensor, thr: Tensor | None, w: Tensor | None, b: Tensor | None,
-    gmean: Tensor | None, gvar: Tensor | None, eps: float, act: str, slope: float,
-    need_dx: bool,
+    dy: Tensor, x: Tensor, mean: Tensor | None, invstd: Tensor | None, delta: Tensor | None,
+    thr: Tensor | None, w: Tensor | None, b: Tensor | None, gmean: Tensor | None,
+    gvar: Tensor | None, eps: float, act: str, slope: float, need_dx: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     return _native_backward(
-        dy, x, None, None, thr, w, b, gmean, gvar, eps, act, slope, True, need_dx
+        dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope, True, need_dx
     )
 
 
@@ -150,7 +183,7 @@ def native_backward_eval(
     act: str, slope: float, need_dx: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     return _native_backward(
-        dy, x, mean, invstd, None, w, b, None, None, 0.0, act, slope, False, need_dx
+        dy, x, mean, invstd, None, None, w, b, None, None, 0.0, act, slope, False, need_dx
     )
 
 
@@ -199,12 +232,20 @@ def _threshold(mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None)
 
 
 def torch_train_forward(
-    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, None, Tensor | None]:
     mean, var, invstd = _stats(x, eps)
     y = torch_eval_forward(x, mean, invstd, w, b, act, slope)
     thr = None if act == "identity" else _threshold(mean, invstd, w, b)
-    return y, mean, var, thr
+    if update is not None:
+        with torch.no_grad():
+            update.finite = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+            if update.finite:
+                rm, rv, f = update.running_mean, update.running_var, update.factor
+                rm.add_(f * (mean.to(rm.dtype) - rm))
+                rv.add_(f * ((var * update.unbias).to(rv.dtype) - rv))
+    return y, mean, var, invstd, None, thr
 
 
 def torch_eval_forward(
@@ -248,11 +289,14 @@ def _torch_backward(dy, x, mean, invstd, pre, w, gmean, gvar, act, slope, train,
 
 
 def torch_backward_train(
-    dy: Tensor, x: Tensor, thr: Tensor | None, w: Tensor | None, b: Tensor | None,
-    gmean: Tensor | None, gvar: Tensor | None, eps: float, act: str, slope: float,
-    need_dx: bool,
+    dy: Tensor, x: Tensor, mean: Tensor | None, invstd: Tensor | None, delta: Tensor | None,
+    thr: Tensor | None, w: Tensor | None, b: Tensor | None, gmean: Tensor | None,
+    gvar: Tensor | None, eps: float, act: str, slope: float, need_dx: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    mean, _, invstd = _stats(x, eps)
+    if mean is None or invstd is None:
+        mean, _, invstd = _stats(x, eps)
+    elif delta is not None:  # a mean rounded to x's dtype: centre on the exact one
+        mean = mean.to(_cdt(x)) + delta.to(_cdt(x))
     pre = None
     if thr is not None:
         sign = torch.ones_like(thr) if w is None else torch.where(w < 0, -1.0, 1.0).to(thr.dtype)

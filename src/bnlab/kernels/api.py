@@ -48,28 +48,37 @@ def _composed_grads(forward, args, outputs_grads, needed, inputs):
 class _TrainFn(torch.autograd.Function):
     """Training BN (+ activation): outputs ``(y, mean, biased_var)``, all differentiable.
 
-    Saves ``x``, ``weight`` and, for a non-identity activation, one ``(C,)`` threshold (the
-    bias only moves the threshold); backward recomputes the statistics and the mask from them.
+    Saves ``x`` and ``weight`` and, without an activation, the ``(C,)`` statistics (mean,
+    invstd, the mean's rounding), so backward needs two reductions; with an activation only
+    one ``(C,)`` threshold (the bias only moves it), and backward recomputes the statistics
+    as well as the mask from ``x`` (the fused layer's memory budget: at most half the bytes
+    eager BN + activation saves).
     Double backward differentiates the PyTorch composition and needs ``bias`` itself, which is
     then kept as a plain reference (it is the module's parameter: no extra memory).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, act, slope, native):
-        y, mean, var, thr = _impl(native)[0](x, weight, bias, eps, act, slope)
+    def forward(ctx, x, weight, bias, eps, act, slope, native, update=None):
+        y, mean, var, invstd, delta, thr = _impl(native)[0](x, weight, bias, eps, act, slope,
+                                                            update)  # fmt: skip
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, thr)
+        if act == "identity":
+            # mean is an output the caller may modify in place: save a private copy (C
+            # values); invstd and delta are not returned
+            ctx.save_for_backward(x, weight, mean.detach().clone(), invstd, delta, thr)
+        else:
+            ctx.save_for_backward(x, weight, None, None, None, thr)
         ctx.bias = bias
         ctx.cfg = (eps, act, slope, native)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, gmean, gvar):
-        x, w, thr = ctx.saved_tensors
+        x, w, mean, invstd, delta, thr = ctx.saved_tensors
         b = ctx.bias
         eps, act, slope, native = ctx.cfg
         needed = ctx.needs_input_grad[:3]
-        tail = (None, None, None, None)
+        tail = (None, None, None, None, None)
         if torch.is_grad_enabled():
 
             def forward(x, w, b):
@@ -80,7 +89,7 @@ class _TrainFn(torch.autograd.Function):
         if gy is None:
             gy = torch.zeros_like(x)
         dx, dw, db = _impl(native)[1](
-            gy, x, thr, w, None, gmean, gvar, eps, act, slope, needed[0]
+            gy, x, mean, invstd, delta, thr, w, None, gmean, gvar, eps, act, slope, needed[0]
         )
         return dx, dw if needed[1] else None, db if needed[2] else None, *tail
 
@@ -127,7 +136,7 @@ def batch_norm_act_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``act(BN(x))`` with batch statistics. Returns ``(y, mean, biased_var)``.
 
-    Saves only ``x``, ``weight`` and one ``(C,)`` threshold for backward.
+    Saves only ``x``, ``weight`` and a few ``(C,)`` statistics for backward.
     Runs on the native kernels when :func:`bnlab.kernels.supports` ``x``, else on PyTorch.
     """
     _check_act(act, "batch_norm_act_train")
@@ -149,6 +158,23 @@ def batch_norm_train_native(
     :func:`supports` (the check is not repeated: on small tensors it is a measurable part of
     a step)."""
     return _TrainFn.apply(x, weight, bias, float(eps), "identity", 0.01, True)
+
+
+def batch_norm_act_train_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: Act,
+    negative_slope: float,
+    update: _ops.RunningUpdate,
+) -> Tensor:
+    """``act(BN(x))`` with batch statistics, moving the running statistics in the same native
+    call (one pass fewer over Python for a layer's whole training step); ``update.finite``
+    tells whether they moved. The caller has checked :func:`supports` for ``x``, the
+    parameters and the running buffers."""
+    return _TrainFn.apply(x, weight, bias, float(eps), act, float(negative_slope), True,
+                          update)[0]  # fmt: skip
 
 
 def supports_eval(x: Tensor, mean: Tensor, var: Tensor, weight, bias) -> bool:
