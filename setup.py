@@ -40,7 +40,8 @@ _unix = sys.platform != "win32"
 native = Extension(
     "bnlab.kernels._native",
     sources=["csrc/bnlab_kernels.c"],
-    depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h"],
+    depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h",
+             "csrc/bn_instance.h"],
     extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", "-Wno-psabi", *_OPENMP] if _unix else ["/O2",
                                                                                        "/openmp"]),
     extra_link_args=_OPENMP if _unix else [],

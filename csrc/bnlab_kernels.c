@@ -63,60 +63,32 @@ static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
 }
 
 /* Each element type is compiled twice: for the baseline instruction set of the target (SSE2
- * on x86-64) and, on x86-64 with GCC or Clang, for AVX2 + FMA. The AVX2 build runs when the CPU
+ * on x86-64) and, on x86-64 with GCC, for AVX2 + FMA. The AVX2 build runs when the CPU
  * has both (checked once at import; BNLAB_SIMD=baseline forces the baseline). No -march flag:
  * the same binary runs on every x86-64 machine. */
 #define T float
 #define ivec_t int32_t
-#define T_EPS FLT_EPSILON
 #define SFX(name) name##_f32
-#include "bn_impl.h"
-#include "bn_impl_bwd.h"
-#include "bn_drivers.h"
-#undef SFX
-#undef T
-#undef T_EPS
-#undef ivec_t
+#include "bn_instance.h"
 
 #define T double
 #define ivec_t int64_t
-#define T_EPS DBL_EPSILON
 #define SFX(name) name##_f64
-#include "bn_impl.h"
-#include "bn_impl_bwd.h"
-#include "bn_drivers.h"
-#undef SFX
-#undef T
-#undef T_EPS
-#undef ivec_t
+#include "bn_instance.h"
 
-#if (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) /* clang: no target pragma */
 #define BNLAB_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define T float
 #define ivec_t int32_t
-#define T_EPS FLT_EPSILON
 #define SFX(name) name##_f32_avx2
-#include "bn_impl.h"
-#include "bn_impl_bwd.h"
-#include "bn_drivers.h"
-#undef SFX
-#undef T
-#undef T_EPS
-#undef ivec_t
+#include "bn_instance.h"
 
 #define T double
 #define ivec_t int64_t
-#define T_EPS DBL_EPSILON
 #define SFX(name) name##_f64_avx2
-#include "bn_impl.h"
-#include "bn_impl_bwd.h"
-#include "bn_drivers.h"
-#undef SFX
-#undef T
-#undef T_EPS
-#undef ivec_t
+#include "bn_instance.h"
 #pragma GCC pop_options
 #else
 #define BNLAB_AVX2 0
