@@ -276,8 +276,11 @@ class _NormBase(nn.Module):
         if self.running == "window" or self.normalize_with != "batch":
             return None
         spec = self._native_act()
-        if spec is None or not _kernels.supports(
-            x, self.weight, self.bias, self.running_mean, self.running_var
+        rm, rv = self.running_mean, self.running_var
+        if (
+            spec is None
+            or not (rm.is_contiguous() and rv.is_contiguous())  # written through raw pointers
+            or not _kernels.supports(x, self.weight, self.bias, rm, rv)
         ):
             return None
         count = F.count_per_channel(x)

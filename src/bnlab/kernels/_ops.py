@@ -99,8 +99,8 @@ class RunningUpdate:
 
     ``running_mean += factor * (mean - running_mean)`` and ``running_var += factor * (var *
     unbias - running_var)`` (``unbias = n / (n - 1)``), both skipped when a batch statistic is
-    NaN/Inf; ``finite`` tells afterwards which happened. The buffers must be contiguous and of
-    the input's dtype (what :func:`bnlab.kernels.supports` checks).
+    NaN/Inf; ``finite`` tells afterwards which happened. The buffers must be contiguous (the
+    kernel writes them through raw pointers) and of the input's dtype, with ``C`` values.
     """
 
     __slots__ = ("running_mean", "running_var", "factor", "unbias", "finite")
@@ -134,7 +134,8 @@ def native_train_forward(
     if update is not None:
         update.finite = finite
         if finite:  # written through raw pointers: tell autograd the buffers changed
-            torch.autograd.graph.increment_version((rm, rv))
+            torch.autograd.graph.increment_version(rm)  # one tensor per call: torch 2.4
+            torch.autograd.graph.increment_version(rv)
     return y, mean, var, invstd, delta, thr
 
 
