@@ -283,11 +283,9 @@ class _NormBase(nn.Module):
             or not _kernels.supports(x, self.weight, self.bias, rm, rv)
         ):
             return None
-        count = F.count_per_channel(x)
         update = _kernels._ops.RunningUpdate(
-            self.running_mean, self.running_var, self._update_factor(),
-            count / (count - 1) if count > 1 else 1.0,
-        )  # fmt: skip
+            rm, rv, self._update_factor(), F.bessel_factor(F.count_per_channel(x))
+        )
         y = _kernels.api.batch_norm_act_train_update(
             x, self.weight, self.bias, self.eps, spec[0], spec[1], update
         )

@@ -29,6 +29,7 @@ __all__ = [
     "normalize",
     "batch_norm_train",
     "unbiased_var",
+    "bessel_factor",
     "ema_update",
     "cumulative_factor",
     "window_push",
@@ -111,9 +112,14 @@ def batch_norm_train(
     return normalize(x, mean, var, weight, bias, eps), mean, var
 
 
+def bessel_factor(n: int) -> float:
+    """``n / (n - 1)``: biased to unbiased variance over ``n`` values (1 for ``n <= 1``)."""
+    return n / (n - 1) if n > 1 else 1.0
+
+
 def unbiased_var(var: Tensor, n: int) -> Tensor:
     """Convert a biased variance over ``n`` values to the unbiased one (Bessel's correction)."""
-    return var * (n / (n - 1)) if n > 1 else var
+    return var * bessel_factor(n) if n > 1 else var
 
 
 def ema_update(old: Tensor, new: Tensor, momentum: float) -> Tensor:

@@ -236,16 +236,12 @@ def torch_train_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
     update: RunningUpdate | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, None, Tensor | None]:
+    if update is not None:  # layers ask for it on the native path only (_NormBase)
+        raise ValueError("torch_train_forward: the in-forward running update is native-only; "
+                         f"got update={update!r}")
     mean, var, invstd = _stats(x, eps)
     y = torch_eval_forward(x, mean, invstd, w, b, act, slope)
     thr = None if act == "identity" else _threshold(mean, invstd, w, b)
-    if update is not None:
-        with torch.no_grad():
-            update.finite = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
-            if update.finite:
-                rm, rv, f = update.running_mean, update.running_var, update.factor
-                rm.add_(f * (mean.to(rm.dtype) - rm))
-                rv.add_(f * ((var * update.unbias).to(rv.dtype) - rv))
     return y, mean, var, invstd, None, thr
 
 
