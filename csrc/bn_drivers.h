@@ -56,11 +56,12 @@ static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, cons
  * per-channel doubles, summed afterwards in a fixed order (deterministic for a thread count). */
 static int64_t SFX(rows_of)(int64_t N, int64_t C, int nhwc) { return nhwc ? N : N * C; }
 
-/* s[c] = sum(x - piv[c]), s[C + c] = sum((x - piv[c])^2). */
+/* s[c] = sum(x - piv[c]), s[C + c] = sum((x - piv[c])^2); `part` is scratch for
+ * PART_DOUBLES(C, nt) doubles. */
 static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, const T *piv,
-                            double *s, int nt) {
+                            double *s, double *part, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
-    double *part = calloc(2 * C * nk, sizeof(double));
+    memset(part, 0, (size_t)(2 * C * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
@@ -75,7 +76,6 @@ static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhw
     for (int64_t k = 0; k < 2 * C; k++) s[k] = 0.0;
     for (int64_t t = 0; t < nk; t++)
         for (int64_t k = 0; k < 2 * C; k++) s[k] += part[2 * C * t + k];
-    free(part);
 }
 
 /* Streaming stores for a large output, except NCHW planes that do not fill whole cache lines:
@@ -111,10 +111,10 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
  * sum((x - ctr)^2) (4 * C). */
 static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
-                           int st, int nt) {
+                           double *part, int st, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, nhwc, nt);
     int64_t ns = (st ? 4 : 2) * C;
-    double *part = calloc(4 * C * nk, sizeof(double));
+    memset(part, 0, (size_t)(4 * C * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
@@ -132,7 +132,6 @@ static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_
     for (int64_t k = 0; k < ns; k++) s[k] = 0.0;
     for (int64_t t = 0; t < nk; t++)
         for (int64_t k = 0; k < ns; k++) s[k] += part[4 * C * t + k];
-    free(part);
 }
 
 static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
@@ -159,18 +158,24 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
 /* ------------------------------------------------------------------ kernels */
 /* Training forward. With running buffers rm/rv (else NULL) it also moves them towards the
  * batch statistics, rm += factor (mean - rm), rv += factor (var * unbias - rv), unless a
- * statistic is NaN/Inf. Returns 1 when every statistic is finite, else 0 (nothing updated). */
+ * statistic is NaN/Inf. Returns 1 when every statistic is finite, else 0 (nothing updated),
+ * -1 when its scratch memory could not be allocated (nothing written). */
 static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
                           const T *w, const T *b, T *mean_o, T *var_o, T *invstd_o, T *delta_o,
                           T *thr_o, double eps, int act, T slope, T *rm, T *rv, double factor,
                           double unbias, int nt) {
-    T *piv = malloc(4 * C * sizeof(T));
-    T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
-    double *s = malloc(2 * C * sizeof(double));
-    double n = (double)N * (double)S;
     nt = threads_for(N * C * S, nt);
+    T *piv = malloc(4 * C * sizeof(T));
+    double *s = malloc((size_t)(2 * C + PART_DOUBLES(C, nt)) * sizeof(double));
+    if (!piv || !s) {
+        free(piv);
+        free(s);
+        return -1;
+    }
+    T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
+    double n = (double)N * (double)S;
     SFX(pivots)(x, N, C, S, nhwc, piv);
-    SFX(stats_pass)(x, N, C, S, nhwc, piv, s, nt);
+    SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, nt);
     for (int64_t c = 0; c < C; c++)
         SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o, delta_o,
                       thr_o, ctr, sc, sh);
@@ -188,11 +193,13 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     return finite;
 }
 
-/* y = act((x - mean) * w * invstd + b) with given statistics (evaluation mode). */
-static void SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
-                          const T *mean, const T *invstd, const T *w, const T *b, int act,
-                          T slope, int nt) {
+/* y = act((x - mean) * w * invstd + b) with given statistics (evaluation mode). Returns 0, or
+ * -1 when its scratch memory could not be allocated. */
+static int SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
+                         const T *mean, const T *invstd, const T *w, const T *b, int act,
+                         T slope, int nt) {
     T *sc = malloc(2 * C * sizeof(T));
+    if (!sc) return -1;
     T *sh = sc + C;
     for (int64_t c = 0; c < C; c++) {
         sc[c] = (T)((w ? (double)w[c] : 1.0) * (double)invstd[c]);
@@ -201,6 +208,7 @@ static void SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     nt = threads_for(N * C * S, nt);
     SFX(apply_pass)(x, y, N, C, S, nhwc, mean, sc, sh, act, slope, nt);
     free(sc);
+    return 0;
 }
 
 /* Per-channel dx = A (G g + B (x - ctr) + D) and the parameter gradients, from the sums
@@ -244,15 +252,22 @@ static void SFX(bcoef)(int64_t c, double sg, double sgx, double n, const T *invs
  * (train=0) treats `mean` and `invstd` as constants. In training the statistics are either the
  * ones the forward returned (`mean` rounded to T, `invstd`, `delta` the rounding of the mean)
  * or, when `mean` is NULL, recomputed from x around the forward's pivots (the fused BN +
- * activation saves only x and the activation thresholds `thr`, NULL for the identity). */
-static void SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
+ * activation saves only x and the activation thresholds `thr`, NULL for the identity).
+ * Returns 0, or -1 when its scratch memory could not be allocated (nothing written). */
+static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
                           int nhwc, const T *mean, const T *invstd, const T *delta, const T *thr,
                           const T *w, const T *b, const T *gmean, const T *gvar, T *dw, T *db,
                           double eps, int act, T slope, int train, int nt) {
+    nt = threads_for(N * C * S, nt);
     T *ctr = malloc(8 * C * sizeof(T));
+    double *s = malloc((size_t)(4 * C + PART_DOUBLES(C, nt)) * sizeof(double));
+    if (!ctr || !s) {
+        free(ctr);
+        free(s);
+        return -1;
+    }
     T *msc = ctr + C, *msh = ctr + 2 * C, *A = ctr + 3 * C, *B = ctr + 4 * C, *D = ctr + 5 * C;
     T *rstd = ctr + 6 * C, *G = ctr + 7 * C;
-    double *s = malloc(4 * C * sizeof(double));
     double n = (double)N * (double)S;
     int recompute = train && !mean;
     /* the pivots (msc's slot, overwritten below) centre the recomputed sums and locate thr */
@@ -272,8 +287,7 @@ static void SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
             msh[c] = b ? b[c] : (T)0;
         }
     }
-    nt = threads_for(N * C * S, nt);
-    SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, recompute, nt);
+    SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, s + 4 * C, recompute, nt);
     for (int64_t c = 0; c < C; c++) {
         double dl = 0.0; /* true mean minus ctr */
         if (recompute) {
@@ -288,4 +302,5 @@ static void SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
     if (dx) SFX(bdx_pass)(dy, x, dx, N, C, S, nhwc, ctr, msc, msh, act, slope, A, G, B, D, nt);
     free(s);
     free(ctr);
+    return 0;
 }

@@ -54,9 +54,12 @@ static inline void stream_fence(void) {
 #endif
 }
 
-/* Ranges of rows (NHWC rows or NCHW planes) the work is cut into: a few per thread. */
+/* Ranges of rows (NHWC rows or NCHW planes) the work is cut into: a few per thread. The
+ * per-range partial sums (up to 4 per channel) need PART_DOUBLES(C, nt) doubles of scratch. */
+#define TASKS_PER_THREAD 4
+#define PART_DOUBLES(C, nt) (4 * (C) * (int64_t)TASKS_PER_THREAD * (nt))
 static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
-    int64_t nk = (int64_t)nt * 4;
+    int64_t nk = (int64_t)nt * TASKS_PER_THREAD;
     int64_t most = nhwc ? rows / ROWBLOCK : rows;
     if (nk > most) nk = most;
     return nk < 1 ? 1 : nk;
@@ -159,11 +162,12 @@ static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
                           P(double, invstd), P(double, delta), P(double, thr), eps, act, slope,
                           P(double, rm), P(double, rv), factor, unbias, nt);
     Py_END_ALLOW_THREADS
+    if (finite < 0) return PyErr_NoMemory();
     return PyBool_FromLong(finite);
 }
 
 static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
-    int dtype, nhwc, act, nt;
+    int dtype, nhwc, act, nt, rc;
     ptr_t x, y, mean, invstd, w, b;
     long long N, C, S;
     double slope;
@@ -173,17 +177,18 @@ static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
-        DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
+        rc = DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
                  P(float, invstd), P(float, w), P(float, b), act, (float)slope, nt);
     else
-        DISPATCH(eval_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
+        rc = DISPATCH(eval_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
                  P(double, invstd), P(double, w), P(double, b), act, slope, nt);
     Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
-    int dtype, nhwc, act, train, nt;
+    int dtype, nhwc, act, train, nt, rc;
     ptr_t dy, x, dx, mean, invstd, delta, thr, w, b, gmean, gvar, dw, db;
     long long N, C, S;
     double eps, slope;
@@ -199,16 +204,17 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
-        DISPATCH(backward, f32, P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc,
+        rc = DISPATCH(backward, f32, P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc,
                  P(float, mean), P(float, invstd), P(float, delta), P(float, thr), P(float, w),
                  P(float, b), P(float, gmean), P(float, gvar), P(float, dw), P(float, db), eps,
                  act, (float)slope, train, nt);
     else
-        DISPATCH(backward, f64, P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc,
+        rc = DISPATCH(backward, f64, P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc,
                  P(double, mean), P(double, invstd), P(double, delta), P(double, thr),
                  P(double, w), P(double, b), P(double, gmean), P(double, gvar), P(double, dw),
                  P(double, db), eps, act, slope, train, nt);
     Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
