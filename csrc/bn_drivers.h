@@ -69,8 +69,8 @@ static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhw
         if (nhwc) {
             SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + C);
         } else {
-            for (int64_t p = r0; p < r1; p++)
-                SFX(sums_plane)(x + p * S, S, piv[p % C], &o[p % C], &o[C + p % C]);
+            for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1)
+                SFX(sums_plane)(x + p * S, S, piv[c], &o[c], &o[C + c]);
         }
     }
     for (int64_t k = 0; k < 2 * C; k++) s[k] = 0.0;
@@ -97,8 +97,8 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
         if (nhwc) {
             SFX(apply_nhwc)(x, y, C, r0, r1, ctr, sc, sh, act, slope, stream);
         } else {
-            for (int64_t p = r0; p < r1; p++) {
-                int64_t c = p % C;
+            /* c = p % C, stepped (a division per short plane is measurable) */
+            for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1) {
                 SFX(apply_plane)(x + p * S, y + p * S, S, ctr[c], sc[c], sh[c], act, slope,
                                  stream);
             }
@@ -122,8 +122,8 @@ static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_
         if (nhwc) {
             SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st);
         } else {
-            for (int64_t p = r0; p < r1; p++) {
-                int64_t c = p % C;
+            /* c = p % C, stepped (a division per short plane is measurable) */
+            for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1) {
                 SFX(bred_plane)(dy + p * S, x + p * S, S, ctr[c], msc[c], msh[c], act, slope,
                                 o + c, C, st);
             }
@@ -145,8 +145,8 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
         if (nhwc) {
             SFX(bdx_nhwc)(dy, x, dx, C, r0, r1, ctr, msc, msh, act, slope, A, G, B, D, stream);
         } else {
-            for (int64_t p = r0; p < r1; p++) {
-                int64_t c = p % C;
+            /* c = p % C, stepped (a division per short plane is measurable) */
+            for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1) {
                 SFX(bdx_plane)(dy + p * S, x + p * S, dx + p * S, S, ctr[c], msc[c], msh[c], act,
                                slope, A[c], G[c], B[c], D[c], stream);
             }

@@ -37,10 +37,13 @@ static inline SFX(vec) SFX(vload)(const T *p) {
     return v;
 }
 
+/* the lanes' sum in double, as a tree (a short dependency chain: it runs once per plane) */
 static inline double SFX(vsum)(SFX(vec) v) {
-    double s = 0.0;
-    for (int64_t l = 0; l < VL; l++) s += v[l];
-    return s;
+    double t[VL];
+    for (int64_t l = 0; l < VL; l++) t[l] = (double)v[l];
+    for (int64_t w = VL / 2; w >= 1; w /= 2)
+        for (int64_t l = 0; l < w; l++) t[l] += t[l + w];
+    return t[0];
 }
 
 /* o[l] += v[l] for the VL lanes (into double) */
@@ -57,35 +60,32 @@ static inline SFX(vec) SFX(vgrad)(SFX(vec) pre, int act, SFX(vec) slope) {
     return one;
 }
 
-/* Add sum(x - piv) and sum((x - piv)^2) over one contiguous plane of S values (NCHW). */
+/* Add sum(x - piv) and sum((x - piv)^2) over one contiguous plane of S values (NCHW). Each
+ * block of at most BLOCK values is summed in T vectors (four-way, then one vector at a time)
+ * and flushed into double once: short planes pay one horizontal sum per quantity. */
 static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, double *o2) {
     SFX(vec) zero = {0}, pv = zero + piv;
     double d1 = 0.0, d2 = 0.0;
     int64_t i = 0;
-    while (S - i >= STEP) {
-        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / STEP * STEP;
+    while (S - i >= VL) {
+        int64_t end = i + (S - i < BLOCK ? S - i : BLOCK) / VL * VL, k = i;
         SFX(vec) a0 = zero, a1 = zero, a2 = zero, a3 = zero;
         SFX(vec) q0 = zero, q1 = zero, q2 = zero, q3 = zero;
-        for (int64_t k = i; k < i + len; k += STEP) {
+        for (; k + STEP <= end; k += STEP) {
             SFX(vec) e0 = SFX(vload)(p + k) - pv, e1 = SFX(vload)(p + k + VL) - pv;
             SFX(vec) e2 = SFX(vload)(p + k + 2 * VL) - pv, e3 = SFX(vload)(p + k + 3 * VL) - pv;
             a0 += e0; a1 += e1; a2 += e2; a3 += e3;
             q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
         }
+        for (; k < end; k += VL) {
+            SFX(vec) e = SFX(vload)(p + k) - pv;
+            a0 += e;
+            q0 += e * e;
+        }
         /* the four partial vectors hold at most BLOCK / VL terms per lane together */
         d1 += SFX(vsum)((a0 + a1) + (a2 + a3));
         d2 += SFX(vsum)((q0 + q1) + (q2 + q3));
-        i += len;
-    }
-    if (S - i >= VL) { /* short planes: one more vector step before the scalar tail */
-        SFX(vec) a = zero, q = zero;
-        for (; S - i >= VL; i += VL) {
-            SFX(vec) e = SFX(vload)(p + i) - pv;
-            a += e;
-            q += e * e;
-        }
-        d1 += SFX(vsum)(a);
-        d2 += SFX(vsum)(q);
+        i = end;
     }
     for (; i < S; i++) {
         double d = (double)(p[i] - piv);

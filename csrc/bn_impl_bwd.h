@@ -13,11 +13,11 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
     SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
     double d1 = 0.0, d2 = 0.0, d3 = 0.0, d4 = 0.0;
     int64_t i = 0;
-    while (S - i >= STEP) {
-        int64_t len = (S - i < BLOCK ? S - i : BLOCK) / STEP * STEP;
+    while (S - i >= VL) { /* blocks as in sums_plane: one horizontal sum per quantity */
+        int64_t end = i + (S - i < BLOCK ? S - i : BLOCK) / VL * VL, k = i;
         SFX(vec) a[4] = {zero, zero, zero, zero}, b[4] = {zero, zero, zero, zero};
         SFX(vec) c[4] = {zero, zero, zero, zero}, q[4] = {zero, zero, zero, zero};
-        for (int64_t k = i; k < i + len; k += STEP) {
+        for (; k + STEP <= end; k += STEP) {
             for (int u = 0; u < 4; u++) {
                 SFX(vec) e = SFX(vload)(p + k + u * VL) - cv, g = SFX(vload)(g0 + k + u * VL);
                 if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
@@ -29,32 +29,23 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
                 }
             }
         }
+        for (; k < end; k += VL) {
+            SFX(vec) e = SFX(vload)(p + k) - cv, g = SFX(vload)(g0 + k);
+            if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
+            a[0] += g;
+            b[0] += g * e;
+            if (ST) {
+                c[0] += e;
+                q[0] += e * e;
+            }
+        }
         d1 += SFX(vsum)((a[0] + a[1]) + (a[2] + a[3]));
         d2 += SFX(vsum)((b[0] + b[1]) + (b[2] + b[3]));
         if (ST) {
             d3 += SFX(vsum)((c[0] + c[1]) + (c[2] + c[3]));
             d4 += SFX(vsum)((q[0] + q[1]) + (q[2] + q[3]));
         }
-        i += len;
-    }
-    if (S - i >= VL) { /* short planes: one more vector step before the scalar tail */
-        SFX(vec) a = zero, bq = zero, c = zero, q = zero;
-        for (; S - i >= VL; i += VL) {
-            SFX(vec) e = SFX(vload)(p + i) - cv, g = SFX(vload)(g0 + i);
-            if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
-            a += g;
-            bq += g * e;
-            if (ST) {
-                c += e;
-                q += e * e;
-            }
-        }
-        d1 += SFX(vsum)(a);
-        d2 += SFX(vsum)(bq);
-        if (ST) {
-            d3 += SFX(vsum)(c);
-            d4 += SFX(vsum)(q);
-        }
+        i = end;
     }
     for (; i < S; i++) {
         T d = p[i] - ctr;
