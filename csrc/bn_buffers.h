@@ -65,17 +65,21 @@ static void *map_aligned(size_t cap) {
 }
 
 /* A mapping of at least n bytes: the smallest cached one that is not more than twice as
- * large, else a new one. */
+ * large, and of those the most recently freed (its lines are the likeliest to be in cache:
+ * alternating between two equal buffers doubled the working set and cost a third of an
+ * 11 MB evaluation pass in misses); else a new one. The cache is kept in the order the
+ * mappings were freed, oldest first. */
 static mapping_t take_mapping(size_t n) {
     size_t cap = page_round(n);
     int best = -1;
     for (int i = 0; i < cache_n; i++)
         if (cache[i].cap >= cap && cache[i].cap / 2 <= cap &&
-            (best < 0 || cache[i].cap < cache[best].cap))
+            (best < 0 || cache[i].cap <= cache[best].cap))
             best = i;
     if (best >= 0) {
         mapping_t m = cache[best];
-        cache[best] = cache[--cache_n];
+        memmove(cache + best, cache + best + 1, (size_t)(cache_n - best - 1) * sizeof(mapping_t));
+        cache_n--;
         cache_bytes -= m.cap;
         stat_hits++;
         return m;

@@ -430,3 +430,17 @@ def test_non_contiguous_running_buffers_take_the_generic_update(running):
         bn.running_var = torch.ones(1).expand(4)  # one value seen four times: not writable
         with pytest.raises(RuntimeError):
             bn(x)
+
+
+@needs_buffers
+def test_buffer_cache_hands_out_the_most_recently_freed_buffer_first():
+    # The most recently freed buffer is the likeliest to still be in the CPU cache.
+    x = torch.randn(8, 64, 32, 32)
+    bnlab.kernels.empty_cache()
+    a, b = _ops.empty_like(x), _ops.empty_like(x)
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del a
+    del b  # freed last
+    c = _ops.empty_like(x)
+    d = _ops.empty_like(x)
+    assert (c.data_ptr(), d.data_ptr()) == (pb, pa)
