@@ -96,8 +96,8 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
     *o2 += d2;
 }
 
-/* NHWC: the K vectors of channels [c, c + K VL) summed over rows [m, end) in registers, then
- * flushed into the double sums (the row block is short enough for T lanes). */
+/* NHWC rows of at most four vectors (C = K VL): the whole row's sums stay in registers over
+ * a block of rows, then go into double. Faster than the L1 array for such short rows. */
 static inline __attribute__((always_inline)) void SFX(sums_cols)(
     const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c, const T *restrict piv,
     double *restrict o1, double *restrict o2, const int K) {
@@ -121,24 +121,48 @@ static inline __attribute__((always_inline)) void SFX(sums_cols)(
     }
 }
 
-/* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC). */
+/* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC): rows in
+ * memory order, a block's sums in an L1-resident T array (see bred_rows in bn_impl_bwd.h). */
 static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m1,
                            const T *restrict piv, double *restrict o1, double *restrict o2) {
-    int64_t cv = C / VL * VL;
+    if (C % VL == 0 && C <= 4 * VL) { /* short rows: in registers */
+        for (int64_t m = m0; m < m1; m += ROWBLOCK) {
+            int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
+            switch (C / VL) {
+            case 1: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 1); break;
+            case 2: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 2); break;
+            case 3: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 3); break;
+            default: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 4);
+            }
+        }
+        return;
+    }
+    T acc[2 * NHWC_WINDOW];
     for (int64_t m = m0; m < m1;) {
         int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-        int64_t c = 0;
-        for (; c + 4 * VL <= cv; c += 4 * VL) SFX(sums_cols)(x, C, m, end, c, piv, o1, o2, 4);
-        for (; c < cv; c += VL) SFX(sums_cols)(x, C, m, end, c, piv, o1, o2, 1);
-        for (; c < C; c++) { /* channels past the last full vector */
-            double d1 = 0.0, d2 = 0.0;
+        for (int64_t c0 = 0; c0 < C; c0 += NHWC_WINDOW) {
+            int64_t W = C - c0 < NHWC_WINDOW ? C - c0 : NHWC_WINDOW, wv = W / VL * VL;
+            T *restrict a1 = acc, *restrict a2 = acc + W;
+            const T *restrict pp = piv + c0;
+            memset(acc, 0, (size_t)(2 * W) * sizeof(T));
             for (int64_t r = m; r < end; r++) {
-                double d = (double)(x[r * C + c] - piv[c]);
-                d1 += d;
-                d2 += d * d;
+                const T *restrict p = x + r * C + c0;
+                for (int64_t c = 0; c < wv; c += VL) {
+                    SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(pp + c);
+                    SFX(vec) s1 = SFX(vload)(a1 + c) + e, s2 = SFX(vload)(a2 + c) + e * e;
+                    memcpy(a1 + c, &s1, sizeof s1);
+                    memcpy(a2 + c, &s2, sizeof s2);
+                }
+                for (int64_t c = wv; c < W; c++) {
+                    T d = p[c] - pp[c];
+                    a1[c] += d;
+                    a2[c] += d * d;
+                }
             }
-            o1[c] += d1;
-            o2[c] += d2;
+            for (int64_t c = 0; c < W; c++) {
+                o1[c0 + c] += a1[c];
+                o2[c0 + c] += a2[c];
+            }
         }
         m = end;
     }

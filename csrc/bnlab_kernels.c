@@ -24,6 +24,7 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 #define BLOCK 512     /* values per lane block before the lanes are flushed into double */
 #define ROWBLOCK 64   /* NHWC rows accumulated in T registers before the flush into double */
 #define MIN_PER_THREAD 16384
+#define NHWC_WINDOW 1024 /* channels per NHWC accumulation window (4 x 4 KiB of floats) */
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */
 static int threads_for(int64_t work, int nt) {

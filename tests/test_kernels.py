@@ -72,12 +72,13 @@ def test_native_extension_was_built(monkeypatch):
     assert kernels.backend() == "native"
 
 
-# (70, 45, 2, 1): channels-last rows of 45 channels (whole vectors of 4 and 1, then 5 single
-# channels) in row blocks that do not divide 140 rows; (2, 3, 10, 103): NCHW planes longer
-# than one accumulation block.
+# (70, 45, 2, 1): channels-last rows of 45 channels (whole vectors, then 5 single channels)
+# in row blocks that do not divide 140 rows; (3, 1030, 2, 3): more channels than one NHWC
+# accumulation window (1024); (2, 3, 10, 103): NCHW planes longer than one accumulation block.
 @pytest.mark.parametrize(
     "shape",
-    [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1), (70, 45, 2, 1), (2, 3, 10, 103)],
+    [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1), (70, 45, 2, 1), (3, 1030, 2, 3),
+     (2, 3, 10, 103)],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
