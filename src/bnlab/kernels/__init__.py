@@ -166,7 +166,7 @@ def use_backend(name: Backend) -> Iterator[None]:
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     return (
         type(t) in (Tensor, torch.nn.Parameter)
-        and t.device.type == "cpu"
+        and t.is_cpu
         and t.dtype == dtype
         and t.layout == torch.strided
     )
