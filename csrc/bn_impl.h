@@ -238,13 +238,14 @@ static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int
     }
 }
 
+/* Rows [m0, m1) of a window of Wd channels (row stride C). */
 static inline __attribute__((always_inline)) void SFX(apply_rows)(
-    const T *restrict x, T *restrict y, int64_t C, int64_t m0, int64_t m1, const T *restrict ctr,
-    const T *restrict sc, const T *restrict sh, int act, T slope) {
+    const T *restrict x, T *restrict y, int64_t C, int64_t Wd, int64_t m0, int64_t m1,
+    const T *restrict ctr, const T *restrict sc, const T *restrict sh, int act, T slope) {
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         T *restrict q = y + m * C;
-        for (int64_t c = 0; c < C; c++)
+        for (int64_t c = 0; c < Wd; c++)
             q[c] = SFX(act_fwd)((p[c] - ctr[c]) * sc[c] + sh[c], act, slope);
     }
 }
@@ -255,13 +256,13 @@ static inline int SFX(rows_streamable)(const T *y, int64_t C) {
 }
 
 static inline __attribute__((always_inline)) void SFX(apply_rows_stream)(
-    const T *restrict x, T *restrict y, int64_t C, int64_t m0, int64_t m1, const T *restrict ctr,
-    const T *restrict sc, const T *restrict sh, int act, T slope) {
+    const T *restrict x, T *restrict y, int64_t C, int64_t Wd, int64_t m0, int64_t m1,
+    const T *restrict ctr, const T *restrict sc, const T *restrict sh, int act, T slope) {
     SFX(vec) zero = {0}, lv = zero + slope;
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         T *restrict q = y + m * C;
-        for (int64_t c = 0; c < C; c += VL)
+        for (int64_t c = 0; c < Wd; c += VL)
             SFX(vstream)(q + c, SFX(vact)((SFX(vload)(p + c) - SFX(vload)(ctr + c)) *
                                                   SFX(vload)(sc + c) +
                                               SFX(vload)(sh + c),
@@ -269,22 +270,35 @@ static inline __attribute__((always_inline)) void SFX(apply_rows_stream)(
     }
 }
 
+/* Rows of more than NHWC_WINDOW channels go a block of rows and a window of channels at a
+ * time, so the window's three coefficient vectors stay in L1 (measured on (256, 4096): the
+ * whole rows ran at half the speed of rows of 256 channels). */
 static void SFX(apply_nhwc)(const T *x, T *y, int64_t C, int64_t m0, int64_t m1, const T *ctr,
                             const T *sc, const T *sh, int act, T slope, int stream) {
-    if (stream && SFX(rows_streamable)(y, C)) {
-        switch (act) {
-        case ACT_RELU: SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_RELU, slope); break;
-        case ACT_LEAKY:
-            SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_LEAKY, slope);
-            break;
-        default: SFX(apply_rows_stream)(x, y, C, m0, m1, ctr, sc, sh, ACT_ID, slope);
+    int st = stream && SFX(rows_streamable)(y, C);
+    for (int64_t m = m0; m < m1; m += ROWBLOCK) {
+        int64_t end = C <= NHWC_WINDOW ? m1 : (m + ROWBLOCK < m1 ? m + ROWBLOCK : m1);
+        for (int64_t c0 = 0; c0 < C; c0 += NHWC_WINDOW) {
+            int64_t Wd = C - c0 < NHWC_WINDOW ? C - c0 : NHWC_WINDOW;
+            const T *xw = x + c0, *cw = ctr + c0, *sw = sc + c0, *hw = sh + c0;
+            T *yw = y + c0;
+#define APPLY(F, A) SFX(F)(xw, yw, C, Wd, m, end, cw, sw, hw, A, slope)
+            if (st) {
+                switch (act) {
+                case ACT_RELU: APPLY(apply_rows_stream, ACT_RELU); break;
+                case ACT_LEAKY: APPLY(apply_rows_stream, ACT_LEAKY); break;
+                default: APPLY(apply_rows_stream, ACT_ID);
+                }
+            } else {
+                switch (act) {
+                case ACT_RELU: APPLY(apply_rows, ACT_RELU); break;
+                case ACT_LEAKY: APPLY(apply_rows, ACT_LEAKY); break;
+                default: APPLY(apply_rows, ACT_ID);
+                }
+            }
+#undef APPLY
         }
-        return;
-    }
-    switch (act) {
-    case ACT_RELU: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_RELU, slope); break;
-    case ACT_LEAKY: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_LEAKY, slope); break;
-    default: SFX(apply_rows)(x, y, C, m0, m1, ctr, sc, sh, ACT_ID, slope);
+        if (end == m1) break;
     }
 }
 

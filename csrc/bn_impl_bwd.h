@@ -261,15 +261,16 @@ static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T m
     }
 }
 
+/* Rows [m0, m1) of a window of Wd channels (row stride C). */
 static inline __attribute__((always_inline)) void SFX(bdx_rows)(
-    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t m0, int64_t m1,
-    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    const T *restrict A, const T *restrict G, const T *restrict B, const T *restrict D) {
+    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t Wd, int64_t m0,
+    int64_t m1, const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act,
+    T slope, const T *restrict A, const T *restrict G, const T *restrict B, const T *restrict D) {
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         const T *restrict g0 = dy + m * C;
         T *restrict q = dx + m * C;
-        for (int64_t c = 0; c < C; c++) {
+        for (int64_t c = 0; c < Wd; c++) {
             T d = p[c] - ctr[c];
             T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
             q[c] = A[c] * (G[c] * g + B[c] * d + D[c]);
@@ -278,15 +279,15 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows)(
 }
 
 static inline __attribute__((always_inline)) void SFX(bdx_rows_stream)(
-    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t m0, int64_t m1,
-    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    const T *restrict A, const T *restrict G, const T *restrict B, const T *restrict D) {
+    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t Wd, int64_t m0,
+    int64_t m1, const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act,
+    T slope, const T *restrict A, const T *restrict G, const T *restrict B, const T *restrict D) {
     SFX(vec) zero = {0}, lv = zero + slope;
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         const T *restrict g0 = dy + m * C;
         T *restrict q = dx + m * C;
-        for (int64_t c = 0; c < C; c += VL) {
+        for (int64_t c = 0; c < Wd; c += VL) {
             SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c), g = SFX(vload)(g0 + c);
             if (act != ACT_ID)
                 g *= SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
@@ -296,31 +297,39 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows_stream)(
     }
 }
 
+/* Rows of more than BDX_WINDOW channels go a block of rows and a window of channels at a
+ * time, so the window's seven coefficient vectors stay in L1 (see apply_nhwc). */
+#define BDX_WINDOW (NHWC_WINDOW / 2)
 static void SFX(bdx_nhwc)(const T *dy, const T *x, T *dx, int64_t C, int64_t m0, int64_t m1,
                           const T *ctr, const T *msc, const T *msh, int act, T slope, const T *A,
                           const T *G, const T *B, const T *D, int stream) {
-    if (stream && SFX(rows_streamable)(dx, C)) {
-        switch (act) {
-        case ACT_RELU:
-            SFX(bdx_rows_stream)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_RELU, slope, A, G, B, D);
-            break;
-        case ACT_LEAKY:
-            SFX(bdx_rows_stream)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_LEAKY, slope, A, G, B, D);
-            break;
-        default: SFX(bdx_rows_stream)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_ID, slope, A, G, B, D);
+    int st = stream && SFX(rows_streamable)(dx, C);
+    for (int64_t m = m0; m < m1; m += ROWBLOCK) {
+        int64_t end = C <= BDX_WINDOW ? m1 : (m + ROWBLOCK < m1 ? m + ROWBLOCK : m1);
+        for (int64_t c0 = 0; c0 < C; c0 += BDX_WINDOW) {
+            int64_t Wd = C - c0 < BDX_WINDOW ? C - c0 : BDX_WINDOW;
+#define BDX(F, ACT)                                                                              \
+    SFX(F)(dy + c0, x + c0, dx + c0, C, Wd, m, end, ctr + c0, msc + c0, msh + c0, ACT, slope,    \
+           A + c0, G + c0, B + c0, D + c0)
+            if (st) {
+                switch (act) {
+                case ACT_RELU: BDX(bdx_rows_stream, ACT_RELU); break;
+                case ACT_LEAKY: BDX(bdx_rows_stream, ACT_LEAKY); break;
+                default: BDX(bdx_rows_stream, ACT_ID);
+                }
+            } else {
+                switch (act) {
+                case ACT_RELU: BDX(bdx_rows, ACT_RELU); break;
+                case ACT_LEAKY: BDX(bdx_rows, ACT_LEAKY); break;
+                default: BDX(bdx_rows, ACT_ID);
+                }
+            }
+#undef BDX
         }
-        return;
-    }
-    switch (act) {
-    case ACT_RELU:
-        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_RELU, slope, A, G, B, D);
-        break;
-    case ACT_LEAKY:
-        SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_LEAKY, slope, A, G, B, D);
-        break;
-    default: SFX(bdx_rows)(dy, x, dx, C, m0, m1, ctr, msc, msh, ACT_ID, slope, A, G, B, D);
+        if (end == m1) break;
     }
 }
+#undef BDX_WINDOW
 
 #undef VL
 #undef STEP

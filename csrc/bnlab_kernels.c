@@ -25,6 +25,12 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 #define ROWBLOCK 64   /* NHWC rows accumulated in T registers before the flush into double */
 #define MIN_PER_THREAD 16384
 #define NHWC_WINDOW 1024 /* channels per NHWC accumulation window (4 x 4 KiB of floats) */
+/* NCHW planes of at most WIDE_PLANE values run as rows of C * S columns (see bn_drivers.h),
+ * when C * S is at most wide_columns (WIDE_COLUMNS; wider rows measured slower: their
+ * per-task column sums outgrow the caches) */
+#define WIDE_PLANE 63
+#define WIDE_COLUMNS 4096
+static int64_t wide_columns = WIDE_COLUMNS;
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */
 static int threads_for(int64_t work, int nt) {
@@ -59,9 +65,14 @@ static inline void stream_fence(void) {
  * per-range partial sums (up to 4 per channel) need PART_DOUBLES(C, nt) doubles of scratch. */
 #define TASKS_PER_THREAD 4
 #define PART_DOUBLES(C, nt) (4 * (C) * (int64_t)TASKS_PER_THREAD * (nt))
-static int64_t row_tasks(int64_t rows, int nhwc, int nt) {
+static int64_t row_tasks(int64_t rows, int64_t C, int nhwc, int nt) {
     int64_t nk = (int64_t)nt * TASKS_PER_THREAD;
-    int64_t most = nhwc ? rows / ROWBLOCK : rows;
+    int64_t most = rows;
+    if (nhwc) { /* whole blocks of rows, or fewer rows when they are wide */
+        int64_t by_work = rows * C / MIN_PER_THREAD;
+        most = rows / ROWBLOCK;
+        if (by_work > most) most = by_work < rows ? by_work : rows;
+    }
     if (nk > most) nk = most;
     return nk < 1 ? 1 : nk;
 }
@@ -238,7 +249,18 @@ static PyObject *py_set_stream_bytes(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(previous);
 }
 
+static PyObject *py_set_wide_columns(PyObject *self, PyObject *args) {
+    long long v;
+    if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
+    long long previous = wide_columns;
+    wide_columns = v < 0 ? 0 : v;
+    return PyLong_FromLongLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_wide_columns", py_set_wide_columns, METH_VARARGS,
+     "set_wide_columns(n) -> previous: NCHW tensors with short planes and C * S <= n run as "
+     "rows of C * S columns (0: never)"},
     {"set_stream_bytes", py_set_stream_bytes, METH_VARARGS,
      "set_stream_bytes(n) -> previous: outputs of >= n bytes use streaming stores (-1: never)"},
     {"train_fwd", py_train_fwd, METH_VARARGS,

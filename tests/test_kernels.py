@@ -64,6 +64,17 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(params=["wide", "planes"])
+def plane_path(request):
+    """Both native paths for NCHW tensors with short planes: as rows of C * S columns (the
+    default up to 4096 columns) and plane by plane."""
+    previous = _ops._native.set_wide_columns(4096 if request.param == "wide" else 0)
+    try:
+        yield request.param
+    finally:
+        _ops._native.set_wide_columns(previous)
+
+
 def test_native_extension_was_built(monkeypatch):
     # `make test` builds the extension; a silent build failure must fail here (also when the
     # suite runs under BNLAB_KERNELS=torch: the default backend is still the native one).
@@ -83,7 +94,8 @@ def test_native_extension_was_built(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
-def test_train_forward_backward_match_reference(backend, shape, channels_last, dtype, act):
+def test_train_forward_backward_match_reference(backend, plane_path, shape, channels_last, dtype,
+                                                act):  # fmt: skip
     x, w, b, dy = make(shape, dtype, channels_last)
     x.requires_grad_()
     w.requires_grad_()
@@ -125,6 +137,24 @@ def test_float32_accuracy_long_channels_and_offset(backend, channels_last, shape
         assert rel(gx, rx) <= 1e-5
     else:  # torch's own var_mean is stable too; its output suffers from the offset
         assert rel(var, vr) <= 1e-4
+
+
+@pytest.mark.parametrize("act", ["identity", "relu"])  # saved / recomputed statistics
+def test_float32_accuracy_wide_rows_with_offset(act):
+    # BatchNorm1d input (N, C) with C a multiple of 1024: the rows' pivots are summed in
+    # memory order in float32 (a column walk thrashed one L1 set); a common offset of 1e6
+    # standard deviations must still leave every digit of the normalised values.
+    x, _, _, dy = make((96, 2048), torch.float32, offset=1e4, std=1e-2)
+    x.requires_grad_()
+    with kernels.use_backend("native"):
+        y, mean, var = kernels.batch_norm_act_train(x, None, None, 1e-5, act)
+        (gx,) = torch.autograd.grad(y, x, dy)
+    yr, mr, vr = reference(x.detach(), None, None, act=act)
+    xd = x.detach().double().requires_grad_()
+    (rx,) = torch.autograd.grad(reference(xd, None, None, act=act)[0], xd, dy.double())
+    assert rel(var, vr) <= 1e-5
+    assert rel(y, yr) <= 1e-5
+    assert rel(gx, rx) <= 1e-5
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -296,13 +326,14 @@ def streaming_always():
         _ops._native.set_stream_bytes(previous)
 
 
-# (4, 8, 5, 7): NCHW planes of 35 values start unaligned; C=8 rows stream in NHWC, C=6 do not.
-@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4)])
+# (4, 8, 5, 7): NCHW planes of 35 values start unaligned; C=8 rows stream in NHWC, C=6 do not;
+# (2, 1040, 2, 2): channels-last rows of more than one window of channels.
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4), (2, 1040, 2, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
-def test_streaming_stores_give_the_reference_results(streaming_always, shape, channels_last,
-                                                     dtype, act):  # fmt: skip
+def test_streaming_stores_give_the_reference_results(streaming_always, plane_path, shape,
+                                                     channels_last, dtype, act):  # fmt: skip
     x, w, b, dy = make(shape, dtype, channels_last)
     with kernels.use_backend("native"):
         y, mean, var, invs, delta, thr = _ops.native_train_forward(x, w, b, 1e-5, act, 0.01)
