@@ -1,8 +1,13 @@
 """bnlab BatchNorm2d vs torch.nn.BatchNorm2d vs a copy_ of the same tensor.
 
-Forward and forward+backward in training mode, NCHW and channels-last, on the shapes of the
-seed's CNN and two larger ones. Each number is a median over many repeats, measured in
-alternating rounds in one run; the table prints ratios against torch and against copy_.
+Forward and forward+backward in training mode and the evaluation forward, NCHW and
+channels-last, on the shapes of the seed's CNN and two larger ones (and, reported without a
+target, small late-stage feature maps and BatchNorm1d on (N, C) inputs). Each number is a median
+over many repeats, measured in alternating rounds in one run; the table prints ratios against
+torch and against copy_, and the last lines whether the targets hold: training
+forward+backward at most 0.33x torch on NCHW and 1.0x on channels-last, evaluation forward at
+most 1.0x (``bench/bench_kernels.py`` checks the same targets with the two libraries
+alternating call by call, which leaves each one's caches cold for the other).
 
     python bench/bench_bn.py [--quick] [--rounds N]
 """
@@ -20,13 +25,27 @@ import _timing  # noqa: E402
 import bnlab  # noqa: E402
 
 SHAPES = [(128, 32, 26, 26), (128, 64, 11, 11), (64, 64, 56, 56), (256, 256, 14, 14)]
+# reported, no target: late feature maps of a ResNet, and BatchNorm1d on (N, C) inputs
+EXTRA_SHAPES = [(64, 512, 7, 7), (256, 1024, 2, 2), (128, 256), (512, 1024), (256, 4096),
+                (4096, 256)]  # fmt: skip
 
 
-def _contenders(shape, fmt, backward):
+PASSES = ("fwd", "fwd+bwd", "eval")
+# the worst bnlab/torch ratio allowed per (pass, layout); the training forward alone has none
+TARGETS = {("fwd+bwd", "NCHW"): 0.33, ("fwd+bwd", "channels_last"): 1.0,
+           ("eval", "NCHW"): 1.0, ("eval", "channels_last"): 1.0}  # fmt: skip
+
+
+def _contenders(shape, fmt, pass_):
+    backward = pass_ == "fwd+bwd"
     x = torch.randn(shape).contiguous(memory_format=fmt)
     dy = torch.randn(shape).contiguous(memory_format=fmt)
-    ours = bnlab.BatchNorm2d(shape[1])
-    theirs = torch.nn.BatchNorm2d(shape[1])
+    two_d = len(shape) == 2
+    ours = (bnlab.BatchNorm1d if two_d else bnlab.BatchNorm2d)(shape[1])
+    theirs = (torch.nn.BatchNorm1d if two_d else torch.nn.BatchNorm2d)(shape[1])
+    if pass_ == "eval":
+        ours.eval()
+        theirs.eval()
     out = torch.empty_like(x)
     xg = x.clone().requires_grad_(backward)
 
@@ -56,16 +75,17 @@ def main(argv=None) -> int:
     header = (f"{'shape':>18} {'layout':>13} {'pass':>8} {'torch ms':>9} {'bnlab ms':>9} "
               f"{'copy_ ms':>9} {'bnlab/torch':>11} {'torch/copy':>10} {'bnlab/copy':>10}")
     print(header)
-    for shape in SHAPES:
-        for fmt_name, fmt in (("NCHW", torch.contiguous_format),
-                              ("channels_last", torch.channels_last)):
-            for backward in (False, True):
-                with torch.set_grad_enabled(backward):
-                    t = _timing.interleaved_medians(_contenders(shape, fmt, backward),
+    layouts = {4: (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)),
+               2: (("(N, C)", torch.contiguous_format),)}  # fmt: skip
+    for shape in SHAPES + EXTRA_SHAPES:
+        for fmt_name, fmt in layouts[len(shape)]:
+            for pass_ in PASSES:
+                with torch.set_grad_enabled(pass_ == "fwd+bwd"):
+                    t = _timing.interleaved_medians(_contenders(shape, fmt, pass_),
                                                     rounds=rounds, repeats=repeats)
                 row = {
-                    "shape": list(shape), "layout": fmt_name,
-                    "pass": "fwd+bwd" if backward else "fwd",
+                    "shape": list(shape), "layout": fmt_name, "pass": pass_,
+                    "has_target": shape in SHAPES,
                     "torch_s": t["torch"], "bnlab_s": t["bnlab"], "copy_s": t["copy_"],
                     "bnlab_over_torch": t["bnlab"] / t["torch"],
                     "torch_over_copy": t["torch"] / t["copy_"],
@@ -76,8 +96,17 @@ def main(argv=None) -> int:
                       f"{t['torch'] * 1e3:9.2f} {t['bnlab'] * 1e3:9.2f} {t['copy_'] * 1e3:9.2f} "
                       f"{row['bnlab_over_torch']:11.2f} {row['torch_over_copy']:10.1f} "
                       f"{row['bnlab_over_copy']:10.1f}", flush=True)
-    path = _timing.write_json("bench_bn", {"machine": _timing.machine(),
-                                           "backend": _backend(), "rows": rows})
+    verdicts = []
+    for (pass_, layout), target in TARGETS.items():
+        judged = [r for r in rows if r["has_target"] and r["pass"] == pass_]
+        worst = max(r["bnlab_over_torch"] for r in judged if r["layout"] == layout)
+        verdicts.append({"pass": pass_, "layout": layout, "worst_ratio": worst,
+                         "target": target, "met": worst <= target})  # fmt: skip
+        print(f"{pass_:>8} {layout:>13}: worst bnlab/torch {worst:.2f} (target <= {target}): "
+              f"{'met' if worst <= target else 'NOT met'}")
+    path = _timing.write_json("bench_bn", {"machine": _timing.machine(), "backend": _backend(),
+                                           "rounds": rounds, "repeats": repeats, "rows": rows,
+                                           "targets": verdicts})  # fmt: skip
     print(f"wrote {path}")
     return 0
 

@@ -1,8 +1,8 @@
 """Compiled CPU kernels for Batch Normalization, and the choice between them and PyTorch.
 
 bnlab ships a small C extension (``bnlab.kernels._native``, built by ``setup.py``) with the
-training forward (statistics and normalisation, one pass over memory per channel when it fits
-in cache), the evaluation forward and the backward (fused reductions plus the input gradient),
+training forward (statistics, then normalisation: two passes over the input), the evaluation
+forward and the backward (fused reductions plus the input gradient),
 for contiguous NCHW and channels-last float32/float64 tensors, optionally fused with a ReLU or
 leaky ReLU. It works on raw buffers, releases the GIL and runs on ``torch.get_num_threads()``
 OpenMP threads. :func:`bnlab.functional.batch_norm_train` and
