@@ -66,25 +66,26 @@ static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, cons
 static int64_t SFX(rows_of)(int64_t N, int64_t C, int nhwc) { return nhwc ? N : N * C; }
 
 /* s[c] = sum(x - piv[c]), s[C + c] = sum((x - piv[c])^2); `part` is scratch for
- * PART_DOUBLES(C, nt) doubles. */
+ * PART_DOUBLES(C, nt) doubles. F > 1 (NHWC only): the rows' C columns belong to C / F
+ * channels, F columns each (the wide view of short NCHW planes); s then has 2 C / F sums. */
 static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, const T *piv,
-                            double *s, double *part, int nt) {
-    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt);
-    memset(part, 0, (size_t)(2 * C * nk) * sizeof(double));
+                            double *s, double *part, int64_t F, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
+    memset(part, 0, (size_t)(2 * Cc * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
-        double *o = part + 2 * C * t;
+        double *o = part + 2 * Cc * t;
         if (nhwc) {
-            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + C);
+            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + Cc, F);
         } else {
             for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1)
                 SFX(sums_plane)(x + p * S, S, piv[c], &o[c], &o[C + c]);
         }
     }
-    for (int64_t k = 0; k < 2 * C; k++) s[k] = 0.0;
+    for (int64_t k = 0; k < 2 * Cc; k++) s[k] = 0.0;
     for (int64_t t = 0; t < nk; t++)
-        for (int64_t k = 0; k < 2 * C; k++) s[k] += part[2 * C * t + k];
+        for (int64_t k = 0; k < 2 * Cc; k++) s[k] += part[2 * Cc * t + k];
 }
 
 /* Streaming stores for a large output, except NCHW planes that do not fill whole cache lines:
@@ -120,16 +121,16 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
  * sum((x - ctr)^2) (4 * C). */
 static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
-                           double *part, int st, int nt) {
-    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt);
-    int64_t ns = (st ? 4 : 2) * C;
-    memset(part, 0, (size_t)(4 * C * nk) * sizeof(double));
+                           double *part, int st, int64_t F, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
+    int64_t ns = (st ? 4 : 2) * Cc;
+    memset(part, 0, (size_t)(4 * Cc * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
-        double *o = part + 4 * C * t;
+        double *o = part + 4 * Cc * t;
         if (nhwc) {
-            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st);
+            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st, F);
         } else {
             /* c = p % C, stepped (a division per short plane is measurable) */
             for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1) {
@@ -140,7 +141,7 @@ static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_
     }
     for (int64_t k = 0; k < ns; k++) s[k] = 0.0;
     for (int64_t t = 0; t < nk; t++)
-        for (int64_t k = 0; k < ns; k++) s[k] += part[4 * C * t + k];
+        for (int64_t k = 0; k < ns; k++) s[k] += part[4 * Cc * t + k];
 }
 
 static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
@@ -165,29 +166,19 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
 }
 
 /* ------------------------------------------------------------------ short NCHW planes
- * A plane of a few values (2x2 to 7x7 maps) costs a call, a horizontal sum and a flush into
+ * A plane of a few values (2x2, 3x3 maps) costs a call, a horizontal sum and a flush into
  * double per handful of values. Such a tensor also reads as N rows of C * S columns, column i
  * belonging to channel i / S: the NHWC passes then run over it with every per-channel
- * coefficient repeated S times, and the column sums fold into channel sums. Each value goes
+ * coefficient repeated S times, and add each column's sums into its channel's. Each value goes
  * through the same arithmetic as on the plane path. */
 static int SFX(wide_planes)(int64_t C, int64_t S, int nhwc) {
-    return !nhwc && S > 1 && S <= WIDE_PLANE && C * S <= wide_columns;
+    return !nhwc && S > 1 && S * (int64_t)sizeof(T) < WIDE_PLANE_BYTES && C * S <= wide_columns;
 }
 
 /* dst[c * S + j] = src[c] */
 static void SFX(spread)(const T *src, T *dst, int64_t C, int64_t S) {
     for (int64_t c = 0; c < C; c++)
         for (int64_t j = 0; j < S; j++) dst[c * S + j] = src[c];
-}
-
-/* dst[k * C + c] = sum of src[k * C * S + c * S + j] over j, for the `nq` quantities */
-static void SFX(fold)(const double *src, double *dst, int64_t C, int64_t S, int nq) {
-    for (int q = 0; q < nq; q++)
-        for (int64_t c = 0; c < C; c++) {
-            double t = 0.0;
-            for (int64_t j = 0; j < S; j++) t += src[(q * C + c) * S + j];
-            dst[q * C + c] = t;
-        }
 }
 
 /* ------------------------------------------------------------------ kernels */
@@ -203,7 +194,7 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     int wide = SFX(wide_planes)(C, S, nhwc);
     int64_t W = wide ? C * S : 0; /* columns of the wide view */
     T *piv = malloc((size_t)(4 * C + 4 * W) * sizeof(T));
-    double *s = malloc((size_t)(2 * C + 2 * W + PART_DOUBLES(wide ? W : C, nt)) * sizeof(double));
+    double *s = malloc((size_t)(2 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!piv || !s) {
         free(piv);
         free(s);
@@ -214,10 +205,8 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     SFX(pivots)(x, N, C, S, nhwc, piv);
     if (wide) {
         T *pw = piv + 4 * C, *cw = pw + W, *scw = cw + W, *shw = scw + W;
-        double *sw = s + 2 * C;
         SFX(spread)(piv, pw, C, S);
-        SFX(stats_pass)(x, N, W, 1, 1, pw, sw, sw + 2 * W, nt);
-        SFX(fold)(sw, s, C, S, 2);
+        SFX(stats_pass)(x, N, W, 1, 1, pw, s, s + 2 * C, S, nt);
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
@@ -226,7 +215,7 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
         SFX(spread)(sh, shw, C, S);
         SFX(apply_pass)(x, y, N, W, 1, 1, cw, scw, shw, act, slope, nt);
     } else {
-        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, nt);
+        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, 1, nt);
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
@@ -324,7 +313,7 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
     int wide = SFX(wide_planes)(C, S, nhwc);
     int64_t W = wide ? C * S : 0;
     T *ctr = malloc((size_t)(8 * C + 7 * W) * sizeof(T));
-    double *s = malloc((size_t)(4 * C + 4 * W + PART_DOUBLES(wide ? W : C, nt)) * sizeof(double));
+    double *s = malloc((size_t)(4 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!ctr || !s) {
         free(ctr);
         free(s);
@@ -355,15 +344,13 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
     T *cw = ctr + 8 * C, *mscw = cw + W, *mshw = mscw + W, *Aw = mshw + W, *Gw = Aw + W;
     T *Bw = Gw + W, *Dw = Bw + W;
     if (wide) {
-        double *sw = s + 4 * C;
         SFX(spread)(ctr, cw, C, S);
         SFX(spread)(msc, mscw, C, S);
         SFX(spread)(msh, mshw, C, S);
-        SFX(bred_pass)(dy, x, N, W, 1, 1, cw, mscw, mshw, act, slope, sw, sw + 4 * W, recompute,
+        SFX(bred_pass)(dy, x, N, W, 1, 1, cw, mscw, mshw, act, slope, s, s + 4 * C, recompute, S,
                        nt);
-        SFX(fold)(sw, s, C, S, recompute ? 4 : 2);
     } else {
-        SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, s + 4 * C, recompute,
+        SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, s + 4 * C, recompute, 1,
                        nt);
     }
     for (int64_t c = 0; c < C; c++) {

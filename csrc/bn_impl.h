@@ -51,6 +51,33 @@ static inline void SFX(vflush)(double *restrict o, SFX(vec) v) {
     for (int64_t l = 0; l < VL; l++) o[l] += v[l];
 }
 
+/* NHWC sums of columns col.. into channel sums: column i belongs to channel i / F (F = 1, or
+ * the plane size S of an NCHW tensor read as rows of C * S columns, see bn_drivers.h). */
+static inline void SFX(vflush_to)(double *restrict o, int64_t col, SFX(vec) v, int64_t F) {
+    if (F == 1) {
+        SFX(vflush)(o + col, v);
+        return;
+    }
+    for (int64_t l = 0; l < VL; l++) o[(col + l) / F] += v[l];
+}
+
+/* o[(c0 + c) / F] += a[c] for c < W (a stepped channel index: no division per column) */
+static inline void SFX(flush_cols)(double *restrict o, const T *restrict a, int64_t c0,
+                                   int64_t W, int64_t F) {
+    if (F == 1) {
+        for (int64_t c = 0; c < W; c++) o[c0 + c] += a[c];
+        return;
+    }
+    int64_t ch = c0 / F, j = c0 % F;
+    for (int64_t c = 0; c < W; c++) {
+        o[ch] += a[c];
+        if (++j == F) {
+            j = 0;
+            ch++;
+        }
+    }
+}
+
 /* activation derivative as a vector: 1 where pre > 0, else 0 (relu) or slope (leaky) */
 static inline SFX(vec) SFX(vgrad)(SFX(vec) pre, int act, SFX(vec) slope) {
     SFX(vec) zero = {0}, one = zero + (T)1;
@@ -100,7 +127,7 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
  * a block of rows, then go into double. Faster than the L1 array for such short rows. */
 static inline __attribute__((always_inline)) void SFX(sums_cols)(
     const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c, const T *restrict piv,
-    double *restrict o1, double *restrict o2, const int K) {
+    double *restrict o1, double *restrict o2, int64_t F, const int K) {
     SFX(vec) zero = {0}, pv[4], a[4], q[4];
     for (int k = 0; k < K; k++) {
         pv[k] = SFX(vload)(piv + c + k * VL);
@@ -116,23 +143,25 @@ static inline __attribute__((always_inline)) void SFX(sums_cols)(
         }
     }
     for (int k = 0; k < K; k++) {
-        SFX(vflush)(o1 + c + k * VL, a[k]);
-        SFX(vflush)(o2 + c + k * VL, q[k]);
+        SFX(vflush_to)(o1, c + k * VL, a[k], F);
+        SFX(vflush_to)(o2, c + k * VL, q[k], F);
     }
 }
 
 /* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC): rows in
- * memory order, a block's sums in an L1-resident T array (see bred_rows in bn_impl_bwd.h). */
+ * memory order, a block's sums in an L1-resident T array (see bred_rows in bn_impl_bwd.h).
+ * Column c's sums go to channel c / F. */
 static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m1,
-                           const T *restrict piv, double *restrict o1, double *restrict o2) {
+                           const T *restrict piv, double *restrict o1, double *restrict o2,
+                           int64_t F) {
     if (C % VL == 0 && C <= 4 * VL) { /* short rows: in registers */
         for (int64_t m = m0; m < m1; m += ROWBLOCK) {
             int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
             switch (C / VL) {
-            case 1: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 1); break;
-            case 2: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 2); break;
-            case 3: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 3); break;
-            default: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, 4);
+            case 1: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 1); break;
+            case 2: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 2); break;
+            case 3: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 3); break;
+            default: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 4);
             }
         }
         return;
@@ -159,10 +188,8 @@ static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m
                     a2[c] += d * d;
                 }
             }
-            for (int64_t c = 0; c < W; c++) {
-                o1[c0 + c] += a1[c];
-                o2[c0 + c] += a2[c];
-            }
+            SFX(flush_cols)(o1, a1, c0, W, F);
+            SFX(flush_cols)(o2, a2, c0, W, F);
         }
         m = end;
     }

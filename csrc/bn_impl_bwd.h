@@ -88,8 +88,9 @@ static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T 
 static inline __attribute__((always_inline)) void SFX(bred_cols)(
     const T *restrict dy, const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c,
     const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    double *restrict o, const int K, const int ST) {
+    double *restrict o, int64_t F, const int K, const int ST) {
     SFX(vec) zero = {0}, lv = zero + slope, cv[4], a[4], b[4], cs[4], q[4];
+    const int64_t Cc = C / F; /* channels: the stride of the quantities in o */
     for (int k = 0; k < K; k++) {
         cv[k] = SFX(vload)(ctr + c + k * VL);
         a[k] = b[k] = cs[k] = q[k] = zero;
@@ -111,11 +112,11 @@ static inline __attribute__((always_inline)) void SFX(bred_cols)(
         }
     }
     for (int k = 0; k < K; k++) {
-        SFX(vflush)(o + c + k * VL, a[k]);
-        SFX(vflush)(o + C + c + k * VL, b[k]);
+        SFX(vflush_to)(o, c + k * VL, a[k], F);
+        SFX(vflush_to)(o + Cc, c + k * VL, b[k], F);
         if (ST) {
-            SFX(vflush)(o + 2 * C + c + k * VL, cs[k]);
-            SFX(vflush)(o + 3 * C + c + k * VL, q[k]);
+            SFX(vflush_to)(o + 2 * Cc, c + k * VL, cs[k], F);
+            SFX(vflush_to)(o + 3 * Cc, c + k * VL, q[k], F);
         }
     }
 }
@@ -128,12 +129,12 @@ static inline __attribute__((always_inline)) void SFX(bred_cols)(
 static inline __attribute__((always_inline)) void SFX(bred_rows)(
     const T *restrict dy, const T *restrict x, int64_t C, int64_t m0, int64_t m1,
     const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    double *restrict o, const int ST) {
+    double *restrict o, int64_t F, const int ST) {
     const int kmax = act == ACT_ID && !ST ? 4 : 2; /* vectors whose sums fit in registers */
     if (C % VL == 0 && C <= kmax * VL) { /* short rows: in registers */
         for (int64_t m = m0; m < m1; m += ROWBLOCK) {
             int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-#define BRED_COLS(K) SFX(bred_cols)(dy, x, C, m, end, 0, ctr, msc, msh, act, slope, o, K, ST)
+#define BRED_COLS(K) SFX(bred_cols)(dy, x, C, m, end, 0, ctr, msc, msh, act, slope, o, F, K, ST)
             switch (C / VL) {
             case 1: BRED_COLS(1); break;
             case 2: BRED_COLS(2); break;
@@ -183,18 +184,17 @@ static inline __attribute__((always_inline)) void SFX(bred_rows)(
                     }
                 }
             }
-            for (int64_t k = 0; k < nq; k++)
-                for (int64_t c = 0; c < W; c++) o[k * C + c0 + c] += acc[k * W + c];
+            for (int64_t k = 0; k < nq; k++) SFX(flush_cols)(o + k * (C / F), acc + k * W, c0, W, F);
         }
         m = end;
     }
 }
 
-/* The sums over rows [m0, m1) (NHWC), into o (stride C). */
+/* The sums over rows [m0, m1) (NHWC), column c into channel c / F of o (stride C / F). */
 static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64_t m1,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
-                           int st) {
-#define BRED_ROWS(A, ST) SFX(bred_rows)(dy, x, C, m0, m1, ctr, msc, msh, A, slope, o, ST)
+                           int st, int64_t F) {
+#define BRED_ROWS(A, ST) SFX(bred_rows)(dy, x, C, m0, m1, ctr, msc, msh, A, slope, o, F, ST)
     if (st) {
         switch (act) {
         case ACT_RELU: BRED_ROWS(ACT_RELU, 1); break;

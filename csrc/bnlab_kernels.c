@@ -25,11 +25,12 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 #define ROWBLOCK 64   /* NHWC rows accumulated in T registers before the flush into double */
 #define MIN_PER_THREAD 16384
 #define NHWC_WINDOW 1024 /* channels per NHWC accumulation window (4 x 4 KiB of floats) */
-/* NCHW planes of at most WIDE_PLANE values run as rows of C * S columns (see bn_drivers.h),
- * when C * S is at most wide_columns (WIDE_COLUMNS; wider rows measured slower: their
- * per-task column sums outgrow the caches) */
-#define WIDE_PLANE 63
-#define WIDE_COLUMNS 4096
+/* NCHW planes shorter than WIDE_PLANE_BYTES (a cache line: less than two vectors) run as rows
+ * of C * S columns (see bn_drivers.h) when C * S is at most wide_columns (WIDE_COLUMNS).
+ * Measured on 2 threads: 2x2 and 3x3 planes 1.2-3.5x faster that way; 4x4 to 7x7 planes,
+ * whose vectors the plane path fills, up to 3x slower. */
+#define WIDE_PLANE_BYTES 64
+#define WIDE_COLUMNS 32768
 static int64_t wide_columns = WIDE_COLUMNS;
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */

@@ -66,9 +66,9 @@ def backend(request):
 
 @pytest.fixture(params=["wide", "planes"])
 def plane_path(request):
-    """Both native paths for NCHW tensors with short planes: as rows of C * S columns (the
-    default up to 4096 columns) and plane by plane."""
-    previous = _ops._native.set_wide_columns(4096 if request.param == "wide" else 0)
+    """Both native paths for NCHW tensors with planes shorter than a cache line: as rows of
+    C * S columns (the default up to 32768 columns) and plane by plane."""
+    previous = _ops._native.set_wide_columns(1 << 30 if request.param == "wide" else 0)
     try:
         yield request.param
     finally:
@@ -327,8 +327,9 @@ def streaming_always():
 
 
 # (4, 8, 5, 7): NCHW planes of 35 values start unaligned; C=8 rows stream in NHWC, C=6 do not;
-# (2, 1040, 2, 2): channels-last rows of more than one window of channels.
-@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4), (2, 1040, 2, 2)])
+# (2, 1040, 2, 2): channels-last rows of more than one window of channels, and NCHW as rows of
+# 4160 columns; (3, 6, 2, 3): NCHW as rows of 36 columns, not a whole number of vectors.
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4), (2, 1040, 2, 2), (3, 6, 2, 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
