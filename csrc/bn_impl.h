@@ -83,7 +83,8 @@ static inline SFX(vec) SFX(vgrad)(SFX(vec) pre, int act, SFX(vec) slope) {
     SFX(vec) zero = {0}, one = zero + (T)1;
     SFX(ivec) m = pre > zero;
     if (act == ACT_RELU) return (SFX(vec))((SFX(ivec))one & m);
-    if (act == ACT_LEAKY) return (SFX(vec))((SFX(ivec))(one - slope) & m) + slope;
+    if (act == ACT_LEAKY) /* a select: exactly 1 or slope, as act_grad */
+        return (SFX(vec))(((SFX(ivec))one & m) | ((SFX(ivec))slope & ~m));
     return one;
 }
 
@@ -233,9 +234,20 @@ static inline int64_t SFX(head)(const T *q, int64_t S) {
 }
 
 /* ------------------------------------------------------------------ y = act((x - ctr) * scale + shift) */
+/* The identity is left to the compiler's vectoriser; with an activation the loop is written in
+ * vectors, since the compiler kept a branch per value for the activation there (measured:
+ * leaky ReLU 3.4 ms against 0.12 ms for (128, 64, 11, 11), one mispredicted branch in two). */
 static inline __attribute__((always_inline)) void SFX(apply_seg)(
     const T *restrict p, T *restrict q, int64_t S, T ctr, T sc, T sh, int act, T slope) {
-    for (int64_t i = 0; i < S; i++) q[i] = SFX(act_fwd)((p[i] - ctr) * sc + sh, act, slope);
+    int64_t i = 0;
+    if (act != ACT_ID) {
+        SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + sc, hv = zero + sh, lv = zero + slope;
+        for (; i + VL <= S; i += VL) {
+            SFX(vec) v = SFX(vact)((SFX(vload)(p + i) - cv) * sv + hv, act, lv);
+            memcpy(q + i, &v, sizeof v);
+        }
+    }
+    for (; i < S; i++) q[i] = SFX(act_fwd)((p[i] - ctr) * sc + sh, act, slope);
 }
 
 static inline __attribute__((always_inline)) void SFX(apply_stream)(
@@ -269,11 +281,20 @@ static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int
 static inline __attribute__((always_inline)) void SFX(apply_rows)(
     const T *restrict x, T *restrict y, int64_t C, int64_t Wd, int64_t m0, int64_t m1,
     const T *restrict ctr, const T *restrict sc, const T *restrict sh, int act, T slope) {
+    SFX(vec) zero = {0}, lv = zero + slope;
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         T *restrict q = y + m * C;
-        for (int64_t c = 0; c < Wd; c++)
-            q[c] = SFX(act_fwd)((p[c] - ctr[c]) * sc[c] + sh[c], act, slope);
+        int64_t c = 0;
+        if (act != ACT_ID) /* in vectors, as in apply_seg */
+            for (; c + VL <= Wd; c += VL) {
+                SFX(vec) v = SFX(vact)((SFX(vload)(p + c) - SFX(vload)(ctr + c)) *
+                                               SFX(vload)(sc + c) +
+                                           SFX(vload)(sh + c),
+                                       act, lv);
+                memcpy(q + c, &v, sizeof v);
+            }
+        for (; c < Wd; c++) q[c] = SFX(act_fwd)((p[c] - ctr[c]) * sc[c] + sh[c], act, slope);
     }
 }
 

@@ -218,7 +218,18 @@ static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64
 static inline __attribute__((always_inline)) void SFX(bdx_seg)(
     const T *restrict g0, const T *restrict p, T *restrict q, int64_t S, T ctr, T msc, T msh,
     int act, T slope, T A, T G, T B, T D) {
-    for (int64_t i = 0; i < S; i++) {
+    int64_t i = 0;
+    if (act != ACT_ID) { /* in vectors: see apply_seg */
+        SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
+        SFX(vec) av = zero + A, gv = zero + G, bv = zero + B, dv = zero + D;
+        for (; i + VL <= S; i += VL) {
+            SFX(vec) e = SFX(vload)(p + i) - cv;
+            SFX(vec) g = SFX(vload)(g0 + i) * SFX(vgrad)(e * sv + hv, act, lv);
+            SFX(vec) v = av * (gv * g + bv * e + dv);
+            memcpy(q + i, &v, sizeof v);
+        }
+    }
+    for (; i < S; i++) {
         T d = p[i] - ctr;
         T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
         q[i] = A * (G * g + B * d + D);
@@ -266,11 +277,22 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows)(
     const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t Wd, int64_t m0,
     int64_t m1, const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act,
     T slope, const T *restrict A, const T *restrict G, const T *restrict B, const T *restrict D) {
+    SFX(vec) zero = {0}, lv = zero + slope;
     for (int64_t m = m0; m < m1; m++) {
         const T *restrict p = x + m * C;
         const T *restrict g0 = dy + m * C;
         T *restrict q = dx + m * C;
-        for (int64_t c = 0; c < Wd; c++) {
+        int64_t c = 0;
+        if (act != ACT_ID) /* in vectors: see apply_seg */
+            for (; c + VL <= Wd; c += VL) {
+                SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c);
+                SFX(vec) g = SFX(vload)(g0 + c) *
+                             SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
+                SFX(vec) v = SFX(vload)(A + c) *
+                             (SFX(vload)(G + c) * g + SFX(vload)(B + c) * e + SFX(vload)(D + c));
+                memcpy(q + c, &v, sizeof v);
+            }
+        for (; c < Wd; c++) {
             T d = p[c] - ctr[c];
             T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
             q[c] = A[c] * (G[c] * g + B[c] * d + D[c]);
