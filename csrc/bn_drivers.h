@@ -69,7 +69,7 @@ static int64_t SFX(rows_of)(int64_t N, int64_t C, int nhwc) { return nhwc ? N : 
  * PART_DOUBLES(C, nt) doubles. F > 1 (NHWC only): the rows' C columns belong to C / F
  * channels, F columns each (the wide view of short NCHW planes); s then has 2 C / F sums. */
 static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, const T *piv,
-                            double *s, double *part, int64_t F, int nt) {
+                            double *s, double *part, int64_t F, T *run, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
     memset(part, 0, (size_t)(2 * Cc * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -78,6 +78,10 @@ static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhw
         double *o = part + 2 * Cc * t;
         if (nhwc) {
             SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + Cc, F);
+        } else if (run) {
+            int th = omp_get_thread_num();
+            SFX(sums_run)(x, r0, r1, C, S, piv, o, o + C, SFX(run_acc)(run, C, th),
+                          SFX(run_cnt)(run, C, nt, th));
         } else {
             for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1)
                 SFX(sums_plane)(x + p * S, S, piv[c], &o[c], &o[C + c]);
@@ -121,7 +125,7 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
  * sum((x - ctr)^2) (4 * C). */
 static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
-                           double *part, int st, int64_t F, int nt) {
+                           double *part, int st, int64_t F, T *run, int nt) {
     int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
     int64_t ns = (st ? 4 : 2) * Cc;
     memset(part, 0, (size_t)(4 * Cc * nk) * sizeof(double));
@@ -131,6 +135,10 @@ static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_
         double *o = part + 4 * Cc * t;
         if (nhwc) {
             SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st, F);
+        } else if (run) {
+            int th = omp_get_thread_num();
+            SFX(bred_run)(dy, x, r0, r1, C, S, ctr, msc, msh, act, slope, o, SFX(run_acc)(run, C, th),
+                          SFX(run_cnt)(run, C, nt, th), st);
         } else {
             /* c = p % C, stepped (a division per short plane is measurable) */
             for (int64_t p = r0, c = r0 % C; p < r1; p++, c = c + 1 == C ? 0 : c + 1) {
@@ -193,20 +201,22 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     nt = threads_for(N * C * S, nt);
     int wide = SFX(wide_planes)(C, S, nhwc);
     int64_t W = wide ? C * S : 0; /* columns of the wide view */
-    T *piv = malloc((size_t)(4 * C + 4 * W) * sizeof(T));
+    int64_t nrun = wide || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
+    T *piv = malloc((size_t)(4 * C + 4 * W + nrun) * sizeof(T));
     double *s = malloc((size_t)(2 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!piv || !s) {
         free(piv);
         free(s);
         return -1;
     }
+    T *run = nrun ? piv + 4 * C + 4 * W : NULL;
     T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
     double n = (double)N * (double)S;
     SFX(pivots)(x, N, C, S, nhwc, piv);
     if (wide) {
         T *pw = piv + 4 * C, *cw = pw + W, *scw = cw + W, *shw = scw + W;
         SFX(spread)(piv, pw, C, S);
-        SFX(stats_pass)(x, N, W, 1, 1, pw, s, s + 2 * C, S, nt);
+        SFX(stats_pass)(x, N, W, 1, 1, pw, s, s + 2 * C, S, NULL, nt);
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
@@ -215,7 +225,7 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
         SFX(spread)(sh, shw, C, S);
         SFX(apply_pass)(x, y, N, W, 1, 1, cw, scw, shw, act, slope, nt);
     } else {
-        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, 1, nt);
+        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, 1, run, nt);
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
@@ -312,7 +322,8 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
     nt = threads_for(N * C * S, nt);
     int wide = SFX(wide_planes)(C, S, nhwc);
     int64_t W = wide ? C * S : 0;
-    T *ctr = malloc((size_t)(8 * C + 7 * W) * sizeof(T));
+    int64_t nrun = wide || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
+    T *ctr = malloc((size_t)(8 * C + 7 * W + nrun) * sizeof(T));
     double *s = malloc((size_t)(4 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!ctr || !s) {
         free(ctr);
@@ -348,10 +359,11 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
         SFX(spread)(msc, mscw, C, S);
         SFX(spread)(msh, mshw, C, S);
         SFX(bred_pass)(dy, x, N, W, 1, 1, cw, mscw, mshw, act, slope, s, s + 4 * C, recompute, S,
-                       nt);
+                       NULL, nt);
     } else {
+        T *run = nrun ? Dw + W : NULL;
         SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, s + 4 * C, recompute, 1,
-                       nt);
+                       run, nt);
     }
     for (int64_t c = 0; c < C; c++) {
         double dl = 0.0; /* true mean minus ctr */

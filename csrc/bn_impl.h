@@ -124,6 +124,92 @@ static void SFX(sums_plane)(const T *restrict p, int64_t S, T piv, double *o1, d
     *o2 += d2;
 }
 
+/* ------------------------------------------------------------------ runs of short planes
+ * A plane of tens of values (4x4 to 16x16 maps) is a few vectors; two horizontal sums into
+ * double per plane cost as much as the plane's arithmetic. Over a run of planes (plane p of
+ * channel p % C) each plane's vector sums go instead into per-channel T vectors `acc`, which
+ * are flushed into double (one horizontal sum) before any lane holds more than BLOCK / VL
+ * terms, the same bound as within a plane. A plane's last S % VL values go into lane 0. */
+
+/* Terms one plane adds to a lane, at most, and planes per flush. */
+static inline int64_t SFX(run_cap)(int64_t S) {
+    int64_t per = S / VL + S % VL;
+    int64_t cap = (BLOCK / VL) / (per ? per : 1);
+    return cap < 1 ? 1 : cap;
+}
+
+/* T values of scratch for runs of planes of S values over C channels on `nt` threads: per
+ * thread 4 C vectors and C counters (an int32 fits in a T); 0 when runs do not apply (long
+ * planes, or more channels than keep the vectors near the core). */
+#define RUN_BYTES ((int64_t)256 << 10)
+static inline int64_t SFX(run_scratch)(int64_t C, int64_t S, int nt) {
+    if (!plane_runs || S >= BLOCK / 2 || 4 * C * VL * (int64_t)sizeof(T) > RUN_BYTES) return 0;
+    return nt * (4 * C * VL + C);
+}
+
+/* thread th's vectors and counters in that scratch */
+static inline T *SFX(run_acc)(T *run, int64_t C, int th) { return run + th * 4 * C * VL; }
+static inline int32_t *SFX(run_cnt)(T *run, int64_t C, int nt, int th) {
+    return (int32_t *)(run + nt * 4 * C * VL) + th * C;
+}
+
+/* acc[c] += v (a T vector in an array of T) */
+static inline void SFX(vacc)(T *restrict acc, SFX(vec) v) {
+    SFX(vec) t = SFX(vload)(acc) + v;
+    memcpy(acc, &t, sizeof t);
+}
+
+/* o[c] += the lanes of acc (VL values), then acc = 0 */
+static inline void SFX(vdrain)(double *restrict o, T *restrict acc) {
+    *o += SFX(vsum)(SFX(vload)(acc));
+    memset(acc, 0, VL * sizeof(T));
+}
+
+/* sums of (x - piv) and (x - piv)^2 over planes [p0, p1) of S values, p0 of channel c0, into
+ * o1/o2; `acc` holds 2 C VL values and `cnt` C counters of scratch. */
+static void SFX(sums_run)(const T *restrict x, int64_t p0, int64_t p1, int64_t C, int64_t S,
+                          const T *restrict piv, double *restrict o1, double *restrict o2,
+                          T *restrict acc, int32_t *restrict cnt) {
+    const int64_t sv = S / VL * VL, cap = SFX(run_cap)(S);
+    SFX(vec) zero = {0};
+    memset(acc, 0, (size_t)(2 * C * VL) * sizeof(T));
+    memset(cnt, 0, (size_t)C * sizeof(int32_t));
+    for (int64_t p = p0, c = p0 % C; p < p1; p++, c = c + 1 == C ? 0 : c + 1) {
+        const T *restrict q = x + p * S;
+        SFX(vec) pv = zero + piv[c], a0 = zero, a1 = zero, s0 = zero, s1 = zero;
+        int64_t k = 0;
+        for (; k + 2 * VL <= sv; k += 2 * VL) {
+            SFX(vec) e0 = SFX(vload)(q + k) - pv, e1 = SFX(vload)(q + k + VL) - pv;
+            a0 += e0;
+            a1 += e1;
+            s0 += e0 * e0;
+            s1 += e1 * e1;
+        }
+        for (; k < sv; k += VL) {
+            SFX(vec) e = SFX(vload)(q + k) - pv;
+            a0 += e;
+            s0 += e * e;
+        }
+        for (; k < S; k++) {
+            T d = q[k] - piv[c];
+            a1[0] += d;
+            s1[0] += d * d;
+        }
+        SFX(vacc)(acc + c * VL, a0 + a1);
+        SFX(vacc)(acc + (C + c) * VL, s0 + s1);
+        if (++cnt[c] == cap) {
+            SFX(vdrain)(o1 + c, acc + c * VL);
+            SFX(vdrain)(o2 + c, acc + (C + c) * VL);
+            cnt[c] = 0;
+        }
+    }
+    for (int64_t c = 0; c < C; c++)
+        if (cnt[c]) {
+            SFX(vdrain)(o1 + c, acc + c * VL);
+            SFX(vdrain)(o2 + c, acc + (C + c) * VL);
+        }
+}
+
 /* NHWC rows of at most four vectors (C = K VL): the whole row's sums stay in registers over
  * a block of rows, then go into double. Faster than the L1 array for such short rows. */
 static inline __attribute__((always_inline)) void SFX(sums_cols)(

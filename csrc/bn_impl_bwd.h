@@ -83,6 +83,91 @@ static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T 
 #undef BRED_PLANE
 }
 
+/* The sums above over planes [p0, p1) of S values (a run, see sums_run), into o (stride C);
+ * `acc` holds 4 C VL values and `cnt` C counters of scratch. */
+static inline __attribute__((always_inline)) void SFX(bred_run_act)(
+    const T *restrict dy, const T *restrict x, int64_t p0, int64_t p1, int64_t C, int64_t S,
+    const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
+    double *restrict o, T *restrict acc, int32_t *restrict cnt, const int ST) {
+    const int64_t sv = S / VL * VL, cap = SFX(run_cap)(S), nq = ST ? 4 : 2;
+    SFX(vec) zero = {0}, lv = zero + slope;
+    memset(acc, 0, (size_t)(nq * C * VL) * sizeof(T));
+    memset(cnt, 0, (size_t)C * sizeof(int32_t));
+    for (int64_t p = p0, c = p0 % C; p < p1; p++, c = c + 1 == C ? 0 : c + 1) {
+        const T *restrict q = x + p * S, *restrict g0 = dy + p * S;
+        SFX(vec) cv = zero + ctr[c], sv_ = zero + msc[c], hv = zero + msh[c];
+        SFX(vec) a[2] = {zero, zero}, b[2] = {zero, zero}, e1[2] = {zero, zero};
+        SFX(vec) e2[2] = {zero, zero};
+        int64_t k = 0;
+        for (; k + 2 * VL <= sv; k += 2 * VL) {
+            for (int u = 0; u < 2; u++) {
+                SFX(vec) e = SFX(vload)(q + k + u * VL) - cv, g = SFX(vload)(g0 + k + u * VL);
+                if (act != ACT_ID) g *= SFX(vgrad)(e * sv_ + hv, act, lv);
+                a[u] += g;
+                b[u] += g * e;
+                if (ST) {
+                    e1[u] += e;
+                    e2[u] += e * e;
+                }
+            }
+        }
+        for (; k < sv; k += VL) {
+            SFX(vec) e = SFX(vload)(q + k) - cv, g = SFX(vload)(g0 + k);
+            if (act != ACT_ID) g *= SFX(vgrad)(e * sv_ + hv, act, lv);
+            a[0] += g;
+            b[0] += g * e;
+            if (ST) {
+                e1[0] += e;
+                e2[0] += e * e;
+            }
+        }
+        for (; k < S; k++) {
+            T d = q[k] - ctr[c];
+            T g = g0[k] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
+            a[1][0] += g;
+            b[1][0] += g * d;
+            if (ST) {
+                e1[1][0] += d;
+                e2[1][0] += d * d;
+            }
+        }
+        SFX(vacc)(acc + c * VL, a[0] + a[1]);
+        SFX(vacc)(acc + (C + c) * VL, b[0] + b[1]);
+        if (ST) {
+            SFX(vacc)(acc + (2 * C + c) * VL, e1[0] + e1[1]);
+            SFX(vacc)(acc + (3 * C + c) * VL, e2[0] + e2[1]);
+        }
+        if (++cnt[c] == cap) {
+            for (int64_t j = 0; j < nq; j++) SFX(vdrain)(o + j * C + c, acc + (j * C + c) * VL);
+            cnt[c] = 0;
+        }
+    }
+    for (int64_t c = 0; c < C; c++)
+        if (cnt[c])
+            for (int64_t j = 0; j < nq; j++) SFX(vdrain)(o + j * C + c, acc + (j * C + c) * VL);
+}
+
+static void SFX(bred_run)(const T *dy, const T *x, int64_t p0, int64_t p1, int64_t C, int64_t S,
+                          const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
+                          T *acc, int32_t *cnt, int st) {
+#define BRED_RUN(A, ST)                                                                          \
+    SFX(bred_run_act)(dy, x, p0, p1, C, S, ctr, msc, msh, A, slope, o, acc, cnt, ST)
+    if (st) {
+        switch (act) {
+        case ACT_RELU: BRED_RUN(ACT_RELU, 1); break;
+        case ACT_LEAKY: BRED_RUN(ACT_LEAKY, 1); break;
+        default: BRED_RUN(ACT_ID, 1);
+        }
+    } else {
+        switch (act) {
+        case ACT_RELU: BRED_RUN(ACT_RELU, 0); break;
+        case ACT_LEAKY: BRED_RUN(ACT_LEAKY, 0); break;
+        default: BRED_RUN(ACT_ID, 0);
+        }
+    }
+#undef BRED_RUN
+}
+
 /* NHWC rows of at most K vectors (C = K VL, K <= 4, or 2 with an activation or the
  * statistics): the whole row's sums in registers over a block of rows. */
 static inline __attribute__((always_inline)) void SFX(bred_cols)(

@@ -14,6 +14,8 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; } /* built without OpenMP: one thread */
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -32,6 +34,7 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
 #define WIDE_PLANE_BYTES 64
 #define WIDE_COLUMNS 32768
 static int64_t wide_columns = WIDE_COLUMNS;
+static int plane_runs = 1; /* runs of short planes (bn_impl.h); 0: plane by plane */
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */
 static int threads_for(int64_t work, int nt) {
@@ -258,7 +261,18 @@ static PyObject *py_set_wide_columns(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(previous);
 }
 
+static PyObject *py_set_plane_runs(PyObject *self, PyObject *args) {
+    int v;
+    if (!PyArg_ParseTuple(args, "p", &v)) return NULL;
+    int previous = plane_runs;
+    plane_runs = v;
+    return PyBool_FromLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_plane_runs", py_set_plane_runs, METH_VARARGS,
+     "set_plane_runs(on) -> previous: NCHW sums over runs of short planes (False: plane by "
+     "plane)"},
     {"set_wide_columns", py_set_wide_columns, METH_VARARGS,
      "set_wide_columns(n) -> previous: NCHW tensors with short planes and C * S <= n run as "
      "rows of C * S columns (0: never)"},

@@ -64,15 +64,18 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture(params=["wide", "planes"])
+@pytest.fixture(params=["wide", "runs", "planes"])
 def plane_path(request):
-    """Both native paths for NCHW tensors with planes shorter than a cache line: as rows of
-    C * S columns (the default up to 32768 columns) and plane by plane."""
-    previous = _ops._native.set_wide_columns(1 << 30 if request.param == "wide" else 0)
+    """The native paths for NCHW tensors: planes shorter than a cache line as rows of C * S
+    columns ("wide", by default up to 32768 columns), sums over runs of short planes in
+    per-channel vectors ("runs", by default below 256 values), and plane by plane."""
+    wide = _ops._native.set_wide_columns(1 << 30 if request.param == "wide" else 0)
+    runs = _ops._native.set_plane_runs(request.param != "planes")
     try:
         yield request.param
     finally:
-        _ops._native.set_wide_columns(previous)
+        _ops._native.set_wide_columns(wide)
+        _ops._native.set_plane_runs(runs)
 
 
 def test_native_extension_was_built(monkeypatch):
@@ -139,12 +142,15 @@ def test_float32_accuracy_long_channels_and_offset(backend, channels_last, shape
         assert rel(var, vr) <= 1e-4
 
 
+# (96, 2048): BatchNorm1d input with C a multiple of 1024, whose pivots are summed row by row
+# in float32 (a column walk thrashed one L1 set); (64, 4, 3, 3): NCHW read as rows of 36
+# columns; (64, 4, 7, 7): NCHW sums over runs of short planes in float32 vectors.
+@pytest.mark.parametrize("shape", [(96, 2048), (64, 4, 3, 3), (64, 4, 7, 7)])
 @pytest.mark.parametrize("act", ["identity", "relu"])  # saved / recomputed statistics
-def test_float32_accuracy_wide_rows_with_offset(act):
-    # BatchNorm1d input (N, C) with C a multiple of 1024: the rows' pivots are summed in
-    # memory order in float32 (a column walk thrashed one L1 set); a common offset of 1e6
-    # standard deviations must still leave every digit of the normalised values.
-    x, _, _, dy = make((96, 2048), torch.float32, offset=1e4, std=1e-2)
+def test_float32_accuracy_short_rows_and_planes_with_offset(shape, act):
+    # A common offset of 1e6 standard deviations must leave every digit of the normalised
+    # values on the paths for short planes and wide rows too.
+    x, _, _, dy = make(shape, torch.float32, offset=1e4, std=1e-2)
     x.requires_grad_()
     with kernels.use_backend("native"):
         y, mean, var = kernels.batch_norm_act_train(x, None, None, 1e-5, act)
