@@ -2,7 +2,8 @@
 
 Forward and forward+backward in training mode and the evaluation forward, NCHW and
 channels-last, on the shapes of the seed's CNN and two larger ones (and, reported without a
-target, small late-stage feature maps and BatchNorm1d on (N, C) inputs). Each number is a median
+target: the fused BatchNormAct2d against BatchNorm2d + ReLU on those shapes, small late-stage
+feature maps, and BatchNorm1d on (N, C) inputs). Each number is a median
 over many repeats, measured in alternating rounds in one run; the table prints ratios against
 torch and against copy_, and the last lines whether the targets hold: training
 forward+backward at most 0.33x torch on NCHW and 1.0x on channels-last, evaluation forward at
@@ -31,18 +32,24 @@ EXTRA_SHAPES = [(64, 512, 7, 7), (256, 1024, 2, 2), (128, 256), (512, 1024), (25
 
 
 PASSES = ("fwd", "fwd+bwd", "eval")
+# on the target shapes, also reported: bnlab.BatchNormAct2d(act="relu") against torch's
+# BatchNorm2d followed by ReLU, forward+backward
+FUSED = "bn+relu"
 # the worst bnlab/torch ratio allowed per (pass, layout); the training forward alone has none
 TARGETS = {("fwd+bwd", "NCHW"): 0.33, ("fwd+bwd", "channels_last"): 1.0,
            ("eval", "NCHW"): 1.0, ("eval", "channels_last"): 1.0}  # fmt: skip
 
 
 def _contenders(shape, fmt, pass_):
-    backward = pass_ == "fwd+bwd"
+    backward = pass_ in ("fwd+bwd", FUSED)
     x = torch.randn(shape).contiguous(memory_format=fmt)
     dy = torch.randn(shape).contiguous(memory_format=fmt)
     two_d = len(shape) == 2
     ours = (bnlab.BatchNorm1d if two_d else bnlab.BatchNorm2d)(shape[1])
     theirs = (torch.nn.BatchNorm1d if two_d else torch.nn.BatchNorm2d)(shape[1])
+    if pass_ == FUSED:
+        ours = bnlab.BatchNormAct2d(shape[1], act="relu")
+        theirs = torch.nn.Sequential(theirs, torch.nn.ReLU())
     if pass_ == "eval":
         ours.eval()
         theirs.eval()
@@ -79,8 +86,8 @@ def main(argv=None) -> int:
                2: (("(N, C)", torch.contiguous_format),)}  # fmt: skip
     for shape in SHAPES + EXTRA_SHAPES:
         for fmt_name, fmt in layouts[len(shape)]:
-            for pass_ in PASSES:
-                with torch.set_grad_enabled(pass_ == "fwd+bwd"):
+            for pass_ in PASSES + ((FUSED,) if shape in SHAPES else ()):
+                with torch.set_grad_enabled(pass_ in ("fwd+bwd", FUSED)):
                     t = _timing.interleaved_medians(_contenders(shape, fmt, pass_),
                                                     rounds=rounds, repeats=repeats)
                 row = {
