@@ -65,19 +65,19 @@ static void SFX(finalize)(int64_t c, double s1, double s2, double n, T piv, cons
  * per-channel doubles, summed afterwards in a fixed order (deterministic for a thread count). */
 static int64_t SFX(rows_of)(int64_t N, int64_t C, int nhwc) { return nhwc ? N : N * C; }
 
-/* s[c] = sum(x - piv[c]), s[C + c] = sum((x - piv[c])^2); `part` is scratch for
- * PART_DOUBLES(C, nt) doubles. F > 1 (NHWC only): the rows' C columns belong to C / F
- * channels, F columns each (the wide view of short NCHW planes); s then has 2 C / F sums. */
+/* s[c] = sum(x - piv[c]), s[Cc + c] = sum((x - piv[c])^2) over the Cc = cm.nc channels;
+ * `part` is scratch for PART_DOUBLES(Cc, nt) doubles. NHWC columns go to their channels by
+ * cm (colmap_id(C) but for the views of short planes and few channels, see below). */
 static void SFX(stats_pass)(const T *x, int64_t N, int64_t C, int64_t S, int nhwc, const T *piv,
-                            double *s, double *part, int64_t F, T *run, int nt) {
-    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
+                            double *s, double *part, colmap cm, T *run, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = cm.nc;
     memset(part, 0, (size_t)(2 * Cc * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nk; t++) {
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         double *o = part + 2 * Cc * t;
         if (nhwc) {
-            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + Cc, F);
+            SFX(sums_nhwc)(x, C, r0, r1, piv, o, o + Cc, cm);
         } else if (run) {
             int th = omp_get_thread_num();
             SFX(sums_run)(x, r0, r1, C, S, piv, o, o + C, SFX(run_acc)(run, C, th),
@@ -125,8 +125,8 @@ static void SFX(apply_pass)(const T *x, T *y, int64_t N, int64_t C, int64_t S, i
  * sum((x - ctr)^2) (4 * C). */
 static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int nhwc,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *s,
-                           double *part, int st, int64_t F, T *run, int nt) {
-    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = C / F;
+                           double *part, int st, colmap cm, T *run, int nt) {
+    int64_t rows = SFX(rows_of)(N, C, nhwc), nk = row_tasks(rows, C, nhwc, nt), Cc = cm.nc;
     int64_t ns = (st ? 4 : 2) * Cc;
     memset(part, 0, (size_t)(4 * Cc * nk) * sizeof(double));
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -134,7 +134,7 @@ static void SFX(bred_pass)(const T *dy, const T *x, int64_t N, int64_t C, int64_
         int64_t r0 = rows * t / nk, r1 = rows * (t + 1) / nk;
         double *o = part + 4 * Cc * t;
         if (nhwc) {
-            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st, F);
+            SFX(bred_nhwc)(dy, x, C, r0, r1, ctr, msc, msh, act, slope, o, st, cm);
         } else if (run) {
             int th = omp_get_thread_num();
             SFX(bred_run)(dy, x, r0, r1, C, S, ctr, msc, msh, act, slope, o, SFX(run_acc)(run, C, th),
@@ -183,10 +183,49 @@ static int SFX(wide_planes)(int64_t C, int64_t S, int nhwc) {
     return !nhwc && S > 1 && S * (int64_t)sizeof(T) < WIDE_PLANE_BYTES && C * S <= wide_columns;
 }
 
-/* dst[c * S + j] = src[c] */
-static void SFX(spread)(const T *src, T *dst, int64_t C, int64_t S) {
-    for (int64_t c = 0; c < C; c++)
-        for (int64_t j = 0; j < S; j++) dst[c * S + j] = src[c];
+/* ------------------------------------------------------------------ channels-last rows of few channels
+ * NHWC rows whose C is not a whole number of vectors (an RGB input, odd feature counts) end in
+ * a scalar loop, and below one vector are nothing else. VL consecutive rows also read as one
+ * row of VL C columns, a whole number of vectors: the NHWC passes run over it with the
+ * per-channel coefficients tiled VL times (column i belongs to channel i % C), and the last
+ * M % VL rows take the plain path. */
+static int64_t SFX(tile_rows)(int64_t M, int64_t C, int nhwc) {
+    int64_t vl = SFX(vlen)();
+    return nhwc && C % vl != 0 && M >= vl && C * vl <= tile_columns ? vl : 0;
+}
+
+/* The view a tensor runs as: none (W = 0), short NCHW planes as N rows of C * S columns, or
+ * groups of k channels-last rows as rows of k C columns (R rows, then `tail` plain rows). */
+typedef struct {
+    int64_t W, R, S, k, tail;
+} SFX(view);
+
+static SFX(view) SFX(view_of)(int64_t N, int64_t C, int64_t S, int nhwc) {
+    SFX(view) v = {0, 0, S, 0, 0};
+    if (SFX(wide_planes)(C, S, nhwc)) {
+        v.W = C * S;
+        v.R = N;
+    } else if ((v.k = SFX(tile_rows)(N, C, nhwc))) {
+        v.W = v.k * C;
+        v.R = N / v.k;
+        v.tail = N - v.R * v.k;
+    }
+    return v;
+}
+
+static colmap SFX(view_map)(SFX(view) v, int64_t C) {
+    return v.k ? colmap_of(1, C) : colmap_of(v.S, C);
+}
+
+/* per-column copy of a per-channel vector: dst[c S + j] = src[c] (planes) or
+ * dst[j C + c] = src[c] (tiled rows) */
+static void SFX(expand)(SFX(view) v, const T *src, T *dst, int64_t C) {
+    if (v.k) {
+        for (int64_t j = 0; j < v.k; j++) memcpy(dst + j * C, src, (size_t)C * sizeof(T));
+    } else {
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t j = 0; j < v.S; j++) dst[c * v.S + j] = src[c];
+    }
 }
 
 /* ------------------------------------------------------------------ kernels */
@@ -199,11 +238,11 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
                           T *thr_o, double eps, int act, T slope, T *rm, T *rv, double factor,
                           double unbias, int nt) {
     nt = threads_for(N * C * S, nt);
-    int wide = SFX(wide_planes)(C, S, nhwc);
-    int64_t W = wide ? C * S : 0; /* columns of the wide view */
-    int64_t nrun = wide || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
+    SFX(view) v = SFX(view_of)(N, C, S, nhwc);
+    int64_t W = v.W; /* columns of the view (0: none) */
+    int64_t nrun = W || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
     T *piv = malloc((size_t)(4 * C + 4 * W + nrun) * sizeof(T));
-    double *s = malloc((size_t)(2 * C + PART_DOUBLES(C, nt)) * sizeof(double));
+    double *s = malloc((size_t)(4 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!piv || !s) {
         free(piv);
         free(s);
@@ -211,21 +250,27 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     }
     T *run = nrun ? piv + 4 * C + 4 * W : NULL;
     T *ctr = piv + C, *sc = piv + 2 * C, *sh = piv + 3 * C;
-    double n = (double)N * (double)S;
+    double *part = s + 4 * C, n = (double)N * (double)S;
     SFX(pivots)(x, N, C, S, nhwc, piv);
-    if (wide) {
+    if (W) {
         T *pw = piv + 4 * C, *cw = pw + W, *scw = cw + W, *shw = scw + W;
-        SFX(spread)(piv, pw, C, S);
-        SFX(stats_pass)(x, N, W, 1, 1, pw, s, s + 2 * C, S, NULL, nt);
+        const T *xt = x + v.R * W; /* tail rows */
+        SFX(expand)(v, piv, pw, C);
+        SFX(stats_pass)(x, v.R, W, 1, 1, pw, s, part, SFX(view_map)(v, C), NULL, nt);
+        if (v.tail) {
+            SFX(stats_pass)(xt, v.tail, C, 1, 1, piv, s + 2 * C, part, colmap_id(C), NULL, 1);
+            for (int64_t c = 0; c < 2 * C; c++) s[c] += s[2 * C + c];
+        }
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
-        SFX(spread)(ctr, cw, C, S);
-        SFX(spread)(sc, scw, C, S);
-        SFX(spread)(sh, shw, C, S);
-        SFX(apply_pass)(x, y, N, W, 1, 1, cw, scw, shw, act, slope, nt);
+        SFX(expand)(v, ctr, cw, C);
+        SFX(expand)(v, sc, scw, C);
+        SFX(expand)(v, sh, shw, C);
+        SFX(apply_pass)(x, y, v.R, W, 1, 1, cw, scw, shw, act, slope, nt);
+        if (v.tail) SFX(apply_pass)(xt, y + v.R * W, v.tail, C, 1, 1, ctr, sc, sh, act, slope, 1);
     } else {
-        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, s + 2 * C, 1, run, nt);
+        SFX(stats_pass)(x, N, C, S, nhwc, piv, s, part, colmap_id(C), run, nt);
         for (int64_t c = 0; c < C; c++)
             SFX(finalize)(c, s[c], s[C + c], n, piv[c], w, b, eps, mean_o, var_o, invstd_o,
                           delta_o, thr_o, ctr, sc, sh);
@@ -249,8 +294,8 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
 static int SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
                          const T *mean, const T *invstd, const T *w, const T *b, int act,
                          T slope, int nt) {
-    int wide = SFX(wide_planes)(C, S, nhwc);
-    int64_t W = wide ? C * S : 0;
+    SFX(view) v = SFX(view_of)(N, C, S, nhwc);
+    int64_t W = v.W;
     T *sc = malloc((size_t)(2 * C + 3 * W) * sizeof(T));
     if (!sc) return -1;
     T *sh = sc + C;
@@ -259,12 +304,15 @@ static int SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int 
         sh[c] = b ? b[c] : (T)0;
     }
     nt = threads_for(N * C * S, nt);
-    if (wide) {
+    if (W) {
         T *cw = sh + C, *scw = cw + W, *shw = scw + W;
-        SFX(spread)(mean, cw, C, S);
-        SFX(spread)(sc, scw, C, S);
-        SFX(spread)(sh, shw, C, S);
-        SFX(apply_pass)(x, y, N, W, 1, 1, cw, scw, shw, act, slope, nt);
+        SFX(expand)(v, mean, cw, C);
+        SFX(expand)(v, sc, scw, C);
+        SFX(expand)(v, sh, shw, C);
+        SFX(apply_pass)(x, y, v.R, W, 1, 1, cw, scw, shw, act, slope, nt);
+        if (v.tail)
+            SFX(apply_pass)(x + v.R * W, y + v.R * W, v.tail, C, 1, 1, mean, sc, sh, act, slope,
+                            1);
     } else {
         SFX(apply_pass)(x, y, N, C, S, nhwc, mean, sc, sh, act, slope, nt);
     }
@@ -320,11 +368,11 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
                           const T *w, const T *b, const T *gmean, const T *gvar, T *dw, T *db,
                           double eps, int act, T slope, int train, int nt) {
     nt = threads_for(N * C * S, nt);
-    int wide = SFX(wide_planes)(C, S, nhwc);
-    int64_t W = wide ? C * S : 0;
-    int64_t nrun = wide || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
+    SFX(view) v = SFX(view_of)(N, C, S, nhwc);
+    int64_t W = v.W;
+    int64_t nrun = W || nhwc ? 0 : SFX(run_scratch)(C, S, nt);
     T *ctr = malloc((size_t)(8 * C + 7 * W + nrun) * sizeof(T));
-    double *s = malloc((size_t)(4 * C + PART_DOUBLES(C, nt)) * sizeof(double));
+    double *s = malloc((size_t)(8 * C + PART_DOUBLES(C, nt)) * sizeof(double));
     if (!ctr || !s) {
         free(ctr);
         free(s);
@@ -351,19 +399,26 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
             msh[c] = b ? b[c] : (T)0;
         }
     }
-    /* the wide view's per-column coefficients (see wide_planes) */
+    /* the view's per-column coefficients (see view_of) */
     T *cw = ctr + 8 * C, *mscw = cw + W, *mshw = mscw + W, *Aw = mshw + W, *Gw = Aw + W;
     T *Bw = Gw + W, *Dw = Bw + W;
-    if (wide) {
-        SFX(spread)(ctr, cw, C, S);
-        SFX(spread)(msc, mscw, C, S);
-        SFX(spread)(msh, mshw, C, S);
-        SFX(bred_pass)(dy, x, N, W, 1, 1, cw, mscw, mshw, act, slope, s, s + 4 * C, recompute, S,
-                       NULL, nt);
+    double *part = s + 8 * C;
+    int64_t to = v.R * W; /* offset of the tail rows */
+    if (W) {
+        SFX(expand)(v, ctr, cw, C);
+        SFX(expand)(v, msc, mscw, C);
+        SFX(expand)(v, msh, mshw, C);
+        SFX(bred_pass)(dy, x, v.R, W, 1, 1, cw, mscw, mshw, act, slope, s, part, recompute,
+                       SFX(view_map)(v, C), NULL, nt);
+        if (v.tail) {
+            SFX(bred_pass)(dy + to, x + to, v.tail, C, 1, 1, ctr, msc, msh, act, slope, s + 4 * C,
+                           part, recompute, colmap_id(C), NULL, 1);
+            for (int64_t c = 0; c < (recompute ? 4 : 2) * C; c++) s[c] += s[4 * C + c];
+        }
     } else {
         T *run = nrun ? Dw + W : NULL;
-        SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, s + 4 * C, recompute, 1,
-                       run, nt);
+        SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, part, recompute,
+                       colmap_id(C), run, nt);
     }
     for (int64_t c = 0; c < C; c++) {
         double dl = 0.0; /* true mean minus ctr */
@@ -376,12 +431,15 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
         }
         SFX(bcoef)(c, s[c], s[C + c], n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
     }
-    if (dx && wide) {
-        SFX(spread)(A, Aw, C, S);
-        SFX(spread)(G, Gw, C, S);
-        SFX(spread)(B, Bw, C, S);
-        SFX(spread)(D, Dw, C, S);
-        SFX(bdx_pass)(dy, x, dx, N, W, 1, 1, cw, mscw, mshw, act, slope, Aw, Gw, Bw, Dw, nt);
+    if (dx && W) {
+        SFX(expand)(v, A, Aw, C);
+        SFX(expand)(v, G, Gw, C);
+        SFX(expand)(v, B, Bw, C);
+        SFX(expand)(v, D, Dw, C);
+        SFX(bdx_pass)(dy, x, dx, v.R, W, 1, 1, cw, mscw, mshw, act, slope, Aw, Gw, Bw, Dw, nt);
+        if (v.tail)
+            SFX(bdx_pass)(dy + to, x + to, dx + to, v.tail, C, 1, 1, ctr, msc, msh, act, slope, A,
+                          G, B, D, 1);
     } else if (dx) {
         SFX(bdx_pass)(dy, x, dx, N, C, S, nhwc, ctr, msc, msh, act, slope, A, G, B, D, nt);
     }

@@ -62,29 +62,29 @@ static inline void SFX(vflush)(double *restrict o, SFX(vec) v) {
     for (int64_t l = 0; l < VL; l++) o[l] += v[l];
 }
 
-/* NHWC sums of columns col.. into channel sums: column i belongs to channel i / F (F = 1, or
- * the plane size S of an NCHW tensor read as rows of C * S columns, see bn_drivers.h). */
-static inline void SFX(vflush_to)(double *restrict o, int64_t col, SFX(vec) v, int64_t F) {
-    if (F == 1) {
+/* NHWC sums of columns col.. into their channels' sums (see colmap). */
+static inline void SFX(vflush_to)(double *restrict o, int64_t col, SFX(vec) v, colmap cm) {
+    if (cm.id) {
         SFX(vflush)(o + col, v);
         return;
     }
-    for (int64_t l = 0; l < VL; l++) o[(col + l) / F] += v[l];
+    for (int64_t l = 0; l < VL; l++) o[((col + l) / cm.f) % cm.nc] += v[l];
 }
 
-/* o[(c0 + c) / F] += a[c] for c < W (a stepped channel index: no division per column) */
+/* o[channel of column c0 + c] += a[c] for c < W (a stepped channel index: no division per
+ * column) */
 static inline void SFX(flush_cols)(double *restrict o, const T *restrict a, int64_t c0,
-                                   int64_t W, int64_t F) {
-    if (F == 1) {
+                                   int64_t W, colmap cm) {
+    if (cm.id) {
         for (int64_t c = 0; c < W; c++) o[c0 + c] += a[c];
         return;
     }
-    int64_t ch = c0 / F, j = c0 % F;
+    int64_t ch = (c0 / cm.f) % cm.nc, j = c0 % cm.f;
     for (int64_t c = 0; c < W; c++) {
         o[ch] += a[c];
-        if (++j == F) {
+        if (++j == cm.f) {
             j = 0;
-            ch++;
+            if (++ch == cm.nc) ch = 0;
         }
     }
 }
@@ -158,6 +158,9 @@ static inline int64_t SFX(run_scratch)(int64_t C, int64_t S, int nt) {
     return nt * (4 * C * VL + C);
 }
 
+/* the vector width, for the drivers (bn_drivers.h comes after VL is undefined) */
+static inline int64_t SFX(vlen)(void) { return VL; }
+
 /* thread th's vectors and counters in that scratch */
 static inline T *SFX(run_acc)(T *run, int64_t C, int th) { return run + th * 4 * C * VL; }
 static inline int32_t *SFX(run_cnt)(T *run, int64_t C, int nt, int th) {
@@ -225,7 +228,7 @@ static void SFX(sums_run)(const T *restrict x, int64_t p0, int64_t p1, int64_t C
  * a block of rows, then go into double. Faster than the L1 array for such short rows. */
 static inline __attribute__((always_inline)) void SFX(sums_cols)(
     const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c, const T *restrict piv,
-    double *restrict o1, double *restrict o2, int64_t F, const int K) {
+    double *restrict o1, double *restrict o2, colmap cm, const int K) {
     SFX(vec) zero = {0}, pv[4], a[4], q[4];
     for (int k = 0; k < K; k++) {
         pv[k] = SFX(vload)(piv + c + k * VL);
@@ -241,25 +244,25 @@ static inline __attribute__((always_inline)) void SFX(sums_cols)(
         }
     }
     for (int k = 0; k < K; k++) {
-        SFX(vflush_to)(o1, c + k * VL, a[k], F);
-        SFX(vflush_to)(o2, c + k * VL, q[k], F);
+        SFX(vflush_to)(o1, c + k * VL, a[k], cm);
+        SFX(vflush_to)(o2, c + k * VL, q[k], cm);
     }
 }
 
 /* Add per-channel sum(x - piv[c]) and sum((x - piv[c])^2) over rows [m0, m1) (NHWC): rows in
  * memory order, a block's sums in an L1-resident T array (see bred_rows in bn_impl_bwd.h).
- * Column c's sums go to channel c / F. */
+ * Column c's sums go to its channel (see colmap). */
 static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m1,
                            const T *restrict piv, double *restrict o1, double *restrict o2,
-                           int64_t F) {
+                           colmap cm) {
     if (C % VL == 0 && C <= 4 * VL) { /* short rows: in registers */
         for (int64_t m = m0; m < m1; m += ROWBLOCK) {
             int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
             switch (C / VL) {
-            case 1: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 1); break;
-            case 2: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 2); break;
-            case 3: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 3); break;
-            default: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, F, 4);
+            case 1: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, cm, 1); break;
+            case 2: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, cm, 2); break;
+            case 3: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, cm, 3); break;
+            default: SFX(sums_cols)(x, C, m, end, 0, piv, o1, o2, cm, 4);
             }
         }
         return;
@@ -286,8 +289,8 @@ static void SFX(sums_nhwc)(const T *restrict x, int64_t C, int64_t m0, int64_t m
                     a2[c] += d * d;
                 }
             }
-            SFX(flush_cols)(o1, a1, c0, W, F);
-            SFX(flush_cols)(o2, a2, c0, W, F);
+            SFX(flush_cols)(o1, a1, c0, W, cm);
+            SFX(flush_cols)(o2, a2, c0, W, cm);
         }
         m = end;
     }

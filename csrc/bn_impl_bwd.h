@@ -173,9 +173,9 @@ static void SFX(bred_run)(const T *dy, const T *x, int64_t p0, int64_t p1, int64
 static inline __attribute__((always_inline)) void SFX(bred_cols)(
     const T *restrict dy, const T *restrict x, int64_t C, int64_t m, int64_t end, int64_t c,
     const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    double *restrict o, int64_t F, const int K, const int ST) {
+    double *restrict o, colmap cm, const int K, const int ST) {
     SFX(vec) zero = {0}, lv = zero + slope, cv[4], a[4], b[4], cs[4], q[4];
-    const int64_t Cc = C / F; /* channels: the stride of the quantities in o */
+    const int64_t Cc = cm.nc; /* channels: the stride of the quantities in o */
     for (int k = 0; k < K; k++) {
         cv[k] = SFX(vload)(ctr + c + k * VL);
         a[k] = b[k] = cs[k] = q[k] = zero;
@@ -197,11 +197,11 @@ static inline __attribute__((always_inline)) void SFX(bred_cols)(
         }
     }
     for (int k = 0; k < K; k++) {
-        SFX(vflush_to)(o, c + k * VL, a[k], F);
-        SFX(vflush_to)(o + Cc, c + k * VL, b[k], F);
+        SFX(vflush_to)(o, c + k * VL, a[k], cm);
+        SFX(vflush_to)(o + Cc, c + k * VL, b[k], cm);
         if (ST) {
-            SFX(vflush_to)(o + 2 * Cc, c + k * VL, cs[k], F);
-            SFX(vflush_to)(o + 3 * Cc, c + k * VL, q[k], F);
+            SFX(vflush_to)(o + 2 * Cc, c + k * VL, cs[k], cm);
+            SFX(vflush_to)(o + 3 * Cc, c + k * VL, q[k], cm);
         }
     }
 }
@@ -214,12 +214,12 @@ static inline __attribute__((always_inline)) void SFX(bred_cols)(
 static inline __attribute__((always_inline)) void SFX(bred_rows)(
     const T *restrict dy, const T *restrict x, int64_t C, int64_t m0, int64_t m1,
     const T *restrict ctr, const T *restrict msc, const T *restrict msh, int act, T slope,
-    double *restrict o, int64_t F, const int ST) {
+    double *restrict o, colmap cm, const int ST) {
     const int kmax = act == ACT_ID && !ST ? 4 : 2; /* vectors whose sums fit in registers */
     if (C % VL == 0 && C <= kmax * VL) { /* short rows: in registers */
         for (int64_t m = m0; m < m1; m += ROWBLOCK) {
             int64_t end = m + ROWBLOCK < m1 ? m + ROWBLOCK : m1;
-#define BRED_COLS(K) SFX(bred_cols)(dy, x, C, m, end, 0, ctr, msc, msh, act, slope, o, F, K, ST)
+#define BRED_COLS(K) SFX(bred_cols)(dy, x, C, m, end, 0, ctr, msc, msh, act, slope, o, cm, K, ST)
             switch (C / VL) {
             case 1: BRED_COLS(1); break;
             case 2: BRED_COLS(2); break;
@@ -269,17 +269,19 @@ static inline __attribute__((always_inline)) void SFX(bred_rows)(
                     }
                 }
             }
-            for (int64_t k = 0; k < nq; k++) SFX(flush_cols)(o + k * (C / F), acc + k * W, c0, W, F);
+            for (int64_t k = 0; k < nq; k++)
+                SFX(flush_cols)(o + k * cm.nc, acc + k * W, c0, W, cm);
         }
         m = end;
     }
 }
 
-/* The sums over rows [m0, m1) (NHWC), column c into channel c / F of o (stride C / F). */
+/* The sums over rows [m0, m1) (NHWC), each column into its channel (see colmap) of o, whose
+ * quantities are cm.nc apart. */
 static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64_t m1,
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
-                           int st, int64_t F) {
-#define BRED_ROWS(A, ST) SFX(bred_rows)(dy, x, C, m0, m1, ctr, msc, msh, A, slope, o, F, ST)
+                           int st, colmap cm) {
+#define BRED_ROWS(A, ST) SFX(bred_rows)(dy, x, C, m0, m1, ctr, msc, msh, A, slope, o, cm, ST)
     if (st) {
         switch (act) {
         case ACT_RELU: BRED_ROWS(ACT_RELU, 1); break;

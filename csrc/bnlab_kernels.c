@@ -33,6 +33,10 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
  * whose vectors the plane path fills, up to 3x slower. */
 #define WIDE_PLANE_BYTES 64
 #define WIDE_COLUMNS 32768
+/* channels-last rows of C channels, C not a multiple of the vector width, run VL rows at a time
+ * as rows of VL C columns (see bn_drivers.h) up to TILE_COLUMNS columns */
+#define TILE_COLUMNS 4096
+static int64_t tile_columns = TILE_COLUMNS;
 static int64_t wide_columns = WIDE_COLUMNS;
 static int plane_runs = 1; /* runs of short planes (bn_impl.h); 0: plane by plane */
 
@@ -79,6 +83,22 @@ static int64_t row_tasks(int64_t rows, int64_t C, int nhwc, int nt) {
     }
     if (nk > most) nk = most;
     return nk < 1 ? 1 : nk;
+}
+
+/* Which channel an NHWC column's sums go to: the column itself (id), or (col / f) % nc (the
+ * views of bn_drivers.h: short NCHW planes as rows of C * S columns, f = S; channels-last
+ * rows of a few channels tiled into rows of VL C columns, f = 1). */
+typedef struct {
+    int64_t f, nc;
+    int id;
+} colmap;
+static inline colmap colmap_id(int64_t C) {
+    colmap m = {1, C, 1};
+    return m;
+}
+static inline colmap colmap_of(int64_t f, int64_t nc) {
+    colmap m = {f, nc, 0};
+    return m;
 }
 
 /* Each element type is compiled twice: for the baseline instruction set of the target (SSE2
@@ -269,7 +289,18 @@ static PyObject *py_set_plane_runs(PyObject *self, PyObject *args) {
     return PyBool_FromLong(previous);
 }
 
+static PyObject *py_set_tile_columns(PyObject *self, PyObject *args) {
+    long long v;
+    if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
+    long long previous = tile_columns;
+    tile_columns = v < 0 ? 0 : v;
+    return PyLong_FromLongLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_tile_columns", py_set_tile_columns, METH_VARARGS,
+     "set_tile_columns(n) -> previous: channels-last rows of C channels (C not a multiple of "
+     "the vector width) run as rows of VL C columns when VL C <= n (0: never)"},
     {"set_plane_runs", py_set_plane_runs, METH_VARARGS,
      "set_plane_runs(on) -> previous: NCHW sums over runs of short planes (False: plane by "
      "plane)"},

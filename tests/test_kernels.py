@@ -64,18 +64,23 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture(params=["wide", "runs", "planes"])
+@pytest.fixture(params=["views", "runs", "plain"])
 def plane_path(request):
-    """The native paths for NCHW tensors: planes shorter than a cache line as rows of C * S
-    columns ("wide", by default up to 32768 columns), sums over runs of short planes in
-    per-channel vectors ("runs", by default below 256 values), and plane by plane."""
-    wide = _ops._native.set_wide_columns(1 << 30 if request.param == "wide" else 0)
-    runs = _ops._native.set_plane_runs(request.param != "planes")
+    """The native paths: "views" runs NCHW planes shorter than a cache line as rows of C * S
+    columns and channels-last rows of C channels (C not a whole number of vectors) VL rows at
+    a time (by default up to 32768 and 4096 columns); "runs" sums the other short NCHW planes
+    in per-channel vectors (by default below 256 values); "plain" goes plane by plane and row by
+    row."""
+    native = _ops._native
+    wide = native.set_wide_columns(1 << 30 if request.param == "views" else 0)
+    tile = native.set_tile_columns(1 << 30 if request.param == "views" else 0)
+    runs = native.set_plane_runs(request.param != "plain")
     try:
         yield request.param
     finally:
-        _ops._native.set_wide_columns(wide)
-        _ops._native.set_plane_runs(runs)
+        native.set_wide_columns(wide)
+        native.set_tile_columns(tile)
+        native.set_plane_runs(runs)
 
 
 def test_native_extension_was_built(monkeypatch):
