@@ -289,18 +289,20 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
     return finite;
 }
 
-/* y = act((x - mean) * w * invstd + b) with given statistics (evaluation mode). Returns 0, or
- * -1 when its scratch memory could not be allocated. */
+/* y = act((x - mean) * w * invstd + b) with given statistics (evaluation mode); with eps >= 0
+ * `invstd` holds the variance instead, and invstd = 1 / sqrt(var + eps) in double. Returns 0,
+ * or -1 when its scratch memory could not be allocated. */
 static int SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int nhwc,
                          const T *mean, const T *invstd, const T *w, const T *b, int act,
-                         T slope, int nt) {
+                         T slope, double eps, int nt) {
     SFX(view) v = SFX(view_of)(N, C, S, nhwc);
     int64_t W = v.W;
     T *sc = malloc((size_t)(2 * C + 3 * W) * sizeof(T));
     if (!sc) return -1;
     T *sh = sc + C;
     for (int64_t c = 0; c < C; c++) {
-        sc[c] = (T)((w ? (double)w[c] : 1.0) * (double)invstd[c]);
+        double r = eps >= 0 ? 1.0 / sqrt((double)invstd[c] + eps) : (double)invstd[c];
+        sc[c] = (T)((w ? (double)w[c] : 1.0) * r);
         sh[c] = b ? b[c] : (T)0;
     }
     nt = threads_for(N * C * S, nt);

@@ -206,18 +206,18 @@ static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
     int dtype, nhwc, act, nt, rc;
     ptr_t x, y, mean, invstd, w, b;
     long long N, C, S;
-    double slope;
-    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKidi", &dtype, &nhwc, &x, &y, &N, &C, &S, &mean,
-                          &invstd, &w, &b, &act, &slope, &nt))
+    double slope, eps = -1.0;
+    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKidi|d", &dtype, &nhwc, &x, &y, &N, &C, &S, &mean,
+                          &invstd, &w, &b, &act, &slope, &nt, &eps))
         return NULL;
     if (!check_common(dtype, N, C, S, act)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
         rc = DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
-                 P(float, invstd), P(float, w), P(float, b), act, (float)slope, nt);
+                 P(float, invstd), P(float, w), P(float, b), act, (float)slope, eps, nt);
     else
         rc = DISPATCH(eval_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
-                 P(double, invstd), P(double, w), P(double, b), act, slope, nt);
+                 P(double, invstd), P(double, w), P(double, b), act, slope, eps, nt);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -313,7 +313,8 @@ static PyMethodDef methods[] = {
      "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, delta, thr, eps, act, slope, "
      "running_mean, running_var, factor, unbias, nt) -> statistics finite (running updated)"},
     {"eval_fwd", py_eval_fwd, METH_VARARGS,
-     "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt)"},
+     "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt[, eps]); with "
+     "eps >= 0 the invstd argument is the variance"},
     {"backward", py_backward, METH_VARARGS,
      "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, delta, thr, w, b, gmean, gvar, dw, "
      "db, eps, act, slope, train, nt); mean=invstd=0 in training: recompute them from x"},

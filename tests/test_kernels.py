@@ -193,6 +193,11 @@ def test_eval_forward_and_backward_match_reference(backend, channels_last, act):
     want = torch.autograd.grad(yr, args, dy.double())
     for g, r in zip(got, want, strict=True):
         assert rel(g, r) <= 2e-5
+    # inference (no autograd node): the native kernel takes the variance and eps itself
+    with torch.no_grad():
+        y_inf = kernels.normalize_act(x, mean, var, w, b, 1e-5, act)
+    assert y_inf.grad_fn is None
+    assert rel(y_inf, yr.detach()) <= 2e-6
 
 
 def test_gradients_flow_through_mean_and_var_outputs(backend):

@@ -81,7 +81,10 @@ def _ptr(t: Tensor | None) -> int:
 
 
 def _vec(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().contiguous()
+    """``t`` as a dense buffer for the kernels (they only read its data pointer)."""
+    if t is None or t.is_contiguous():
+        return t
+    return t.contiguous()
 
 
 def _like(t: Tensor, like: Tensor) -> Tensor:
@@ -141,15 +144,17 @@ def native_train_forward(
 
 def native_eval_forward(
     x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
-    slope: float,
+    slope: float, eps: float | None = None,
 ) -> Tensor:
+    """Evaluation BN on the kernels; with ``eps`` given, ``invstd`` is the variance (the kernel
+    takes ``1 / sqrt(var + eps)`` in double: no tensor ops around it, for inference)."""
     nhwc, n, c, s = _layout(x)
     y = empty_like(x)
     mean, invstd, w, b = _vec(mean), _vec(invstd), _vec(w), _vec(b)
     _native.eval_fwd(
         _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, mean.data_ptr(),
         invstd.data_ptr(), _ptr(w), _ptr(b), ACT_CODES[act], float(slope),
-        torch.get_num_threads(),
+        torch.get_num_threads(), -1.0 if eps is None else float(eps),
     )  # fmt: skip
     return y
 

@@ -204,14 +204,15 @@ def normalize_act(
 
 def _normalize_act_native(x, mean, var, weight, bias, eps, act, slope) -> Tensor:
     """Native evaluation BN; the caller has checked :func:`supports_eval`."""
-    invstd = torch.rsqrt(var.detach() + eps)
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        # Nothing to differentiate (inference): the kernel alone, no autograd node.
-        return _ops.native_eval_forward(x, mean, invstd, weight, bias, act, slope)
+        # Nothing to differentiate (inference): the kernel alone, no autograd node, and the
+        # kernel takes 1/sqrt(var + eps) itself.
+        return _ops.native_eval_forward(x, mean, var, weight, bias, act, slope, eps)
+    invstd = torch.rsqrt(var.detach() + eps)
     # A copy of the mean: the caller's tensor is often a running buffer that the layer
     # updates in place before backward runs (normalize_with="running"); saving it would
     # trip autograd's version check. It is (C,) values, so the copy costs nothing.
