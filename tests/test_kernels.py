@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnlab
 from bnlab import functional as F
@@ -493,3 +495,61 @@ def test_buffer_cache_hands_out_the_most_recently_freed_buffer_first():
     c = _ops.empty_like(x)
     d = _ops.empty_like(x)
     assert (c.data_ptr(), d.data_ptr()) == (pb, pa)
+
+
+@st.composite
+def _kernel_cases(draw):
+    """Shapes across the kernels' paths: (N, C) rows, short and longer NCHW planes, channels
+    not a whole number of vectors, rows past a multiple of the vector width."""
+    rank = draw(st.sampled_from([2, 3, 4]))
+    n = draw(st.integers(1, 40))
+    c = draw(st.integers(1, 40))
+    rest = [draw(st.integers(1, 20)) for _ in range(rank - 2)]
+    if n * max(1, torch.Size(rest).numel()) == 1:
+        n = 2
+    shape = (n, c, *rest)
+    channels_last = rank == 4 and draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    act = draw(st.sampled_from(["identity", "relu", "leaky_relu"]))
+    path = draw(st.sampled_from(["views", "runs", "plain"]))  # as the plane_path fixture
+    return shape, channels_last, dtype, act, path, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=_kernel_cases())
+def test_native_kernels_match_reference_on_any_shape(case):
+    shape, channels_last, dtype, act, path, seed = case
+    x, w, b, dy = make(shape, dtype, channels_last, offset=3.0, seed=seed)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    native = _ops._native
+    knobs = (native.set_wide_columns(1 << 30 if path == "views" else 0),
+             native.set_tile_columns(1 << 30 if path == "views" else 0),
+             native.set_plane_runs(path != "plain"))  # fmt: skip
+    try:
+        with kernels.use_backend("native"):
+            assert kernels.supports(x, w, b)
+            y, mean, var = kernels.batch_norm_act_train(x, w, b, 1e-5, act)
+            got = torch.autograd.grad(y, (x, w, b), dy)
+            with torch.no_grad():
+                ye = kernels.normalize_act(x, mean, var, w, b, 1e-5, act)
+    finally:
+        native.set_wide_columns(knobs[0])
+        native.set_tile_columns(knobs[1])
+        native.set_plane_runs(knobs[2])
+    yr, mr, vr = reference(x.detach(), w, b, 1e-5, act)
+    want = reference_grads(x, w, b, dy, act)
+    tol = 5e-5 if dtype == torch.float32 else 1e-9
+    assert rel(y, yr) <= tol
+    assert rel(var, vr) <= tol
+    assert (mean.double() - mr).abs().max() <= tol * (mr.abs().max() + vr.sqrt().max())
+    # dx nearly cancels with few values per channel (two values: its terms are ~1 and it is
+    # ~1e-6), so its error is measured against the size of those terms
+    shape_c = (1, -1, *([1] * (len(shape) - 2)))
+    terms = (dy.abs().double() * (w.detach().double() / (vr + 1e-5).sqrt()).abs().reshape(shape_c))
+    assert (got[0].double() - want[0]).abs().max() <= tol * max(want[0].abs().max(), terms.max())
+    for g, r in zip(got[1:], want[1:], strict=True):
+        assert rel(g, r) <= tol
+    # evaluation with the batch's own statistics gives the training output
+    assert rel(ye, yr) <= tol
