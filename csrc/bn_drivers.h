@@ -301,7 +301,8 @@ static int SFX(eval_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int 
     if (!sc) return -1;
     T *sh = sc + C;
     for (int64_t c = 0; c < C; c++) {
-        double r = eps >= 0 ? 1.0 / sqrt((double)invstd[c] + eps) : (double)invstd[c];
+        /* eps < 0: invstd given; a NaN eps takes the variance path and gives NaN, as torch */
+        double r = !(eps < 0) ? 1.0 / sqrt((double)invstd[c] + eps) : (double)invstd[c];
         sc[c] = (T)((w ? (double)w[c] : 1.0) * r);
         sh[c] = b ? b[c] : (T)0;
     }
