@@ -273,12 +273,17 @@ static PyObject *py_set_stream_bytes(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(previous);
 }
 
-static PyObject *py_set_wide_columns(PyObject *self, PyObject *args) {
+/* set a column limit of the layouts (negative: 0), returning the previous one */
+static PyObject *set_columns(PyObject *args, int64_t *slot) {
     long long v;
     if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
-    long long previous = wide_columns;
-    wide_columns = v < 0 ? 0 : v;
+    long long previous = *slot;
+    *slot = v < 0 ? 0 : v;
     return PyLong_FromLongLong(previous);
+}
+
+static PyObject *py_set_wide_columns(PyObject *self, PyObject *args) {
+    return set_columns(args, &wide_columns);
 }
 
 static PyObject *py_set_plane_runs(PyObject *self, PyObject *args) {
@@ -290,11 +295,7 @@ static PyObject *py_set_plane_runs(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_set_tile_columns(PyObject *self, PyObject *args) {
-    long long v;
-    if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
-    long long previous = tile_columns;
-    tile_columns = v < 0 ? 0 : v;
-    return PyLong_FromLongLong(previous);
+    return set_columns(args, &tile_columns);
 }
 
 static PyMethodDef methods[] = {
