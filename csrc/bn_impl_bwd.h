@@ -1,6 +1,27 @@
 /* Backward kernels for one element type: the second half of bn_impl.h (same T, SFX, VL,
  * STEP and helpers), included right after it by bnlab_kernels.c. */
 
+/* CALL(A, ST) with the activation and the statistics flag as compile-time constants, so each
+ * combination gets its own specialised loop. */
+#ifndef ACT_ST_SWITCH
+#define ACT_ST_SWITCH(CALL, act, st)                                                             \
+    do {                                                                                         \
+        if (st) {                                                                                \
+            switch (act) {                                                                       \
+            case ACT_RELU: CALL(ACT_RELU, 1); break;                                             \
+            case ACT_LEAKY: CALL(ACT_LEAKY, 1); break;                                           \
+            default: CALL(ACT_ID, 1);                                                            \
+            }                                                                                    \
+        } else {                                                                                 \
+            switch (act) {                                                                       \
+            case ACT_RELU: CALL(ACT_RELU, 0); break;                                             \
+            case ACT_LEAKY: CALL(ACT_LEAKY, 0); break;                                           \
+            default: CALL(ACT_ID, 0);                                                            \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+#endif
+
 /* ------------------------------------------------------------------ backward reductions
  * The sums backward needs, per channel c, into o[c], o[C + c] (and o[2C + c], o[3C + c]):
  * sum(g) and sum(g (x - ctr)), where g is the upstream gradient times the activation's
@@ -67,19 +88,7 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
 static void SFX(bred_plane)(const T *g0, const T *p, int64_t S, T ctr, T msc, T msh, int act,
                             T slope, double *o, int64_t C, int st) {
 #define BRED_PLANE(A, ST) SFX(bred_plane_act)(g0, p, S, ctr, msc, msh, A, slope, o, C, ST)
-    if (st) {
-        switch (act) {
-        case ACT_RELU: BRED_PLANE(ACT_RELU, 1); break;
-        case ACT_LEAKY: BRED_PLANE(ACT_LEAKY, 1); break;
-        default: BRED_PLANE(ACT_ID, 1);
-        }
-    } else {
-        switch (act) {
-        case ACT_RELU: BRED_PLANE(ACT_RELU, 0); break;
-        case ACT_LEAKY: BRED_PLANE(ACT_LEAKY, 0); break;
-        default: BRED_PLANE(ACT_ID, 0);
-        }
-    }
+    ACT_ST_SWITCH(BRED_PLANE, act, st);
 #undef BRED_PLANE
 }
 
@@ -152,19 +161,7 @@ static void SFX(bred_run)(const T *dy, const T *x, int64_t p0, int64_t p1, int64
                           T *acc, int32_t *cnt, int st) {
 #define BRED_RUN(A, ST)                                                                          \
     SFX(bred_run_act)(dy, x, p0, p1, C, S, ctr, msc, msh, A, slope, o, acc, cnt, ST)
-    if (st) {
-        switch (act) {
-        case ACT_RELU: BRED_RUN(ACT_RELU, 1); break;
-        case ACT_LEAKY: BRED_RUN(ACT_LEAKY, 1); break;
-        default: BRED_RUN(ACT_ID, 1);
-        }
-    } else {
-        switch (act) {
-        case ACT_RELU: BRED_RUN(ACT_RELU, 0); break;
-        case ACT_LEAKY: BRED_RUN(ACT_LEAKY, 0); break;
-        default: BRED_RUN(ACT_ID, 0);
-        }
-    }
+    ACT_ST_SWITCH(BRED_RUN, act, st);
 #undef BRED_RUN
 }
 
@@ -282,19 +279,7 @@ static void SFX(bred_nhwc)(const T *dy, const T *x, int64_t C, int64_t m0, int64
                            const T *ctr, const T *msc, const T *msh, int act, T slope, double *o,
                            int st, colmap cm) {
 #define BRED_ROWS(A, ST) SFX(bred_rows)(dy, x, C, m0, m1, ctr, msc, msh, A, slope, o, cm, ST)
-    if (st) {
-        switch (act) {
-        case ACT_RELU: BRED_ROWS(ACT_RELU, 1); break;
-        case ACT_LEAKY: BRED_ROWS(ACT_LEAKY, 1); break;
-        default: BRED_ROWS(ACT_ID, 1);
-        }
-    } else {
-        switch (act) {
-        case ACT_RELU: BRED_ROWS(ACT_RELU, 0); break;
-        case ACT_LEAKY: BRED_ROWS(ACT_LEAKY, 0); break;
-        default: BRED_ROWS(ACT_ID, 0);
-        }
-    }
+    ACT_ST_SWITCH(BRED_ROWS, act, st);
 #undef BRED_ROWS
 }
 
