@@ -377,6 +377,14 @@ static void SFX(apply_plane)(const T *x, T *y, int64_t S, T ctr, T sc, T sh, int
     }
 }
 
+/* act((x - ctr) sc + sh) for the vector of channels c.. of a row p (NHWC) */
+static inline __attribute__((always_inline)) SFX(vec) SFX(apply_at)(
+    const T *restrict p, const T *restrict ctr, const T *restrict sc, const T *restrict sh,
+    int64_t c, int act, SFX(vec) lv) {
+    SFX(vec) v = (SFX(vload)(p + c) - SFX(vload)(ctr + c)) * SFX(vload)(sc + c);
+    return SFX(vact)(v + SFX(vload)(sh + c), act, lv);
+}
+
 /* Rows [m0, m1) of a window of Wd channels (row stride C). */
 static inline __attribute__((always_inline)) void SFX(apply_rows)(
     const T *restrict x, T *restrict y, int64_t C, int64_t Wd, int64_t m0, int64_t m1,
@@ -388,10 +396,7 @@ static inline __attribute__((always_inline)) void SFX(apply_rows)(
         int64_t c = 0;
         if (act != ACT_ID) /* in vectors, as in apply_seg */
             for (; c + VL <= Wd; c += VL) {
-                SFX(vec) v = SFX(vact)((SFX(vload)(p + c) - SFX(vload)(ctr + c)) *
-                                               SFX(vload)(sc + c) +
-                                           SFX(vload)(sh + c),
-                                       act, lv);
+                SFX(vec) v = SFX(apply_at)(p, ctr, sc, sh, c, act, lv);
                 memcpy(q + c, &v, sizeof v);
             }
         for (; c < Wd; c++) q[c] = SFX(act_fwd)((p[c] - ctr[c]) * sc[c] + sh[c], act, slope);
@@ -411,10 +416,7 @@ static inline __attribute__((always_inline)) void SFX(apply_rows_stream)(
         const T *restrict p = x + m * C;
         T *restrict q = y + m * C;
         for (int64_t c = 0; c < Wd; c += VL)
-            SFX(vstream)(q + c, SFX(vact)((SFX(vload)(p + c) - SFX(vload)(ctr + c)) *
-                                                  SFX(vload)(sc + c) +
-                                              SFX(vload)(sh + c),
-                                          act, lv));
+            SFX(vstream)(q + c, SFX(apply_at)(p, ctr, sc, sh, c, act, lv));
     }
 }
 

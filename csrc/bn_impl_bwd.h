@@ -22,6 +22,21 @@
     } while (0)
 #endif
 
+/* One vector of the backward sums: e = x - ctr, g = dy times the activation's derivative at
+ * e msc + msh; a += g, b += g e and, with ST, c += e, q += e^2. */
+static inline __attribute__((always_inline)) void SFX(bred_vec)(
+    const T *restrict p, const T *restrict g0, SFX(vec) cv, SFX(vec) sv, SFX(vec) hv,
+    SFX(vec) lv, int act, const int ST, SFX(vec) *a, SFX(vec) *b, SFX(vec) *c, SFX(vec) *q) {
+    SFX(vec) e = SFX(vload)(p) - cv, g = SFX(vload)(g0);
+    if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
+    *a += g;
+    *b += g * e;
+    if (ST) {
+        *c += e;
+        *q += e * e;
+    }
+}
+
 /* ------------------------------------------------------------------ backward reductions
  * The sums backward needs, per channel c, into o[c], o[C + c] (and o[2C + c], o[3C + c]):
  * sum(g) and sum(g (x - ctr)), where g is the upstream gradient times the activation's
@@ -38,28 +53,12 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
         int64_t end = i + (S - i < BLOCK ? S - i : BLOCK) / VL * VL, k = i;
         SFX(vec) a[4] = {zero, zero, zero, zero}, b[4] = {zero, zero, zero, zero};
         SFX(vec) c[4] = {zero, zero, zero, zero}, q[4] = {zero, zero, zero, zero};
-        for (; k + STEP <= end; k += STEP) {
-            for (int u = 0; u < 4; u++) {
-                SFX(vec) e = SFX(vload)(p + k + u * VL) - cv, g = SFX(vload)(g0 + k + u * VL);
-                if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
-                a[u] += g;
-                b[u] += g * e;
-                if (ST) {
-                    c[u] += e;
-                    q[u] += e * e;
-                }
-            }
-        }
-        for (; k < end; k += VL) {
-            SFX(vec) e = SFX(vload)(p + k) - cv, g = SFX(vload)(g0 + k);
-            if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
-            a[0] += g;
-            b[0] += g * e;
-            if (ST) {
-                c[0] += e;
-                q[0] += e * e;
-            }
-        }
+        for (; k + STEP <= end; k += STEP)
+            for (int u = 0; u < 4; u++)
+                SFX(bred_vec)(p + k + u * VL, g0 + k + u * VL, cv, sv, hv, lv, act, ST, &a[u],
+                              &b[u], &c[u], &q[u]);
+        for (; k < end; k += VL)
+            SFX(bred_vec)(p + k, g0 + k, cv, sv, hv, lv, act, ST, &a[0], &b[0], &c[0], &q[0]);
         d1 += SFX(vsum)((a[0] + a[1]) + (a[2] + a[3]));
         d2 += SFX(vsum)((b[0] + b[1]) + (b[2] + b[3]));
         if (ST) {
@@ -108,28 +107,12 @@ static inline __attribute__((always_inline)) void SFX(bred_run_act)(
         SFX(vec) a[2] = {zero, zero}, b[2] = {zero, zero}, e1[2] = {zero, zero};
         SFX(vec) e2[2] = {zero, zero};
         int64_t k = 0;
-        for (; k + 2 * VL <= sv; k += 2 * VL) {
-            for (int u = 0; u < 2; u++) {
-                SFX(vec) e = SFX(vload)(q + k + u * VL) - cv, g = SFX(vload)(g0 + k + u * VL);
-                if (act != ACT_ID) g *= SFX(vgrad)(e * sv_ + hv, act, lv);
-                a[u] += g;
-                b[u] += g * e;
-                if (ST) {
-                    e1[u] += e;
-                    e2[u] += e * e;
-                }
-            }
-        }
-        for (; k < sv; k += VL) {
-            SFX(vec) e = SFX(vload)(q + k) - cv, g = SFX(vload)(g0 + k);
-            if (act != ACT_ID) g *= SFX(vgrad)(e * sv_ + hv, act, lv);
-            a[0] += g;
-            b[0] += g * e;
-            if (ST) {
-                e1[0] += e;
-                e2[0] += e * e;
-            }
-        }
+        for (; k + 2 * VL <= sv; k += 2 * VL)
+            for (int u = 0; u < 2; u++)
+                SFX(bred_vec)(q + k + u * VL, g0 + k + u * VL, cv, sv_, hv, lv, act, ST, &a[u],
+                              &b[u], &e1[u], &e2[u]);
+        for (; k < sv; k += VL)
+            SFX(bred_vec)(q + k, g0 + k, cv, sv_, hv, lv, act, ST, &a[0], &b[0], &e1[0], &e2[0]);
         for (; k < S; k++) {
             T d = q[k] - ctr[c];
             T g = g0[k] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
@@ -344,6 +327,18 @@ static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T m
     }
 }
 
+/* dx for the vector of channels c.. of a row (NHWC): A (G g + B e + D), e = x - ctr, g = dy
+ * times the activation's derivative at e msc + msh */
+static inline __attribute__((always_inline)) SFX(vec) SFX(bdx_at)(
+    const T *restrict g0, const T *restrict p, const T *restrict ctr, const T *restrict msc,
+    const T *restrict msh, const T *restrict A, const T *restrict G, const T *restrict B,
+    const T *restrict D, int64_t c, int act, SFX(vec) lv) {
+    SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c), g = SFX(vload)(g0 + c);
+    if (act != ACT_ID) g *= SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
+    return SFX(vload)(A + c) *
+           (SFX(vload)(G + c) * g + SFX(vload)(B + c) * e + SFX(vload)(D + c));
+}
+
 /* Rows [m0, m1) of a window of Wd channels (row stride C). */
 static inline __attribute__((always_inline)) void SFX(bdx_rows)(
     const T *restrict dy, const T *restrict x, T *restrict dx, int64_t C, int64_t Wd, int64_t m0,
@@ -357,11 +352,7 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows)(
         int64_t c = 0;
         if (act != ACT_ID) /* in vectors: see apply_seg */
             for (; c + VL <= Wd; c += VL) {
-                SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c);
-                SFX(vec) g = SFX(vload)(g0 + c) *
-                             SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
-                SFX(vec) v = SFX(vload)(A + c) *
-                             (SFX(vload)(G + c) * g + SFX(vload)(B + c) * e + SFX(vload)(D + c));
+                SFX(vec) v = SFX(bdx_at)(g0, p, ctr, msc, msh, A, G, B, D, c, act, lv);
                 memcpy(q + c, &v, sizeof v);
             }
         for (; c < Wd; c++) {
@@ -381,13 +372,8 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows_stream)(
         const T *restrict p = x + m * C;
         const T *restrict g0 = dy + m * C;
         T *restrict q = dx + m * C;
-        for (int64_t c = 0; c < Wd; c += VL) {
-            SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c), g = SFX(vload)(g0 + c);
-            if (act != ACT_ID)
-                g *= SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
-            SFX(vstream)(q + c, SFX(vload)(A + c) * (SFX(vload)(G + c) * g + SFX(vload)(B + c) * e +
-                                                      SFX(vload)(D + c)));
-        }
+        for (int64_t c = 0; c < Wd; c += VL)
+            SFX(vstream)(q + c, SFX(bdx_at)(g0, p, ctr, msc, msh, A, G, B, D, c, act, lv));
     }
 }
 
