@@ -36,7 +36,13 @@ def test_constant_channel_gives_finite_output() -> None:
     bn = bnlab.BatchNorm2d(3)
     y = bn(x)
     assert torch.isfinite(y).all()
-    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+    if bnlab.kernels.backend() == "native":
+        # bnlab's kernels centre on an exact per-channel mean
+        assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+    else:
+        # the torch backend runs torch's own kernel: exactly torch's numbers (torch's mean of a
+        # constant channel is not exact, so its output is not exactly zero)
+        assert torch.equal(y, torch.nn.BatchNorm2d(3)(x))
     assert bn.running_var[1].item() == pytest.approx(0.9)
 
 

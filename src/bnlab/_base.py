@@ -25,6 +25,12 @@ NormalizeWith = Literal["batch", "running"]
 NonFinite = Literal["skip", "raise"]
 
 
+#: The most bytes the two ring buffers of ``running="window"`` may take (``2 * window_size *
+#: num_features * element size``). A larger window is refused when the layer is built instead
+#: of allocating until the process is killed; raise it here if you really need more.
+WINDOW_BYTES_LIMIT = 1 << 30
+
+
 class NonFiniteStatisticsError(FloatingPointError):
     """A training batch produced NaN/Inf statistics and ``nonfinite="raise"`` was set."""
 
@@ -90,6 +96,15 @@ class _NormBase(nn.Module):
                 raise ValueError(
                     f"{name}: running='window' needs window_size, a positive int, "
                     f"got window_size={window_size!r}"
+                )
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            need = 2 * window_size * num_features * itemsize
+            if need > WINDOW_BYTES_LIMIT:
+                raise ValueError(
+                    f"{name}: window_size={window_size} needs {need:,} bytes "
+                    f"(2 x {window_size} x {num_features} channels x {itemsize} bytes for "
+                    f"window_mean and window_var), over the limit of {WINDOW_BYTES_LIMIT:,} "
+                    "bytes (bnlab._base.WINDOW_BYTES_LIMIT); use a smaller window_size"
                 )
         elif window_size is not None:
             raise ValueError(
@@ -197,6 +212,8 @@ class _NormBase(nn.Module):
     # ------------------------------------------------------------------ input
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
+        if isinstance(x, torch.fx.Proxy):
+            return  # symbolic_trace: the shape is unknown until the graph runs
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() not in self._input_dims:
@@ -222,25 +239,36 @@ class _NormBase(nn.Module):
             )
 
     # ------------------------------------------------------------------ hooks
+    def _activation(self) -> tuple[str, float]:
+        """``(act, negative_slope)`` applied after the affine map; ``("identity", 0.0)`` here."""
+        return ("identity", 0.0)
+
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Normalise a training batch. Returns ``(y, mean, biased_var, count)``.
 
         ``mean``/``biased_var`` are the batch statistics that update the running estimate and
         ``count`` the number of values per channel they were computed over.
         """
-        if self.normalize_with == "running" and int(self.num_batches_tracked) > 0:
-            with torch.no_grad():
-                mean, var = F.batch_stats(x)
-            y = F.normalize(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-            return y, mean, var, F.count_per_channel(x)
-        y, mean, var = F.batch_norm_train(x, self.weight, self.bias, self.eps)
-        return y, mean, var, F.count_per_channel(x)
+        act, slope = self._activation()
+        n = F.count_per_channel(x)
+        if self.normalize_with == "running":
+            # The running statistics (no gradient) from the second batch on, the batch's own
+            # before: chosen with torch.where, so one graph serves every step.
+            mean, var = F.batch_stats(x)
+            seen = self.num_batches_tracked > 0
+            m = torch.where(seen, self.running_mean.to(mean.dtype), mean)
+            v = torch.where(seen, self.running_var.to(var.dtype), var)
+            y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
+            return y, mean, var, n
+        y, mean, var = F.batch_norm_act_train(x, self.weight, self.bias, self.eps, act, slope)
+        return y, mean, var, n
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         """Normalise with the running statistics."""
-        return F.normalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        return F.normalize_act(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+            *self._activation(),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -248,6 +276,13 @@ class _NormBase(nn.Module):
         use_batch = self.training or not self.track_running_stats
         if not use_batch:
             return self._eval_forward(x)
+        if isinstance(x, torch.fx.Proxy):
+            raise NotImplementedError(
+                f"{type(self).__name__}: torch.fx.symbolic_trace records evaluation-mode bnlab "
+                "layers only (their running statistics are updated outside the graph torch.fx "
+                "can express); call model.eval() before tracing, or use torch.compile / "
+                "torch.export for training"
+            )
         self._check_batch_size(x)
         if x.numel() == 0:
             # Nothing to normalise and nothing to learn from: keep the statistics as they are.
@@ -267,12 +302,12 @@ class _NormBase(nn.Module):
         running update; ``None`` when a variant normalises differently."""
         if type(self)._batch_forward is not _NormBase._batch_forward:
             return None
-        return ("identity", 0.0)
+        return self._activation()
 
     def _native_train_step(self, x: Tensor) -> Tensor | None:
-        """The whole training step (statistics, output, running update) in one native call,
-        or ``None`` when it does not apply (then :meth:`_batch_forward` and
-        :meth:`_update_running` run, with the same results)."""
+        """The whole eager training step (statistics, output, running update) in one native
+        call, or ``None`` when it does not apply (then :meth:`_batch_forward` and
+        :meth:`_update_running` run, with the same results). Never inside a graph."""
         if self.running == "window" or self.normalize_with != "batch":
             return None
         spec = self._native_act()
@@ -283,8 +318,12 @@ class _NormBase(nn.Module):
             or not _kernels.supports(x, self.weight, self.bias, rm, rv)
         ):
             return None
+        if self.running == "cumulative" or self.momentum is None:
+            factor = F.cumulative_factor(int(self.num_batches_tracked) + 1)
+        else:
+            factor = self.momentum
         update = _kernels._ops.RunningUpdate(
-            rm, rv, self._update_factor(), F.bessel_factor(F.count_per_channel(x))
+            rm, rv, factor, F.bessel_factor(F.count_per_channel(x))
         )
         y = _kernels.api.batch_norm_act_train_update(
             x, self.weight, self.bias, self.eps, spec[0], spec[1], update
@@ -294,12 +333,6 @@ class _NormBase(nn.Module):
         else:
             self._skip_nonfinite()
         return y
-
-    def _update_factor(self) -> float:
-        """Weight of the batch about to enter the moving average."""
-        if self.running == "cumulative" or self.momentum is None:
-            return F.cumulative_factor(int(self.num_batches_tracked) + 1)
-        return self.momentum
 
     def _skip_nonfinite(self) -> None:
         """A batch with NaN/Inf statistics was kept out: warn once, or raise."""
@@ -315,19 +348,33 @@ class _NormBase(nn.Module):
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """Move the running statistics towards a batch's ``mean`` and biased ``var``."""
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        """Move the running statistics towards a batch's ``mean`` and biased ``var``.
+
+        Tensor ops only (:func:`bnlab.functional.running_update`): a batch with NaN/Inf
+        statistics leaves every buffer as it was, without a branch on a tensor's value. Only
+        where reading one flag costs nothing (eager, CPU, outside ``torch.func`` transforms)
+        does the layer also warn once, or raise with ``nonfinite="raise"``; on other devices
+        and inside graphs the batch is skipped silently, unless ``nonfinite="raise"`` asks for
+        the check (a device sync in eager).
+        """
+        window = (self.window_mean, self.window_var) if self.running == "window" else None
+        rm, rv, seen, window, finite = F.running_update(
+            self.running_mean, self.running_var, self.num_batches_tracked, mean, var, count,
+            self.momentum, running=self.running, window=window,
+        )  # fmt: skip
+        self.running_mean.copy_(rm)
+        self.running_var.copy_(rv)
+        self.num_batches_tracked.copy_(seen)
+        if window is not None:
+            self.window_mean.copy_(window[0])
+            self.window_var.copy_(window[1])
+        if _can_read(finite, self.nonfinite == "raise") and not bool(finite):
             self._skip_nonfinite()
-            return
-        factor = self._update_factor()  # before the count moves
-        seen = int(self.num_batches_tracked)
-        self.num_batches_tracked.add_(1)
-        uvar = F.unbiased_var(var, count)
-        if self.running == "window":
-            self.window_mean.copy_(F.window_push(self.window_mean, mean, seen))
-            self.window_var.copy_(F.window_push(self.window_var, uvar, seen))
-            self.running_mean.copy_(F.window_stats(self.window_mean, seen + 1))
-            self.running_var.copy_(F.window_stats(self.window_var, seen + 1))
-            return
-        self.running_mean.copy_(F.ema_update(self.running_mean, mean, factor))
-        self.running_var.copy_(F.ema_update(self.running_var, uvar, factor))
+
+
+def _can_read(flag: Tensor, forced: bool) -> bool:
+    """Whether the layer may read ``flag``'s value (a Python branch) without breaking a graph,
+    a ``torch.func`` transform or, unless ``forced``, a GPU's asynchrony."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        return False
+    return forced or flag.is_cpu

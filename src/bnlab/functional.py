@@ -16,10 +16,12 @@ Conventions used throughout bnlab:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from . import kernels as _kernels
+from .kernels import backends as _backends
 
 __all__ = [
     "compute_dtype",
@@ -28,6 +30,10 @@ __all__ = [
     "batch_stats",
     "normalize",
     "batch_norm_train",
+    "batch_norm_act_train",
+    "normalize_act",
+    "check_eps",
+    "running_update",
     "unbiased_var",
     "bessel_factor",
     "ema_update",
@@ -70,6 +76,19 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var.clamp_min(0)
 
 
+def check_eps(eps: float, where: str) -> float:
+    """``eps`` as a float, or ``ValueError`` unless it is positive and finite.
+
+    Every entry point checks it the same way on every backend (a negative value would mean
+    something else to the C kernels, and NaN would silently poison every output).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+        eps > 0 and math.isfinite(eps)
+    ):
+        raise ValueError(f"{where}: eps must be a positive finite float, got {eps!r}")
+    return float(eps)
+
+
 def normalize(
     x: Tensor,
     mean: Tensor,
@@ -82,19 +101,24 @@ def normalize(
 
     ``mean``, ``var``, ``weight`` and ``bias`` have shape ``(C,)``; ``weight``/``bias`` may be
     ``None`` (``affine=False``). Computed in :func:`compute_dtype`, returned in ``x.dtype``.
-    Runs on bnlab's compiled kernels when they support the tensors (see :mod:`bnlab.kernels`).
+    Runs on the backend :mod:`bnlab.kernels.backends` selects for the tensors.
     """
-    if _kernels.supports_eval(x, mean, var, weight, bias):
-        return _kernels.api.normalize_native(x, mean, var, weight, bias, eps)
-    cdt = compute_dtype(x.dtype)
-    invstd = torch.rsqrt(var.to(cdt) + eps)
-    scale = invstd if weight is None else invstd * weight.to(cdt)
-    # Subtract the mean before scaling: folding it into one shift (x * scale - mean * scale)
-    # cancels catastrophically when the mean is large against the spread (offset 1e4).
-    y = (x.to(cdt) - _per_channel(mean.to(cdt), x)) * _per_channel(scale, x)
-    if bias is not None:
-        y = y + _per_channel(bias.to(cdt), x)
-    return y.to(x.dtype)
+    return normalize_act(x, mean, var, weight, bias, eps, "identity")
+
+
+def normalize_act(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(normalize(x, ...))`` for ``act`` in ``identity``, ``relu``, ``leaky_relu``."""
+    eps = check_eps(eps, "normalize")
+    return _backends.evaluate(x, mean, var, weight, bias, eps, act, negative_slope)
 
 
 def batch_norm_train(
@@ -102,14 +126,24 @@ def batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN: normalise ``x`` with its own statistics.
 
-    Returns ``(y, mean, biased_var)``; gradients flow through the statistics. This is the
-    single entry point that compiled kernels replace (see :mod:`bnlab.kernels`): they run
-    when they support the tensors, this pure-PyTorch code otherwise.
+    Returns ``(y, mean, biased_var)``. The statistics carry gradients on the native and
+    composite backends; torch's kernels (the aten backend: GPUs, half precision) return them
+    detached. See :mod:`bnlab.kernels.backends` for which backend runs.
     """
-    if _kernels.supports(x, weight, bias):
-        return _kernels.api.batch_norm_train_native(x, weight, bias, eps)
-    mean, var = batch_stats(x)
-    return normalize(x, mean, var, weight, bias, eps), mean, var
+    return batch_norm_act_train(x, weight, bias, eps, "identity")
+
+
+def batch_norm_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "relu",
+    negative_slope: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)``."""
+    eps = check_eps(eps, "batch_norm_train")
+    return _backends.train(x, weight, bias, eps, act, negative_slope)
 
 
 def bessel_factor(n: int) -> float:
@@ -122,36 +156,102 @@ def unbiased_var(var: Tensor, n: int) -> Tensor:
     return var * bessel_factor(n) if n > 1 else var
 
 
-def ema_update(old: Tensor, new: Tensor, momentum: float) -> Tensor:
-    """PyTorch-convention moving average: ``(1 - momentum) * old + momentum * new``."""
-    return old + momentum * (new.to(old.dtype) - old)
+def ema_update(
+    old: Tensor, new: Tensor, momentum: float | Tensor, finite: Tensor | None = None
+) -> Tensor:
+    """PyTorch-convention moving average: ``(1 - momentum) * old + momentum * new``.
+
+    With a boolean tensor ``finite``, ``old`` is returned where it is false (no branch on a
+    tensor's value, so a compiled graph serves every step).
+    """
+    out = old + momentum * (new.to(old.dtype) - old)
+    return out if finite is None else torch.where(finite, out, old)
 
 
-def cumulative_factor(num_batches_tracked: int) -> float:
-    """Weight of the newest batch in a cumulative average after ``num_batches_tracked`` batches."""
+def cumulative_factor(num_batches_tracked: int | Tensor) -> float | Tensor:
+    """Weight of the newest batch in a cumulative average after ``num_batches_tracked`` batches
+    (an int or a tensor; a tensor gives a tensor, without reading its value)."""
+    if isinstance(num_batches_tracked, Tensor):
+        return 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
     return 1.0 / max(int(num_batches_tracked), 1)
 
 
 def window_push(
-    window: Tensor, value: Tensor, num_batches_tracked: int
+    window: Tensor,
+    value: Tensor,
+    num_batches_tracked: int | Tensor,
+    finite: Tensor | None = None,
 ) -> Tensor:
     """Return a copy of the ring buffer ``window`` (``(k, C)``) with ``value`` written.
 
-    ``num_batches_tracked`` counts the batches already in the buffer's history before this one;
-    the slot written is ``num_batches_tracked % k``.
+    ``num_batches_tracked`` (an int or a 0-dim tensor) counts the batches already in the
+    buffer's history before this one; the slot written is ``num_batches_tracked % k``. With a
+    boolean tensor ``finite`` that is false, the slot keeps its old row.
     """
-    out = window.clone()
-    out[int(num_batches_tracked) % window.shape[0]] = value.to(window.dtype)
-    return out
-
-
-def window_stats(window: Tensor, filled: int) -> Tensor:
-    """Mean over the ``filled`` valid rows of a ring buffer (all rows once it is full)."""
     k = window.shape[0]
+    if not isinstance(num_batches_tracked, Tensor):
+        num_batches_tracked = torch.tensor(int(num_batches_tracked), device=window.device)
+    slot = (num_batches_tracked % k).reshape(1)
+    row = value.to(window.dtype).reshape(1, -1)
+    if finite is not None:
+        row = torch.where(finite, row, window.index_select(0, slot))
+    return window.index_copy(0, slot, row)
+
+
+def window_stats(window: Tensor, filled: int | Tensor) -> Tensor:
+    """Mean over the ``filled`` valid rows of a ring buffer (all rows once it is full).
+
+    ``filled`` may be a 0-dim tensor: the mean is then taken with a mask, without reading its
+    value (a tensor ``filled`` of 0 gives the mean of no rows as 0/1 = 0, not an error).
+    """
+    k = window.shape[0]
+    if isinstance(filled, Tensor):
+        f = filled.clamp(1, k)
+        mask = torch.arange(k, device=window.device) < f
+        return (window * mask.to(window.dtype)[:, None]).sum(0) / f.to(window.dtype)
     filled = min(int(filled), k)
     if filled <= 0:
         raise ValueError("window_stats: the window is empty (filled=0); push a batch first")
     return window[:filled].mean(dim=0) if filled < k else window.mean(dim=0)
+
+
+def running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    *,
+    running: str = "ema",
+    window: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None, Tensor]:
+    """One step of the running statistics, as tensor ops only (no branch on a value).
+
+    ``mean`` and biased ``var`` are one batch's statistics over ``count`` values per channel.
+    Returns ``(running_mean, running_var, num_batches_tracked, window, finite)``, all new
+    tensors: a batch with NaN/Inf statistics leaves everything as it was (``finite`` is then a
+    false 0-dim tensor). ``running`` is ``"ema"`` (``momentum=None``: cumulative),
+    ``"cumulative"`` or ``"window"`` (``window`` = the ``(k, C)`` mean and variance rings).
+    """
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    uvar = unbiased_var(var, count)
+    seen = num_batches_tracked
+    new_seen = seen + finite.to(seen.dtype)
+    if running == "window":
+        wm = window_push(window[0], mean, seen, finite)
+        wv = window_push(window[1], uvar, seen, finite)
+        rm = torch.where(finite, window_stats(wm, new_seen).to(running_mean.dtype), running_mean)
+        rv = torch.where(finite, window_stats(wv, new_seen).to(running_var.dtype), running_var)
+        return rm, rv, new_seen, (wm, wv), finite
+    if running == "cumulative" or momentum is None:
+        factor = cumulative_factor(seen + 1)
+    else:
+        factor = momentum
+    rm = ema_update(running_mean, mean, factor, finite)
+    rv = ema_update(running_var, uvar, factor, finite)
+    return rm, rv, new_seen, window, finite
 
 
 def batch_norm(
@@ -180,6 +280,7 @@ def batch_norm(
         >>> y.shape, rm.shape
         (torch.Size([8, 3, 4, 4]), torch.Size([3]))
     """
+    eps = check_eps(eps, "batch_norm")
     use_batch = training or running_mean is None or running_var is None
     if not use_batch:
         return normalize(x, running_mean, running_var, weight, bias, eps), running_mean, running_var

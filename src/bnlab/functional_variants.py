@@ -30,7 +30,7 @@ def _as_pair(relax_steps: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def renorm_limits(
-    step: int,
+    step: int | Tensor,
     r_max: float,
     d_max: float,
     warmup_steps: int,
@@ -52,6 +52,13 @@ def renorm_limits(
     at 40k steps and ``d_max = 5`` at 25k, i.e. ``relax_steps = (35000, 20000)``.
     """
     r_steps, d_steps = _as_pair(relax_steps)
+    if isinstance(step, Tensor):
+        # The same schedule as tensor ops (no value read), for graphs: ``(r_max_t, d_max_t)``
+        # as float64 0-dim tensors.
+        t = step.to(torch.float64) - int(warmup_steps)
+        pr = (t > 0).to(t.dtype) if r_steps <= 0 else (t / r_steps).clamp(0, 1)
+        pd = (t > 0).to(t.dtype) if d_steps <= 0 else (t / d_steps).clamp(0, 1)
+        return 1.0 + (float(r_max) - 1.0) * pr, float(d_max) * pd
     t = int(step) - int(warmup_steps)
     if t <= 0:
         return 1.0, 0.0
@@ -67,8 +74,8 @@ def batch_renorm_train(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""Training-mode Batch Renormalization (Ioffe 2017, Algorithm 1).
 
@@ -91,8 +98,14 @@ def batch_renorm_train(
     sigma_b = torch.sqrt(var + eps)
     with torch.no_grad():
         inv_sigma = torch.rsqrt(running_var.to(cdt) + eps)
-        r = (sigma_b * inv_sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(cdt)) * inv_sigma).clamp(-d_max, d_max)
+        if isinstance(r_max, Tensor):
+            r_max, d_max = r_max.to(cdt), d_max.to(cdt)
+            r = torch.minimum(torch.maximum(sigma_b * inv_sigma, 1.0 / r_max), r_max)
+            d = torch.minimum(torch.maximum((mean - running_mean.to(cdt)) * inv_sigma, -d_max),
+                              d_max)  # fmt: skip
+        else:
+            r = (sigma_b * inv_sigma).clamp(1.0 / r_max, r_max)
+            d = ((mean - running_mean.to(cdt)) * inv_sigma).clamp(-d_max, d_max)
     a = r / sigma_b
     scale = a if weight is None else a * weight.to(cdt)
     shift = d - mean * a

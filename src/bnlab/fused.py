@@ -11,12 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-import torch
-from torch import Tensor
-
-from . import functional as F
 from ._base import _NormBase
-from .kernels import batch_norm_act_train, normalize_act
 
 Activation = Literal["relu", "leaky_relu", "identity"]
 
@@ -98,24 +93,5 @@ class BatchNormAct2d(_NormBase):
             s += f", negative_slope={self.negative_slope}"
         return s
 
-    def _native_act(self) -> tuple[str, float] | None:
-        if type(self)._batch_forward is not BatchNormAct2d._batch_forward:
-            return None
+    def _activation(self) -> tuple[str, float]:
         return (self.act, self.negative_slope)
-
-    def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-        n = F.count_per_channel(x)
-        if self.normalize_with == "running" and int(self.num_batches_tracked) > 0:
-            with torch.no_grad():
-                mean, var = F.batch_stats(x)
-            return self._eval_forward(x), mean, var, n
-        y, mean, var = batch_norm_act_train(
-            x, self.weight, self.bias, self.eps, self.act, self.negative_slope
-        )
-        return y, mean, var, n
-
-    def _eval_forward(self, x: Tensor) -> Tensor:
-        return normalize_act(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-            self.act, self.negative_slope,
-        )  # fmt: skip

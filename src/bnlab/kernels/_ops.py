@@ -26,6 +26,8 @@ accept any floating dtype, computing in at least float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -73,7 +75,9 @@ def empty_like(x: Tensor) -> Tensor:
     if not _HAVE_BUFFERS or nbytes < BUFFER_MIN_BYTES:
         return torch.empty_like(x)
     flat = torch.frombuffer(_native.buffer(nbytes), dtype=x.dtype, count=x.numel())
-    return flat.as_strided(x.shape, x.stride())
+    # set_ (not as_strided) gives a tensor that owns the storage rather than a view of it:
+    # autograd allows in-place ops on it (ReLU(inplace=True), `out += identity`).
+    return torch.empty(0, dtype=x.dtype).set_(flat.untyped_storage(), 0, x.shape, x.stride())
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -97,6 +101,38 @@ def _like(t: Tensor, like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- native
+def check_native(
+    where: str, x: Tensor, eps: float | None = None, **per_channel: Tensor | None
+) -> tuple[int, int, int, int]:
+    """Refuse, with an exception, what the raw-pointer C entry points cannot check themselves.
+
+    The kernels read ``x`` and every per-channel tensor through data pointers: a wrong dtype,
+    device, channel count or stride would read out of bounds instead of failing. Each native
+    wrapper below calls this first; it costs a few attribute reads.
+    """
+    if not isinstance(x, Tensor) or x.dtype not in _DTYPE_CODES or not x.is_cpu:
+        raise TypeError(f"{where}: x must be a CPU float32/float64 tensor, got "
+                        f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
+                        f"{'' if not isinstance(x, Tensor) else ' on ' + str(x.device)}")
+    layout = None if x.dim() < 2 or x.numel() == 0 else _layout(x)
+    if layout is None:
+        raise ValueError(f"{where}: x must be a non-empty (N, C, *) tensor, contiguous or "
+                         f"channels-last, got shape {tuple(x.shape)} strides {x.stride()}")
+    c = x.shape[1]
+    for name, t in per_channel.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype != x.dtype or not t.is_cpu:
+            raise TypeError(f"{where}: {name} must be a CPU {x.dtype} tensor like x, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if t.numel() != c:
+            raise ValueError(f"{where}: {name} must have C={c} values, got shape "
+                             f"{tuple(t.shape)}")
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{where}: eps must be a positive finite float, got {eps!r}")
+    return layout
+
+
 class RunningUpdate:
     """A request to move running statistics towards this batch's, inside the training forward.
 
@@ -118,10 +154,12 @@ def native_train_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
     update: RunningUpdate | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    nhwc, n, c, s = _layout(x)
+    nhwc, n, c, s = check_native("native_train_forward", x, eps, weight=w, bias=b,
+                 running_mean=None if update is None else update.running_mean,
+                 running_var=None if update is None else update.running_var)
     y = empty_like(x)
     mean, var = x.new_empty(c), x.new_empty(c)  # returned: separate tensors
-    invstd, delta = x.new_empty(2, c).unbind(0)  # only saved for backward
+    invstd, delta = x.new_empty(c), x.new_empty(c)  # saved for backward; no aliasing outputs
     thr = None if act == "identity" else x.new_empty(c)
     w, b = _vec(w), _vec(b)
     rm = rv = None
@@ -148,7 +186,8 @@ def native_eval_forward(
 ) -> Tensor:
     """Evaluation BN on the kernels; with ``eps`` given, ``invstd`` is the variance (the kernel
     takes ``1 / sqrt(var + eps)`` in double: no tensor ops around it, for inference)."""
-    nhwc, n, c, s = _layout(x)
+    nhwc, n, c, s = check_native("native_eval_forward", x, eps, mean=mean, invstd=invstd,
+                                 weight=w, bias=b)
     y = empty_like(x)
     mean, invstd, w, b = _vec(mean), _vec(invstd), _vec(w), _vec(b)
     _native.eval_fwd(
@@ -161,7 +200,13 @@ def native_eval_forward(
 
 def _native_backward(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope,
                      train, need_dx):  # fmt: skip
-    nhwc, n, c, s = _layout(x)
+    nhwc, n, c, s = check_native(
+        "native_backward", x, eps if train and mean is None else None, mean=mean, invstd=invstd,
+        delta=delta, thr=thr, weight=w, bias=b, grad_mean=gmean, grad_var=gvar,
+    )
+    if not isinstance(dy, Tensor) or dy.shape != x.shape:
+        raise ValueError(f"native_backward: dy must have x's shape {tuple(x.shape)}, got "
+                         f"{tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__}")
     dy = _like(dy, x)
     dx = empty_like(x) if need_dx else None
     dw, db = x.new_empty(c), x.new_empty(c)

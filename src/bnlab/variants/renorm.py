@@ -132,7 +132,11 @@ class _BatchRenorm(_NormBase):
         )
 
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-        r_max, d_max = self.current_limits()
+        # limits from the step counter as tensors: one graph serves every step
+        r_max, d_max = FV.renorm_limits(
+            self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps,
+            self.relax_steps,
+        )
         y, mean, var, _, _ = FV.batch_renorm_train(
             x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
             r_max, d_max,
