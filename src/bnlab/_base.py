@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import kernels as _kernels
+from .kernels.library import snapshot
 
 Running = Literal["ema", "cumulative", "window"]
 NormalizeWith = Literal["batch", "running"]
@@ -255,9 +256,10 @@ class _NormBase(nn.Module):
             # The running statistics (no gradient) from the second batch on, the batch's own
             # before: chosen with torch.where, so one graph serves every step.
             mean, var = F.batch_stats(x)
+            # (snapshots: the buffers are updated in place after this; see library.snapshot)
             seen = self.num_batches_tracked > 0
-            m = torch.where(seen, self.running_mean.to(mean.dtype), mean)
-            v = torch.where(seen, self.running_var.to(var.dtype), var)
+            m = torch.where(seen, snapshot(self.running_mean).to(mean.dtype), mean)
+            v = torch.where(seen, snapshot(self.running_var).to(var.dtype), var)
             y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
             return y, mean, var, n
         y, mean, var = F.batch_norm_act_train(x, self.weight, self.bias, self.eps, act, slope)

@@ -180,10 +180,12 @@ def supports(x: Tensor, *per_channel: Tensor | None) -> bool:
     forward-mode AD, functorch transforms, tracing and compilation, and when
     :func:`backend` is ``"native"``.
     """
-    if _native is None or backend() != "native":
+    if _native is None or torch.compiler.is_compiling() or backend() != "native":
         return False
     if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float64):
         return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False  # before any stride query: vmap refuses channels-last ones
     if not _plain_cpu(x, x.dtype) or x.dim() < 2 or x.numel() == 0 or _layout(x) is None:
         return False
     c = x.shape[1]
@@ -192,9 +194,7 @@ def supports(x: Tensor, *per_channel: Tensor | None) -> bool:
             return False
     if torch.autograd.forward_ad._current_level >= 0:
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 from ._ops import _layout  # noqa: E402  (_ops imports nothing from this module)

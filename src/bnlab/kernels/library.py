@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _ops
 
-__all__ = ["train_forward", "backward_train"]
+__all__ = ["train_forward", "backward_train", "snapshot"]
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -110,3 +110,26 @@ def _backward(ctx, gy, gmean, gvar, _ginvstd, _gdelta, _gthr):
 
 
 train_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bnlab::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _snapshot_fake(t):
+    return torch.empty_like(t)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of a buffer (no gradient) that a layer reads before updating it in place.
+
+    Inside a graph it is the opaque ``bnlab::snapshot`` op: AOT autograd's partitioner would
+    otherwise recompute a plain copy in backward from the buffer it has already updated, and
+    give wrong gradients (Batch Renorm's ``r`` and ``d``; pytorch/pytorch PR #197039 is the
+    fix upstream). In eager it is ``t.clone()``.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return torch.ops.bnlab.snapshot(t)
+    return t.clone()

@@ -158,6 +158,9 @@ def _why_not_foldable(bn: nn.Module) -> str:
         or type(bn).forward is not _NormBase.forward
     ):
         return f"{type(bn).__name__} overrides the evaluation forward"
+    if isinstance(bn, _NormBase) and bn._activation()[0] != "identity":
+        return (f"{type(bn).__name__} applies {bn._activation()[0]} after its affine map "
+                "(use act='identity' and a separate activation to fold it)")
     return ""
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import functional as F
 from .. import functional_variants as FV
 from .._base import _NormBase
+from ..kernels.library import snapshot
 from ._docs import fill_docs
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -134,12 +135,13 @@ class _BatchRenorm(_NormBase):
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         # limits from the step counter as tensors: one graph serves every step
         r_max, d_max = FV.renorm_limits(
-            self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps,
+            snapshot(self.num_batches_tracked), self.r_max, self.d_max, self.warmup_steps,
             self.relax_steps,
         )
+        # Snapshots of the buffers the step is about to update (see library.snapshot)
         y, mean, var, _, _ = FV.batch_renorm_train(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-            r_max, d_max,
+            x, snapshot(self.running_mean), snapshot(self.running_var), self.weight,
+            self.bias, self.eps, r_max, d_max,
         )
         return y, mean, var, F.count_per_channel(x)
 

@@ -33,10 +33,15 @@ def supports(x: Tensor, per_channel: tuple, train: bool) -> bool:
 
 
 def _act(y: Tensor, act: str, slope: float) -> Tensor:
+    # In place when nothing is recorded for backward (batch_norm's backward does not need y);
+    # otherwise the activation would save the very tensor a user's in-place op changes next.
+    inplace = isinstance(y, Tensor) and not (torch.is_grad_enabled() and y.requires_grad)
     if act == "relu":
-        return torch.relu_(y)  # batch_norm's backward does not need y: in place is safe
+        # clamp_min's backward reads its input, not its output: in-place ops on the output
+        # (another ReLU(inplace=True), a residual +=) stay legal, as on the native backend
+        return torch.relu_(y) if inplace else y.clamp_min(0)
     if act == "leaky_relu":
-        return TF.leaky_relu_(y, slope)
+        return TF.leaky_relu(y, slope, inplace=inplace)
     return y
 
 

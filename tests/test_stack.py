@@ -1,0 +1,391 @@
+"""bnlab in the stack users run: torch.compile, torch.export, ONNX, torch.func, torch.fx,
+in-place ops after a BN output, and bad input refused the same way on every backend.
+
+Compiled tests use the ``aot_eager`` backend (dynamo + AOT autograd: the graph capture,
+the custom ops' fake and autograd formulas, the partitioner) except one that runs inductor,
+the default backend, end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch import nn
+
+import bnlab
+from bnlab import functional as F
+from bnlab.kernels import _ops
+
+LAYERS = {
+    "BatchNorm1d": lambda c: bnlab.BatchNorm1d(c),
+    "BatchNorm3d": lambda c: bnlab.BatchNorm3d(c),
+    "BatchNorm2d": lambda c: bnlab.BatchNorm2d(c),
+    "BatchNorm2d(cumulative)": lambda c: bnlab.BatchNorm2d(c, running="cumulative"),
+    "BatchNorm2d(momentum=None)": lambda c: bnlab.BatchNorm2d(c, momentum=None),
+    "BatchNorm2d(window)": lambda c: bnlab.BatchNorm2d(c, running="window", window_size=3),
+    "BatchNorm2d(running)": lambda c: bnlab.BatchNorm2d(c, normalize_with="running"),
+    "BatchNorm2d(window, running)": lambda c: bnlab.BatchNorm2d(
+        c, running="window", window_size=2, normalize_with="running"
+    ),
+    "BatchNorm2d(cumulative, running)": lambda c: bnlab.BatchNorm2d(
+        c, running="cumulative", normalize_with="running"
+    ),
+    "BatchNormAct2d(relu)": lambda c: bnlab.BatchNormAct2d(c, act="relu"),
+    "BatchNormAct2d(leaky_relu)": lambda c: bnlab.BatchNormAct2d(c, act="leaky_relu"),
+    "BatchNormAct2d(identity)": lambda c: bnlab.BatchNormAct2d(c, act="identity"),
+    "BatchRenorm2d": lambda c: bnlab.BatchRenorm2d(c, warmup_steps=1, relax_steps=2),
+    "GhostBatchNorm2d": lambda c: bnlab.GhostBatchNorm2d(c, virtual_batch_size=4),
+    "FrozenBatchNorm2d": lambda c: bnlab.FrozenBatchNorm2d(c),
+    "SyncBatchNorm": lambda c: bnlab.SyncBatchNorm(c),
+}
+
+
+def _net(name: str, dtype=torch.float64) -> nn.Module:
+    norm = LAYERS[name]
+    if name == "BatchNorm1d":
+        body = [nn.Conv1d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv1d(8, 16, 3), norm(16)]
+    elif name == "BatchNorm3d":
+        body = [nn.Conv3d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv3d(8, 16, 3), norm(16)]
+    else:
+        body = [nn.Conv2d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv2d(8, 16, 3), norm(16)]
+    net = nn.Sequential(*body, nn.Flatten(), nn.LazyLinear(5))
+    net(_input(name, dtype=torch.float32))  # materialise the lazy layer
+    for m in net.modules():
+        if isinstance(m, bnlab.FrozenBatchNorm2d):  # a frozen layer with real statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.to(dtype)
+
+
+def _input(name: str, n: int = 8, dtype=torch.float64) -> torch.Tensor:
+    shape = {"BatchNorm1d": (n, 3, 10), "BatchNorm3d": (n, 3, 5, 5, 5)}.get(name, (n, 3, 8, 8))
+    return torch.randn(shape, dtype=dtype)
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_training_equals_eager(name):
+    dynamo.reset()
+    eager = _net(name)
+    compiled_net = copy.deepcopy(eager)
+    before = _state(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(compiled_net.parameters(), lr=0.05)
+    for _ in range(5):
+        x = _input(name)
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    want, got = _state(eager), _state(compiled_net)
+    assert want.keys() == got.keys()
+    for key in want:
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(got[key], want[key]), key
+            assert int(got[key]) == int(before[key]) + (0 if "Frozen" in name else 5), key
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, msg=key)
+    eager.eval()
+    compiled_net.eval()
+    x = _input(name)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_no_graph_breaks_in_training_and_evaluation(name):
+    dynamo.reset()
+    net = _net(name, torch.float32)
+    for mode in (True, False):
+        net.train(mode)
+        explained = dynamo.explain(net)(_input(name, dtype=torch.float32))
+        assert explained.graph_break_count == 0, (mode, explained.break_reasons)
+        assert explained.graph_count == 1
+
+
+def test_native_kernels_run_inside_the_compiled_graph():
+    dynamo.reset()
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    net = _net("BatchNormAct2d(relu)", torch.float32)
+    torch.compile(net, backend=capture, fullgraph=True)(_input("x", dtype=torch.float32))
+    if bnlab.kernels.backend() == "native":
+        assert any("bnlab.train_forward" in s for s in seen), seen
+    else:  # BNLAB_KERNELS=torch: torch's own kernels (inside the fused layer's Function)
+        assert not any("bnlab.train_forward" in s for s in seen)
+        assert any("autograd_function_apply" in s for s in seen), seen
+
+
+def _graphs_for_channel_change(make) -> int:
+    dynamo.reset()
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(m, x):
+        return m(x).sum()
+
+    fn = torch.compile(step, backend=count)
+    for c in (32, 64, 32, 64):
+        m = make(c)
+        fn(m, torch.randn(4, c, 5, 5)).backward()
+    return len(graphs)
+
+
+def test_channel_change_recompiles_no_more_than_torch():
+    torch_graphs = _graphs_for_channel_change(nn.BatchNorm2d)
+    for make in (bnlab.BatchNorm2d, lambda c: bnlab.BatchNorm2d(c, running="window",
+                                                               window_size=3)):  # fmt: skip
+        assert _graphs_for_channel_change(make) <= torch_graphs
+
+
+@pytest.mark.slow
+def test_inductor_trains_and_matches_eager():
+    """The default backend (inductor) end to end, with the native op inside."""
+    dynamo.reset()
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), bnlab.BatchNormAct2d(8, act="leaky_relu"))  # fmt: skip
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(8, 3, 10, 10)
+        g = torch.randn(8, 8, 6, 6)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+        ye.backward(g)
+        yc.backward(g)
+    for pe, pc in zip(eager.parameters(), compiled_net.parameters(), strict=True):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_state(compiled_net), _state(eager), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- in-place after BN
+@pytest.mark.parametrize("name", [n for n in LAYERS if n not in ("BatchNorm1d", "BatchNorm3d")])
+@pytest.mark.parametrize("training", [True, False])
+def test_inplace_ops_after_the_output(name, training):
+    norm = LAYERS[name]
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    net = nn.Sequential(conv, norm(64), nn.ReLU(inplace=True)).train(training)
+    x = torch.randn(16, 3, 32, 32)  # outputs of 4 MiB: the kernels' huge-page buffers
+    net(x).sum().backward()
+    bn = norm(64).train(training)
+    residual = torch.randn(16, 64, 32, 32)
+    h = conv(x)
+    y = bn(h)
+    y += residual
+    y.relu_().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def test_native_outputs_are_not_views():
+    x = torch.randn(16, 64, 32, 32)
+    for layer in (bnlab.BatchNorm2d(64), bnlab.BatchNorm2d(64).eval()):
+        y = layer(x)
+        assert y._base is None
+
+
+# ------------------------------------------------------------------------- export and ONNX
+def _conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3), bnlab.BatchNormAct2d(8, act="leaky_relu"),
+                         nn.Conv2d(8, 4, 3), bnlab.BatchNorm2d(4, running="window",
+                                                               window_size=2))  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_export(training):
+    net = _conv_net().train(training)
+    x = torch.randn(4, 3, 10, 10)
+    reference = copy.deepcopy(net)
+    exported = torch.export.export(copy.deepcopy(net), (x,))
+    torch.testing.assert_close(exported.module()(x), reference(x), rtol=1e-5, atol=1e-5)
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    if training and bnlab.kernels.backend() == "native":
+        assert any("bnlab.train_forward" in t for t in targets), targets
+    if not training:
+        assert any("batch_norm" in t for t in targets), targets
+
+
+def test_onnx_export_has_batch_normalization_nodes_or_folds_them(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    # BN after a convolution is folded into it by the exporter; BN after a ReLU cannot be
+    # folded and must appear as BatchNormalization, never as a Sub/Mul/Add decomposition
+    net = nn.Sequential(_conv_net(), nn.ReLU(), bnlab.BatchNorm2d(4))
+    for _ in range(3):  # non-trivial statistics
+        net.train()(torch.randn(8, 3, 10, 10))
+    net.eval()
+    x = torch.randn(4, 3, 10, 10)
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), dynamo=True)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("BatchNormalization") == 1, ops
+    assert set(ops) <= {"Conv", "Relu", "LeakyRelu", "BatchNormalization"}, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), net(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- torch.func and fx
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make", [lambda: bnlab.BatchNorm2d(6),
+                                  lambda: bnlab.BatchNormAct2d(6, act="leaky_relu"),
+                                  lambda: bnlab.BatchNorm2d(6, running="window", window_size=2)])
+def test_vmapped_ensemble_equals_models_one_by_one(training, make):
+    from torch.func import functional_call, stack_module_state
+
+    models = [nn.Sequential(nn.Conv2d(3, 6, 3), make()).train(training) for _ in range(3)]
+    for m in models:  # different running statistics per member
+        m.train()(torch.randn(8, 3, 7, 7) * (1 + torch.rand(1)))
+        m.train(training)
+    copies = copy.deepcopy(models)
+    params, buffers = stack_module_state(copies)
+    base = copy.deepcopy(copies[0]).to("meta")
+
+    def run(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    x = torch.randn(3, 8, 3, 7, 7)
+    got = torch.vmap(run)(params, buffers, x)
+    for i, m in enumerate(models):
+        want = m(x[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+        for key, value in m.state_dict().items():
+            torch.testing.assert_close(buffers[key][i] if key in buffers else value, value,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("stats", [True, False])
+def test_jvp_through_batchnormact(act, stats):
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    acts = {"relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(), "identity": nn.Identity()}
+    layer = bnlab.BatchNormAct2d(4, act=act, track_running_stats=stats).double()
+    ref = nn.Sequential(nn.BatchNorm2d(4, track_running_stats=stats), acts[act]).double()
+    shape = (6, 4, 3, 3)
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    ref.train()(x * 3 + 1)
+    layer.train()(x * 3 + 1)
+    for training in (True, False):
+        layer.train(training)
+        ref.train(training)
+        if training and stats:
+            # torch.func forbids mutating captured buffers (torch's BN alike): forward-mode
+            # AD itself, with the running statistics updated as in eager
+            with fwAD.dual_level():
+                y, dy = fwAD.unpack_dual(layer(fwAD.make_dual(x, t)))
+                y_ref, dy_ref = fwAD.unpack_dual(ref(fwAD.make_dual(x, t)))
+            torch.testing.assert_close(layer.running_var, ref[0].running_var)
+        else:
+            y, dy = jvp(layer, (x,), (t,))
+            y_ref, dy_ref = jvp(ref, (x,), (t,))
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(dy, dy_ref)
+
+
+def test_fx_symbolic_trace_and_conv_bn_fusion():
+    from torch.fx.experimental.optimization import fuse
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.Conv2d(8, 4, 3), bnlab.BatchNormAct2d(4))  # fmt: skip
+    for _ in range(3):
+        net.train()(torch.randn(8, 3, 10, 10))
+    net.eval()
+    x = torch.randn(4, 3, 10, 10)
+    traced = torch.fx.symbolic_trace(net)
+    torch.testing.assert_close(traced(x), net(x))
+    calls = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm" in c for c in calls) == 2  # the bnlab layers: one torch op each
+    fused = fuse(net)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-5, atol=1e-5)
+    kinds = [type(m) for m in fused.modules()]
+    assert nn.BatchNorm2d not in kinds  # torch's pair was folded into its convolution
+    folded = bnlab.tools.fold(net, warn=False)  # bnlab's own pass folds the plain BN layers
+    assert not any(isinstance(m, bnlab.BatchNorm2d) for m in folded.modules())
+    assert [b for b, *_ in folded.fold_report.folded] == ["1", "4"]
+    assert "applies relu" in str(folded.fold_report.not_folded)  # the fused ReLU is kept
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_trace_of_a_training_layer_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="model.eval"):
+        torch.fx.symbolic_trace(nn.Sequential(bnlab.BatchNorm2d(3)).train())
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("eps", [-1e-5, 0.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bad_eps_refused_the_same_way_everywhere(eps, backend):
+    if backend == "native" and not bnlab.kernels.native_available():
+        pytest.skip("native kernels not built")
+    x, mean, var = torch.randn(4, 3, 5, 5), torch.zeros(3), torch.ones(3)
+    with bnlab.kernels.use_backend(backend):
+        for call in (
+            lambda: F.normalize(x, mean, var, None, None, eps),
+            lambda: F.batch_norm_train(x, None, None, eps),
+            lambda: F.batch_norm(x, mean, var, training=True, eps=eps),
+            lambda: bnlab.BatchNorm2d(3, eps=eps),
+        ):
+            with pytest.raises(ValueError, match="eps must be a positive finite float"):
+                call()
+
+
+def test_huge_window_refused_quickly_with_the_memory_it_needs():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"window_size=1000000000 needs 256,000,000,000 bytes"):
+        bnlab.BatchNorm2d(32, running="window", window_size=10**9)
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.skipif(not bnlab.kernels.native_available(), reason="native kernels not built")
+def test_every_native_entry_point_rejects_wrong_shapes_and_dtypes():
+    x = torch.randn(4, 3, 5, 5)
+    c3, c4 = torch.ones(3), torch.ones(4)
+    cases = [
+        (lambda: _ops.native_train_forward(x.double(), c3, c3, 1e-5, "identity", 0.0),
+         TypeError, "weight must be a CPU torch.float64"),
+        (lambda: _ops.native_train_forward(x, c4, c3, 1e-5, "identity", 0.0),
+         ValueError, "weight must have C=3"),
+        (lambda: _ops.native_train_forward(x[:, :, ::2], c3, c3, 1e-5, "identity", 0.0),
+         ValueError, "contiguous or channels-last"),
+        (lambda: _ops.native_train_forward(x.int(), None, None, 1e-5, "identity", 0.0),
+         TypeError, "x must be a CPU float32/float64"),
+        (lambda: _ops.native_train_forward(x, None, None, -1.0, "identity", 0.0),
+         ValueError, "eps must be a positive finite"),
+        (lambda: _ops.native_eval_forward(x, c4, c3, None, None, "identity", 0.0),
+         ValueError, "mean must have C=3"),
+        (lambda: _ops.native_eval_forward(x, c3, c3.double(), None, None, "identity", 0.0),
+         TypeError, "invstd must be a CPU torch.float32"),
+        (lambda: _ops.native_backward_train(x[:2], x, c3, c3, None, None, None, None, None,
+                                            None, 1e-5, "identity", 0.0, True),
+         ValueError, "dy must have x's shape"),
+        (lambda: _ops.native_backward_train(x, x, c4, c3, None, None, None, None, None, None,
+                                            1e-5, "identity", 0.0, True),
+         ValueError, "mean must have C=3"),
+        (lambda: _ops.native_backward_eval(x, x, c3, c3, c3.double(), None, "relu", 0.0, True),
+         TypeError, "weight must be a CPU torch.float32"),
+        (lambda: torch.ops.bnlab.train_forward(x, c4, None, 1e-5, "identity", 0.0),
+         ValueError, "weight must have C=3"),
+    ]  # fmt: skip
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
