@@ -157,8 +157,10 @@ def test_channel_change_recompiles_no_more_than_torch():
 def test_inductor_trains_and_matches_eager():
     """The default backend (inductor) end to end, with the native op inside."""
     dynamo.reset()
-    eager = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3), bnlab.BatchNormAct2d(8, act="leaky_relu"))  # fmt: skip
+    eager = nn.Sequential(
+        nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3), bnlab.BatchNormAct2d(8, act="leaky_relu"),
+    )  # fmt: skip
     compiled_net = copy.deepcopy(eager)
     compiled = torch.compile(compiled_net, fullgraph=True)
     for _ in range(3):
