@@ -122,7 +122,11 @@ def backend() -> Backend:
     global _warned
     if _forced is not None:
         return _forced
-    env = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    raw = os.environ.get(_ENV)
+    if raw is None:
+        env = "auto"
+    else:
+        env = raw.strip().lower() or "auto"
     if env not in _ENV_CHOICES:
         raise ValueError(
             f"environment variable {_ENV} must be one of {list(_ENV_CHOICES)}, got {env!r}; "
@@ -163,9 +167,12 @@ def use_backend(name: Backend) -> Iterator[None]:
         _forced = previous
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     return (
-        type(t) in (Tensor, torch.nn.Parameter)
+        type(t) in _PLAIN
         and t.is_cpu
         and t.dtype == dtype
         and t.layout == torch.strided
@@ -188,9 +195,14 @@ def supports(x: Tensor, *per_channel: Tensor | None) -> bool:
         return False  # before any stride query: vmap refuses channels-last ones
     if not _plain_cpu(x, x.dtype) or x.dim() < 2 or x.numel() == 0 or _layout(x) is None:
         return False
-    c = x.shape[1]
+    c, dt = x.shape[1], x.dtype
     for t in per_channel:
-        if t is not None and not (_plain_cpu(t, x.dtype) and t.dim() == 1 and t.shape[0] == c):
+        # (C,) tensors: plain CPU tensors of x's dtype (attribute reads kept to a minimum:
+        # small layers are call-bound)
+        if t is not None and not (
+            type(t) in _PLAIN and t.dtype is dt and t.is_cpu and t.dim() == 1
+            and t.shape[0] == c and t.layout is torch.strided
+        ):  # fmt: skip
             return False
     if torch.autograd.forward_ad._current_level >= 0:
         return False

@@ -108,14 +108,30 @@ def check_native(
 
     The kernels read ``x`` and every per-channel tensor through data pointers: a wrong dtype,
     device, channel count or stride would read out of bounds instead of failing. Each native
-    wrapper below calls this first; it costs a few attribute reads.
+    wrapper below calls this first and gets the kernels' layout of ``x`` back. The checks are
+    one pass of attribute reads (a few microseconds); the message is built only on failure.
     """
+    layout = None
+    ok = isinstance(x, Tensor) and x.dtype in _DTYPE_CODES and x.is_cpu and x.dim() >= 2
+    if ok and x.numel() != 0:
+        layout = _layout(x)
+    if layout is not None:
+        dt, c = x.dtype, x.shape[1]
+        for t in per_channel.values():
+            if t is not None and (t.dtype is not dt or t.numel() != c or not t.is_cpu):
+                layout = None
+                break
+    if layout is None or (eps is not None and not (eps > 0 and math.isfinite(eps))):
+        _explain(where, x, eps, per_channel)
+    return layout
+
+
+def _explain(where: str, x, eps, per_channel: dict) -> None:
+    """Raise the error :func:`check_native` found, naming the argument and the value."""
     if not isinstance(x, Tensor) or x.dtype not in _DTYPE_CODES or not x.is_cpu:
-        raise TypeError(f"{where}: x must be a CPU float32/float64 tensor, got "
-                        f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
-                        f"{'' if not isinstance(x, Tensor) else ' on ' + str(x.device)}")
-    layout = None if x.dim() < 2 or x.numel() == 0 else _layout(x)
-    if layout is None:
+        got = type(x).__name__ if not isinstance(x, Tensor) else f"{x.dtype} on {x.device}"
+        raise TypeError(f"{where}: x must be a CPU float32/float64 tensor, got {got}")
+    if x.dim() < 2 or x.numel() == 0 or _layout(x) is None:
         raise ValueError(f"{where}: x must be a non-empty (N, C, *) tensor, contiguous or "
                          f"channels-last, got shape {tuple(x.shape)} strides {x.stride()}")
     c = x.shape[1]
@@ -128,9 +144,7 @@ def check_native(
         if t.numel() != c:
             raise ValueError(f"{where}: {name} must have C={c} values, got shape "
                              f"{tuple(t.shape)}")
-    if eps is not None and not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{where}: eps must be a positive finite float, got {eps!r}")
-    return layout
+    raise ValueError(f"{where}: eps must be a positive finite float, got {eps!r}")
 
 
 class RunningUpdate:

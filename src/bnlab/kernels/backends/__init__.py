@@ -27,6 +27,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .. import supports as _native_eager
 from . import aten, composite, native
 
 __all__ = ["register", "backends", "select", "train", "evaluate"]
@@ -81,6 +82,9 @@ def train(
     slope: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)`` (``(C,)`` statistics)."""
+    if _ORDER[0] is native and _native_eager(x, weight, bias):
+        # the common case first, without the registry walk: small layers are call-bound
+        return native.api._TrainFn.apply(x, weight, bias, eps, act, slope, True)
     return select(x, (weight, bias), True).train(x, weight, bias, eps, act, slope)
 
 
@@ -89,12 +93,12 @@ def evaluate(
     eps: float, act: str = "identity", slope: float = 0.01,
 ) -> Tensor:
     """``act(BN(x))`` with the given mean and (running, unbiased) variance."""
-    if (
-        not isinstance(x, torch.fx.Proxy)
-        and torch.is_grad_enabled()
-        and (mean.requires_grad or var.requires_grad)
-    ):
+    if isinstance(x, torch.fx.Proxy):
+        return aten.evaluate(x, mean, var, weight, bias, eps, act, slope)
+    if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
         return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
+    if _ORDER[0] is native and _native_eager(x, mean, var, weight, bias):
+        return native.api._normalize_act_native(x, mean, var, weight, bias, eps, act, slope)
     return select(x, (mean, var, weight, bias), False).evaluate(
         x, mean, var, weight, bias, eps, act, slope
     )

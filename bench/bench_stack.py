@@ -1,0 +1,133 @@
+"""bnlab against torch's BN in the stack users run: compiled, on torch's kernels, under autocast.
+
+One run, medians of alternating rounds, ratios bnlab / torch for a training step (forward,
+backward, Adam step) of the seed's CNN on Fashion-MNIST batches of 128 (``bnlab.models.seed_cnn``
+with norm ``bn`` against ``torch-bn``):
+
+* ``compiled``: both models under ``torch.compile`` (inductor). Target <= 0.9: the native
+  kernels run inside the compiled graph as the ``bnlab::train_forward`` op.
+* ``torch kernels``: eager, ``bnlab.kernels.use_backend("torch")`` (= ``BNLAB_KERNELS=torch``),
+  bnlab's policy over torch's own kernels. Target <= 1.1.
+* ``autocast bf16``: eager under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where the
+  native kernels do not apply; ``BatchNorm2d`` and the fused ``BatchNormAct2d(relu)`` against
+  torch's ``BatchNorm2d`` (+ ReLU). Target <= 1.1.
+* ``per call``: one training forward of ``BatchNorm2d(4)`` on a (2, 4, 2, 2) tensor, bnlab
+  against torch (reported: the fixed Python cost of a layer call).
+
+    python bench/bench_stack.py [--rounds 5] [--repeats 10] [--skip-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+import bnlab  # noqa: E402
+from bnlab.data import load_dataset  # noqa: E402
+from bnlab.models import seed_cnn  # noqa: E402
+
+TARGETS = {"compiled": 0.9, "torch kernels": 1.1, "autocast bf16 BatchNorm2d": 1.1,
+           "autocast bf16 BatchNormAct2d": 1.1}  # fmt: skip
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+class _FusedSeed(nn.Module):
+    """The seed's CNN with each BN + ReLU as one fused layer (norm before the activation)."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+
+        def block(cin, cout):
+            conv = nn.Conv2d(cin, cout, 3)
+            if fused:
+                return [conv, bnlab.BatchNormAct2d(cout, act="relu"), nn.MaxPool2d(2)]
+            return [conv, nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.net = nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(),
+                                 nn.Linear(1600, 10))  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _pair(make, x, y, *, autocast=False, compile_=False):
+    torch.manual_seed(0)
+    models = {name: make(name) for name in ("bnlab", "torch")}
+    if compile_:
+        models = {k: torch.compile(m) for k, m in models.items()}
+    return {k: _step_fn(m, x, y, autocast) for k, m in models.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--data-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    data = load_dataset("fashion-mnist", args.data_dir)
+    x, y = data.x_train[:128], data.y_train[:128]
+    seed = {"bnlab": lambda _: seed_cnn(norm="bn"), "torch": lambda _: seed_cnn(norm="torch-bn")}
+
+    def bnlab_or_torch(name):
+        return seed[name](name)
+
+    rows: dict[str, dict[str, float]] = {}
+
+    def measure(label, fns, **kw):
+        t = _timing.interleaved_medians(fns, rounds=args.rounds, repeats=args.repeats, **kw)
+        rows[label] = {"bnlab_ms": t["bnlab"] * 1e3, "torch_ms": t["torch"] * 1e3,
+                       "ratio": t["bnlab"] / t["torch"]}  # fmt: skip
+        r = rows[label]
+        target = TARGETS.get(label)
+        verdict = "" if target is None else (" met" if r["ratio"] <= target else " NOT met")
+        print(f"{label:30s} bnlab {r['bnlab_ms']:8.3f} ms  torch {r['torch_ms']:8.3f} ms  "
+              f"ratio {r['ratio']:.3f}" + ("" if target is None else f"  (<= {target}{verdict})"),
+              flush=True)  # fmt: skip
+
+    if not args.skip_compile:
+        measure("compiled", _pair(bnlab_or_torch, x, y, compile_=True), warmup=3)
+    with bnlab.kernels.use_backend("torch"):
+        measure("torch kernels", _pair(bnlab_or_torch, x, y))
+    measure("eager (native)", _pair(bnlab_or_torch, x, y))
+    measure("autocast bf16 BatchNorm2d", _pair(bnlab_or_torch, x, y, autocast=True))
+    measure("autocast bf16 BatchNormAct2d",
+            _pair(lambda name: _FusedSeed(name == "bnlab"), x, y, autocast=True))  # fmt: skip
+
+    tiny = torch.randn(2, 4, 2, 2)
+    layers = {"bnlab": bnlab.BatchNorm2d(4), "torch": nn.BatchNorm2d(4)}
+    rows_tiny = {k: (lambda m=m: m(tiny)) for k, m in layers.items()}
+    measure("per call (2,4,2,2) train fwd", rows_tiny)
+    layers = {k: m.eval() for k, m in layers.items()}
+    measure("per call (2,4,2,2) eval", rows_tiny)
+    met = all(rows[k]["ratio"] <= t for k, t in TARGETS.items() if k in rows)
+    print("targets:", "all met" if met else "NOT all met")
+    _timing.write_json("bench_stack", {"machine": _timing.machine(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
