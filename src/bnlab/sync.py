@@ -72,11 +72,14 @@ class _SyncBNFunction(torch.autograd.Function):
     """Normalise with global statistics; backward all-reduces ``sum(dy)`` and ``sum(dy*xhat)``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, count, eps, group):  # type: ignore[override]
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count, ctx.group = count, group
+    def forward(x, weight, bias, mean, var, count, eps, group):  # type: ignore[override]
         return F.normalize(x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, mean, var, count, eps, group = inputs
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.count, ctx.group = count, group
 
     @staticmethod
     @torch.autograd.function.once_differentiable
