@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import kernels as _kernels
+from .kernels import backends as _backends
 from .kernels.library import snapshot
 
 Running = Literal["ema", "cumulative", "window"]
@@ -262,12 +263,13 @@ class _NormBase(nn.Module):
             v = torch.where(seen, snapshot(self.running_var).to(var.dtype), var)
             y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
             return y, mean, var, n
-        y, mean, var = F.batch_norm_act_train(x, self.weight, self.bias, self.eps, act, slope)
+        # (the registry directly: eps was checked when the layer was built)
+        y, mean, var = _backends.train(x, self.weight, self.bias, self.eps, act, slope)
         return y, mean, var, n
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         """Normalise with the running statistics."""
-        return F.normalize_act(
+        return _backends.evaluate(
             x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
             *self._activation(),
         )  # fmt: skip

@@ -281,6 +281,8 @@ def batch_norm(
         (torch.Size([8, 3, 4, 4]), torch.Size([3]))
     """
     eps = check_eps(eps, "batch_norm")
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must be a float in [0, 1], got {momentum!r}")
     use_batch = training or running_mean is None or running_var is None
     if not use_batch:
         return normalize(x, running_mean, running_var, weight, bias, eps), running_mean, running_var

@@ -58,16 +58,10 @@ class _TrainFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, eps, act, slope, native, update=None):
-        # (y, mean, var) and, not differentiable, what backward needs: invstd, delta, thr
-        return _impl(native)[0](x, weight, bias, eps, act, slope, update)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, eps, act, slope, native, _ = inputs
-        _, mean, _, invstd, delta, thr = output
+    def forward(ctx, x, weight, bias, eps, act, slope, native, update=None):
+        y, mean, var, invstd, delta, thr = _impl(native)[0](x, weight, bias, eps, act, slope,
+                                                            update)  # fmt: skip
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (invstd, delta, thr) if t is not None))
         if act == "identity":
             # mean is an output the caller may modify in place: save a private copy (C
             # values); invstd and delta are not returned
@@ -76,9 +70,10 @@ class _TrainFn(torch.autograd.Function):
             ctx.save_for_backward(x, weight, None, None, None, thr)
         ctx.bias = bias
         ctx.cfg = (eps, act, slope, native)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, gy, gmean, gvar, _ginvstd=None, _gdelta=None, _gthr=None):
+    def backward(ctx, gy, gmean, gvar):
         x, w, mean, invstd, delta, thr = ctx.saved_tensors
         b = ctx.bias
         eps, act, slope, native = ctx.cfg
@@ -103,14 +98,11 @@ class _EvalFn(torch.autograd.Function):
     """BN (+ activation) with fixed statistics ``mean`` and ``invstd`` (no gradient to them)."""
 
     @staticmethod
-    def forward(x, mean, invstd, weight, bias, act, slope, native):
-        return _impl(native)[2](x, mean, invstd, weight, bias, act, slope)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, mean, invstd, weight, bias, act, slope, native = inputs
+    def forward(ctx, x, mean, invstd, weight, bias, act, slope, native):
+        y = _impl(native)[2](x, mean, invstd, weight, bias, act, slope)
         ctx.save_for_backward(x, mean, invstd, weight, bias)
         ctx.cfg = (act, slope, native)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -127,11 +119,6 @@ class _EvalFn(torch.autograd.Function):
             return dx, None, None, dw, db, *tail
         dx, dw, db = _impl(native)[3](gy, x, mean, invstd, w, b, act, slope, needed[0])
         return dx, None, None, dw if needed[1] else None, db if needed[2] else None, *tail
-
-
-def train_fn(x, weight, bias, eps, act, slope, native, update=None):
-    """``(y, mean, biased_var)`` of :class:`_TrainFn` (its other outputs are for backward)."""
-    return _TrainFn.apply(x, weight, bias, eps, act, slope, native, update)[:3]
 
 
 def _check_act(act: str, owner: str) -> None:
@@ -154,7 +141,7 @@ def batch_norm_act_train(
     """
     _check_act(act, "batch_norm_act_train")
     native = supports(x, weight, bias)
-    return train_fn(x, weight, bias, float(eps), act, float(negative_slope), native)
+    return _TrainFn.apply(x, weight, bias, float(eps), act, float(negative_slope), native)
 
 
 def batch_norm_train(
@@ -170,7 +157,7 @@ def batch_norm_train_native(
     """:func:`batch_norm_train` on the native kernels, for a caller that has just checked
     :func:`supports` (the check is not repeated: on small tensors it is a measurable part of
     a step)."""
-    return train_fn(x, weight, bias, float(eps), "identity", 0.01, True)
+    return _TrainFn.apply(x, weight, bias, float(eps), "identity", 0.01, True)
 
 
 def batch_norm_act_train_update(

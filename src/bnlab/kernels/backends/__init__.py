@@ -84,7 +84,7 @@ def train(
     """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)`` (``(C,)`` statistics)."""
     if _ORDER[0] is native and _native_eager(x, weight, bias):
         # the common case first, without the registry walk: small layers are call-bound
-        return native.api.train_fn(x, weight, bias, eps, act, slope, True)
+        return native.api._TrainFn.apply(x, weight, bias, eps, act, slope, True)
     return select(x, (weight, bias), True).train(x, weight, bias, eps, act, slope)
 
 

@@ -60,25 +60,21 @@ class _ActTrain(torch.autograd.Function):
     device, for one extra read of ``x`` and one elementwise pass in backward.
     """
 
+    # ctx-style forward on purpose: a Function with setup_context binds its arguments with
+    # inspect.signature on every call (tens of microseconds); torch.func never reaches this
+    # Function (the registry sends transforms to the composite backend)
     @staticmethod
-    def forward(x, weight, bias, eps, act, slope, mean_buf, var_buf):
+    def forward(ctx, x, weight, bias, eps, act, slope, mean_buf, var_buf):
         y, save_mean, save_invstd = torch.native_batch_norm(
             x, weight, bias, mean_buf, var_buf, True, 1.0, eps
         )
-        return _act(y, act, slope), save_mean, save_invstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, eps, act, slope, _, _ = inputs
-        _, save_mean, save_invstd = output
-        thr = _ops._threshold(save_mean, save_invstd, weight, bias)
-        ctx.save_for_backward(x, weight, thr)
+        ctx.save_for_backward(x, weight, _ops._threshold(save_mean, save_invstd, weight, bias))
         ctx.cfg = (eps, act, slope, bias is not None)
-        ctx.mark_non_differentiable(save_mean, save_invstd)
+        return _act(y, act, slope)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, _gm, _gi):
+    def backward(ctx, gy):
         x, weight, thr = ctx.saved_tensors
         eps, act, slope, has_bias = ctx.cfg
         save_var, save_mean = torch.var_mean(
@@ -110,7 +106,7 @@ def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
     if act == "identity" or not torch.is_grad_enabled():
         y = _act(TF.batch_norm(x, mean, uvar, weight, bias, True, 1.0, eps), act, slope)
     else:
-        y = _ActTrain.apply(x, weight, bias, eps, act, slope, mean, uvar)[0]
+        y = _ActTrain.apply(x, weight, bias, eps, act, slope, mean, uvar)
     var = uvar * ((n - 1) / n) if n > 1 else uvar
     return y, mean, var
 

@@ -49,7 +49,7 @@ def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
     if _capturing():
         y, mean, var, *_ = library.train_forward(x, weight, bias, float(eps), act, float(slope))
         return y, mean, var
-    return api.train_fn(x, weight, bias, float(eps), act, float(slope), True)
+    return api._TrainFn.apply(x, weight, bias, float(eps), act, float(slope), True)
 
 
 def evaluate(x, mean, var, weight, bias, eps, act, slope) -> Tensor:
