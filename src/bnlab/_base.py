@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from . import kernels as _kernels
@@ -45,8 +46,14 @@ def _check_choice(owner: str, name: str, value: Any, literal: Any) -> None:
         )
 
 
-class _NormBase(nn.Module):
-    """Parameters, buffers and the statistics update shared by bnlab's BN layers."""
+class _NormBase(_BatchNorm):
+    """Parameters, buffers and the statistics update shared by bnlab's BN layers.
+
+    A subclass of torch's ``_BatchNorm``, so every tool that finds BN layers with
+    ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` (``swa_utils.update_bn``,
+    ``torch.func.replace_all_batch_norm_modules_``, FSDP mixed precision, timm, Lightning,
+    fvcore) sees bnlab layers; bnlab owns the constructor, the buffers and ``forward``.
+    """
 
     _version = 2  # same as torch's _NormBase: version 2 added num_batches_tracked
     #: accepted input ranks and their description, set by each subclass
@@ -75,7 +82,7 @@ class _NormBase(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not _BatchNorm's: bnlab builds its own parameters
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(
@@ -244,6 +251,12 @@ class _NormBase(nn.Module):
     def _activation(self) -> tuple[str, float]:
         """``(act, negative_slope)`` applied after the affine map; ``("identity", 0.0)`` here."""
         return ("identity", 0.0)
+
+    def eval_is_affine(self) -> bool:
+        """Whether this layer in evaluation is exactly the per-channel affine map of its running
+        statistics, ``weight`` and ``bias`` (what :func:`bnlab.tools.fold` folds). A variant
+        whose evaluation differs overrides this and returns ``False``."""
+        return self.track_running_stats and self._activation()[0] == "identity"
 
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Normalise a training batch. Returns ``(y, mean, biased_var, count)``.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ._base import _NormBase
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -78,17 +80,17 @@ Example::
 """
 
 
-class BatchNorm1d(_NormBase):
+class BatchNorm1d(_NormBase, nn.BatchNorm1d):
     _input_dims = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_NormBase):
+class BatchNorm2d(_NormBase, nn.BatchNorm2d):
     _input_dims = (4,)
     _input_layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_NormBase):
+class BatchNorm3d(_NormBase, nn.BatchNorm3d):
     _input_dims = (5,)
     _input_layout = "(N, C, D, H, W)"
 

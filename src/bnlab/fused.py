@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+from torch import nn
+
 from ._base import _NormBase
 
 Activation = Literal["relu", "leaky_relu", "identity"]
@@ -18,7 +20,7 @@ Activation = Literal["relu", "leaky_relu", "identity"]
 __all__ = ["BatchNormAct2d", "Activation"]
 
 
-class BatchNormAct2d(_NormBase):
+class BatchNormAct2d(_NormBase, nn.BatchNorm2d):
     r"""Batch Normalization over a 4D input ``(N, C, H, W)`` followed by an activation.
 
     Paper: Ioffe & Szegedy, *Batch Normalization*, ICML 2015; the memory saving follows the

@@ -232,7 +232,8 @@ class SyncBatchNorm(_NormBase):
             if isinstance(mod, SyncBatchNorm):
                 mod.process_group = process_group
                 return mod
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            # bnlab layers are torch _BatchNorm subclasses too: they are handled below
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not isinstance(mod, _NormBase):
                 known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
                 if type(mod) not in known:
                     raise ValueError(

@@ -153,14 +153,11 @@ def _why_not_foldable(bn: nn.Module) -> str:
         return "it is in training mode (call model.eval() first)"
     if not bn.track_running_stats or bn.running_mean is None:
         return "it has no running statistics (track_running_stats=False uses batch statistics)"
-    if isinstance(bn, _NormBase) and (
-        type(bn)._eval_forward is not _NormBase._eval_forward
-        or type(bn).forward is not _NormBase.forward
-    ):
-        return f"{type(bn).__name__} overrides the evaluation forward"
     if isinstance(bn, _NormBase) and bn._activation()[0] != "identity":
         return (f"{type(bn).__name__} applies {bn._activation()[0]} after its affine map "
                 "(use act='identity' and a separate activation to fold it)")
+    if isinstance(bn, _NormBase) and not bn.eval_is_affine():
+        return f"{type(bn).__name__} does not evaluate as an affine map (eval_is_affine)"
     return ""
 
 

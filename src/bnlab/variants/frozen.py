@@ -147,7 +147,7 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
         return mod
     torch_table = _torch_equivalents()
     unfreeze_to = None
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not isinstance(mod, _NormBase):
         if type(mod) not in torch_table:
             raise ValueError(
                 f"freeze: layer {where} is a {type(mod).__name__}, a torch BN subclass bnlab "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
 from .. import functional_variants as FV
@@ -111,17 +111,17 @@ class _GhostBatchNorm(_NormBase):
         return y, mean, var, total
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
     _input_dims = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
     _input_dims = (4,)
     _input_layout = "(N, C, H, W)"
 
 
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
     _input_dims = (5,)
     _input_layout = "(N, C, D, H, W)"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
 from .. import functional_variants as FV
@@ -146,17 +146,17 @@ class _BatchRenorm(_NormBase):
         return y, mean, var, F.count_per_channel(x)
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     _input_dims = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     _input_dims = (4,)
     _input_layout = "(N, C, H, W)"
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
     _input_dims = (5,)
     _input_layout = "(N, C, D, H, W)"
 
