@@ -5,10 +5,11 @@ training forward (statistics, then normalisation: two passes over the input), th
 forward and the backward (fused reductions plus the input gradient),
 for contiguous NCHW and channels-last float32/float64 tensors, optionally fused with a ReLU or
 leaky ReLU. It works on raw buffers, releases the GIL and runs on ``torch.get_num_threads()``
-OpenMP threads. :func:`bnlab.functional.batch_norm_train` and
-:func:`bnlab.functional.normalize` call it whenever it supports the input and fall back to
-plain PyTorch otherwise (GPU tensors, half precision, odd strides, forward-mode AD, functorch
-transforms, tracing and ``torch.compile``).
+OpenMP threads. Which implementation runs for an input is decided in one place, the
+backend registry :mod:`bnlab.kernels.backends`: these kernels (eagerly, or as the
+``bnlab::train_forward`` custom op of :mod:`bnlab.kernels.library` inside ``torch.compile`` and
+``torch.export``), torch's own kernels, or plain tensor ops under ``torch.func`` transforms.
+:func:`supports` answers for the eager native case.
 
 Which backend runs:
 

@@ -151,15 +151,6 @@ def batch_norm_train(
     return batch_norm_act_train(x, weight, bias, eps, "identity")
 
 
-def batch_norm_train_native(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`batch_norm_train` on the native kernels, for a caller that has just checked
-    :func:`supports` (the check is not repeated: on small tensors it is a measurable part of
-    a step)."""
-    return _TrainFn.apply(x, weight, bias, float(eps), "identity", 0.01, True)
-
-
 def batch_norm_act_train_update(
     x: Tensor,
     weight: Tensor | None,
@@ -217,13 +208,6 @@ def _normalize_act_native(x, mean, var, weight, bias, eps, act, slope) -> Tensor
     # updates in place before backward runs (normalize_with="running"); saving it would
     # trip autograd's version check. It is (C,) values, so the copy costs nothing.
     return _EvalFn.apply(x, mean.detach().clone(), invstd, weight, bias, act, slope, True)
-
-
-def normalize_native(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    """:func:`normalize` for a caller that has just checked :func:`supports_eval`."""
-    return _normalize_act_native(x, mean, var, weight, bias, eps, "identity", 0.01)
 
 
 def normalize(
