@@ -11,6 +11,7 @@ with norm ``bn`` against ``torch-bn``):
 * ``autocast bf16``: eager under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where the
   native kernels do not apply; ``BatchNorm2d`` and the fused ``BatchNormAct2d(relu)`` against
   torch's ``BatchNorm2d`` (+ ReLU). Target <= 1.1.
+* ``compiled BN+ReLU``: reported, a single BN-heavy layer under ``torch.compile``.
 * ``per call``: one training forward of ``BatchNorm2d(4)`` on a (2, 4, 2, 2) tensor, bnlab
   against torch (reported: the fixed Python cost of a layer call).
 
@@ -110,6 +111,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_compile:
         measure("compiled", _pair(bnlab_or_torch, x, y, compile_=True), warmup=3)
+        # reported: one BN-heavy layer, where the fused native op has more to gain than the
+        # fusion inductor loses around it
+        big = torch.randn(64, 64, 56, 56, requires_grad=True)
+        grad = torch.randn_like(big)
+
+        def layer_step(name):
+            bn = bnlab.BatchNorm2d(64) if name == "bnlab" else nn.BatchNorm2d(64)
+            m = torch.compile(nn.Sequential(bn, nn.ReLU()))
+
+            def step():
+                m(big).backward(grad)
+                big.grad = None
+
+            return step
+
+        measure("compiled BN+ReLU (64,64,56,56)", {k: layer_step(k) for k in ("bnlab", "torch")},
+                warmup=3)  # fmt: skip
     with bnlab.kernels.use_backend("torch"):
         measure("torch kernels", _pair(bnlab_or_torch, x, y))
     measure("eager (native)", _pair(bnlab_or_torch, x, y))

@@ -68,19 +68,26 @@ class _ActTrain(torch.autograd.Function):
         y, save_mean, save_invstd = torch.native_batch_norm(
             x, weight, bias, mean_buf, var_buf, True, 1.0, eps
         )
-        ctx.save_for_backward(x, weight, _ops._threshold(save_mean, save_invstd, weight, bias))
+        thr = _ops._threshold(save_mean, save_invstd, weight, bias)
+        if x.dtype in _LOW:
+            # recomputing float32 statistics of a half input would need a float32 copy of x:
+            # keep the two (C,) vectors instead (nothing against x's size)
+            ctx.save_for_backward(x, weight, thr, save_mean, save_invstd)
+        else:
+            ctx.save_for_backward(x, weight, thr)
         ctx.cfg = (eps, act, slope, bias is not None)
         return _act(y, act, slope)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, weight, thr = ctx.saved_tensors
+        x, weight, thr, *stats = ctx.saved_tensors
         eps, act, slope, has_bias = ctx.cfg
-        save_var, save_mean = torch.var_mean(
-            x.to(thr.dtype), dim=[0, *range(2, x.dim())], correction=0
-        )
-        save_invstd = torch.rsqrt(save_var + eps)
+        if stats:
+            save_mean, save_invstd = stats
+        else:  # torch's one-pass statistics kernel: the same numbers native_batch_norm saved
+            save_mean, save_var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            save_invstd = torch.rsqrt(save_var + eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
         sign = 1.0 if weight is None else torch.where(weight < 0, -1.0, 1.0).to(thr.dtype)
         pre = (x.to(thr.dtype) - thr.reshape(shape)) * (sign if weight is None
