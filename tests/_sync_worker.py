@@ -23,8 +23,11 @@ SIZES = {
     "act": {2: [0, 6], 3: [3, 2, 5]},
     "bn1d": {2: [1, 6], 3: [1, 0, 3]},
     "tiny": {2: [1, 0], 3: [0, 1, 0]},
+    "fused": {2: [4, 3], 3: [2, 0, 5]},
+    "window": {2: [3, 5], 3: [2, 4, 1]},
 }
-SHAPES = {"bn2d": (3, 4, 4), "act": (3, 3, 2), "bn1d": (4,), "tiny": (4,)}
+SHAPES = {"bn2d": (3, 4, 4), "act": (3, 3, 2), "bn1d": (4,), "tiny": (4,), "fused": (3, 3, 3),
+          "window": (3, 2, 2)}  # fmt: skip
 STEPS = 3
 
 
@@ -40,6 +43,10 @@ def make_layer(case: str) -> nn.Module:
         return nn.BatchNorm2d(3, momentum=0.3)
     if case == "act":
         return BNReLU2d(3)
+    if case == "fused":  # bnlab's own fused layer: synchronised statistics, then its activation
+        return bnlab.BatchNormAct2d(3, act="leaky_relu", negative_slope=0.2)
+    if case == "window":
+        return bnlab.BatchNorm2d(3, running="window", window_size=2)
     return bnlab.BatchNorm1d(4, affine=False, momentum=None)
 
 
@@ -84,7 +91,7 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     results = {}
-    for case in ("bn2d", "act", "bn1d"):
+    for case in ("bn2d", "act", "bn1d", "fused", "window"):
         results[case] = run_case(case, rank, world)
     try:
         run_case("tiny", rank, world)

@@ -63,7 +63,7 @@ def max_errors(case: str, world: int, ranks: list[dict]) -> dict[str, float]:
     return err
 
 
-@pytest.mark.parametrize("case", ["bn2d", "act", "bn1d"])
+@pytest.mark.parametrize("case", ["bn2d", "act", "bn1d", "fused", "window"])
 def test_sync_equals_single_process_bn(results, case):
     world, ranks = results
     assert 0 in SIZES["bn2d"][3] and 1 in SIZES["bn1d"][2]  # the cases cover 0 and 1 samples
@@ -78,6 +78,7 @@ def test_converter_kept_subclass_in_every_rank(results):
     _, ranks = results
     assert {res["act"]["class"] for res in ranks} == {"SyncBNReLU2d"}
     assert {res["bn2d"]["class"] for res in ranks} == {"SyncBatchNorm"}
+    assert {res["fused"]["class"] for res in ranks} == {"SyncBatchNormAct2d"}
     # the activation ran: outputs of the fused layer are never negative
     assert all((s["y"] >= 0).all() for res in ranks for s in res["act"]["steps"])
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._base import _NormBase
+from .kernels._ops import _act
 from .variants._dynamic import map_modules, mixed_class
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
@@ -204,7 +205,10 @@ class SyncBatchNorm(_NormBase):
     def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         if not self._syncing():
             return super()._batch_forward(x)
-        return sync_batch_norm(x, self.weight, self.bias, self.eps, self.process_group)
+        y, mean, var, count = sync_batch_norm(x, self.weight, self.bias, self.eps,
+                                              self.process_group)  # fmt: skip
+        act, slope = self._activation()  # a synchronised fused layer keeps its activation
+        return _act(y, act, slope), mean, var, count
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
