@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,48 @@ def test_tuple_batches_and_no_bn():
         recalibrate(nn.Linear(2, 2), [torch.randn(2, 2)])
     with pytest.raises(TypeError, match="got str"):
         recalibrate(net, ["not a tensor"])
+
+
+def test_nonfinite_batches_are_skipped_and_never_stored():
+    import warnings as _w
+
+    torch.manual_seed(3)
+    good = [torch.randn(16, 3, 6, 6) for _ in range(4)]
+    bad = good[1].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))  # fmt: skip
+    clean = bnlab.tools.recalibrate(copy.deepcopy(net), good)
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 of 5 batches with NaN/Inf"):
+        dirty = bnlab.tools.recalibrate(copy.deepcopy(net), [*good[:2], bad, *good[2:]])
+    for a, b in ((clean[1], dirty[1]), (clean[4], dirty[4])):
+        assert torch.isfinite(b.running_mean).all() and torch.isfinite(b.running_var).all()
+        torch.testing.assert_close(b.running_mean, a.running_mean)
+        torch.testing.assert_close(b.running_var, a.running_var)
+        assert int(b.num_batches_tracked) == 4
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="every batch that reached BN layer '1'"):
+        bnlab.tools.recalibrate(net, [bad, bad])
+    for k, v in net.state_dict().items():  # nothing changed
+        torch.testing.assert_close(v, before[k], equal_nan=False)
+    with _w.catch_warnings():
+        _w.simplefilter("error", RuntimeWarning)
+        bnlab.tools.recalibrate(copy.deepcopy(net), good)  # no warning without NaN
+
+
+def test_adapt_skips_nonfinite_batches():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4), nn.Flatten(),
+                        nn.LazyLinear(5))  # fmt: skip
+    net(torch.randn(8, 3, 6, 6))
+    net.eval()
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    bad = batches[0].clone()
+    bad[1, 2, 3, 3] = float("inf")
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 4"):
+        adabn = bnlab.tools.adapt(net, [bad, *batches], "adabn")
+    assert torch.isfinite(adabn[1].running_var).all()
+    with pytest.warns(RuntimeWarning, match="Tent: skipped the update"):
+        tent = bnlab.tools.adapt(net, [batches[0], bad, batches[1]], "tent")
+    assert tent.skipped == 1
+    assert all(torch.isfinite(p).all() for p in tent.model.parameters())

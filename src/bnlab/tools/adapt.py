@@ -17,6 +17,7 @@ r"""Test-time adaptation of BN layers to a shifted input distribution.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -95,6 +96,7 @@ class Tent(nn.Module):
             raise ValueError(f"Tent: steps must be a positive int, got {steps!r}")
         self.model = model
         self.steps = steps
+        self.skipped = 0  # batches left out because their loss was NaN/Inf
         self.episodic = episodic
         params = tent_parameters(model)
         make = optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3))
@@ -114,6 +116,15 @@ class Tent(nn.Module):
             for _ in range(self.steps):
                 logits = self.model(x)
                 loss = entropy(logits).mean()
+                if not torch.isfinite(loss):
+                    # a NaN/Inf batch would turn every adapted parameter into NaN: skip it
+                    self.skipped += 1
+                    warnings.warn(
+                        f"Tent: skipped the update for a batch whose entropy is {loss.item()} "
+                        f"(NaN/Inf in the input); {self.skipped} skipped so far",
+                        RuntimeWarning, stacklevel=2,
+                    )
+                    break
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

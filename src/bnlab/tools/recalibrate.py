@@ -71,7 +71,8 @@ class _Collector:
         self.name = name
         self.moments: Moments | None = None
         self.calls = 0
-        self.batches = 0
+        self.used = 0  # batches whose statistics entered the moments
+        self.skipped = 0  # batches with NaN/Inf statistics, kept out
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.calls += 1
@@ -81,7 +82,12 @@ class _Collector:
                 "forward; exact statistics need one call per forward (a reused BN layer mixes "
                 "the statistics of different inputs); give each call site its own layer"
             )
-        self.moments = combine_moments(self.moments, batch_moments(args[0]))
+        moments = batch_moments(args[0])
+        if not (torch.isfinite(moments[1]).all() and torch.isfinite(moments[2]).all()):
+            self.skipped += 1  # never let a NaN/Inf batch into the statistics
+            return
+        self.moments = combine_moments(self.moments, moments)
+        self.used += 1
 
 
 @torch.no_grad()
@@ -104,9 +110,14 @@ def recalibrate(
     number of batches used; a ``running="window"`` layer gets the exact statistics in every
     window slot.
 
+    A batch whose values reaching a BN layer contain NaN/Inf is left out of that layer's
+    statistics, with a ``RuntimeWarning`` naming the layer and the count; ``num_batches_tracked``
+    is then the number of batches used.
+
     Raises:
         ValueError: a BN layer is called more than once per forward, ``num_batches`` is not a
-            positive int or more than ``batches`` yields, or there are no BN layers.
+            positive int or more than ``batches`` yields, there are no BN layers, or every
+            batch reaching a layer is non-finite (nothing is changed then).
 
     Example::
 
@@ -146,6 +157,13 @@ def recalibrate(
                 f"recalibrate: asked for num_batches={num_batches} but batches yielded only "
                 f"{used}; pass fewer batches or a longer iterable"
             )
+        for (name, _), c in zip(layers, collectors, strict=True):
+            if c.moments is None and c.skipped:
+                raise ValueError(
+                    f"recalibrate: every batch that reached BN layer {name!r} ({c.skipped}) "
+                    "had NaN/Inf values; no statistics were changed. Check the data (or the "
+                    "layers before it) for non-finite values"
+                )
         ok = True
     finally:
         for h in handles:
@@ -163,7 +181,11 @@ def recalibrate(
             warnings.warn(f"recalibrate: BN layer {name!r} was never called; its statistics "
                           "are unchanged", UserWarning, stacklevel=2)
             continue
-        _store(m, c.moments, used)
+        if c.skipped:
+            warnings.warn(f"recalibrate: BN layer {name!r}: skipped {c.skipped} of "
+                          f"{c.skipped + c.used} batches with NaN/Inf values; its statistics "
+                          f"come from the other {c.used}", RuntimeWarning, stacklevel=2)
+        _store(m, c.moments, c.used)
     return model
 
 
