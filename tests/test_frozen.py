@@ -76,13 +76,22 @@ def test_unfreeze_restores_trainable_layers_with_same_statistics():
     assert type(bnlab.unfreeze(bnlab.FrozenBatchNorm1d(3))) is bnlab.BatchNorm1d
 
 
-def test_freeze_keeps_subclass_behaviour_and_pickles():
-    model = trained(nn.Sequential(nn.Conv2d(2, 2, 1), BNReLU2d(2)))
+class ReLUVariant(bnlab.BatchNorm2d):
+    """A user's variant that declares its activation (the documented way)."""
+
+    def _activation(self):
+        return ("relu", 0.0)
+
+
+@pytest.mark.parametrize("make", [lambda: ReLUVariant(2),
+                                  lambda: bnlab.BatchNormAct2d(2, act="leaky_relu")])
+def test_freeze_keeps_the_declared_activation_and_pickles(make):
+    model = trained(nn.Sequential(nn.Conv2d(2, 2, 1), make()))
     frozen = bnlab.freeze(model).train()
     layer = frozen[1]
-    assert isinstance(layer, BNReLU2d) and type(layer).__name__ == "FrozenBNReLU2d"
+    assert type(layer) is bnlab.FrozenBatchNormAct2d and layer.training is False
+    assert layer.act == model[1]._activation()[0]
     x = torch.randn(4, 2, 3, 3)
-    assert (frozen(x) >= 0).all()
     torch.testing.assert_close(frozen(x), model.eval()(x))
     buf = io.BytesIO()
     torch.save(frozen, buf)
@@ -90,7 +99,28 @@ def test_freeze_keeps_subclass_behaviour_and_pickles():
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded[1]) is type(layer) and loaded[1].training is False
     torch.testing.assert_close(loaded(x), frozen(x))
-    assert type(bnlab.unfreeze(frozen)[1]) is BNReLU2d
+    assert type(bnlab.unfreeze(frozen)[1]) is type(model[1])
+    assert type(bnlab.unfreeze(loaded)[1]) is type(model[1])
+
+
+def test_freeze_refuses_a_subclass_that_overrides_forward():
+    with pytest.raises(ValueError, match="BNReLU2d, which overrides forward"):
+        bnlab.freeze(nn.Sequential(nn.Identity(), BNReLU2d(2)))
+
+
+def test_unfreeze_returns_the_original_layer_and_sharing_survives():
+    shared = bnlab.BatchNorm2d(2, running="window", window_size=3)
+    model = trained(nn.Sequential(nn.Conv2d(2, 2, 1), shared, shared))
+    frozen = bnlab.freeze(model)
+    assert frozen[1] is frozen[2]  # one layer in two places stays one layer
+    assert type(frozen[1]) is bnlab.FrozenBatchNorm2d
+    back = bnlab.unfreeze(frozen)
+    assert back[1] is back[2] and back[1].running == "window"
+    assert torch.equal(back[1].window_mean, model[1].window_mean)
+    converted = bnlab.convert(nn.Sequential(*(2 * [nn.BatchNorm2d(2)])))
+    assert converted[0] is converted[1]
+    synced = bnlab.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(*(2 * [nn.BatchNorm2d(2)])))
+    assert synced[0] is synced[1]
 
 
 def test_freeze_refuses_layers_without_statistics_and_unknown_torch_subclasses():

@@ -50,9 +50,10 @@ def test_convert_keeps_subclass_behaviour():
     model = nn.Sequential(BNReLU2d(3), bnlab.BatchNorm1d(4))
     out = bnlab.SyncBatchNorm.convert_sync_batchnorm(model, process_group=None)
     layer = out[0]
-    assert isinstance(layer, BNReLU2d) and isinstance(layer, bnlab.SyncBatchNorm)
-    assert type(layer).__name__ == "SyncBNReLU2d"
-    assert type(out[1]).__name__ == "SyncBatchNorm1d"
+    # composition, not new classes: the layer keeps its class and synchronises
+    assert type(layer) is BNReLU2d and layer.sync and layer.process_group is None
+    assert type(out[1]) is bnlab.BatchNorm1d and out[1].sync
+    assert not model[0].sync  # the input model is untouched
     x = torch.randn(4, 3, 2, 2)
     assert (layer(x) >= 0).all() and (layer(x) == 0).any()
     torch.testing.assert_close(layer(x), model[0](x))
@@ -61,6 +62,18 @@ def test_convert_keeps_subclass_behaviour():
     # torch's converter drops the activation: the reason bnlab has its own
     tm = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)))
     assert type(tm[0]) is nn.SyncBatchNorm
+
+
+def test_every_layer_takes_a_process_group_or_refuses_clearly():
+    assert not bnlab.BatchNorm2d(3).sync  # None: local
+    fused = bnlab.BatchNormAct2d(3, process_group=object())
+    assert fused.sync
+    with pytest.raises(ValueError, match="GhostBatchNorm2d: cannot synchronise its statistics"):
+        bnlab.GhostBatchNorm2d(3, process_group=object())
+    with pytest.raises(ValueError, match="BatchRenorm2d: cannot synchronise"):
+        bnlab.BatchRenorm2d(3, process_group=object())
+    with pytest.raises(ValueError, match="normalize_with='running' cannot be synchronised"):
+        bnlab.BatchNorm2d(3, normalize_with="running", process_group=object())
 
 
 def test_convert_policies():

@@ -76,9 +76,10 @@ def test_sync_equals_single_process_bn(results, case):
 
 def test_converter_kept_subclass_in_every_rank(results):
     _, ranks = results
-    assert {res["act"]["class"] for res in ranks} == {"SyncBNReLU2d"}
+    # torch layers become bnlab.SyncBatchNorm; bnlab layers keep their class and synchronise
+    assert {res["act"]["class"] for res in ranks} == {"BNReLU2d"}
     assert {res["bn2d"]["class"] for res in ranks} == {"SyncBatchNorm"}
-    assert {res["fused"]["class"] for res in ranks} == {"SyncBatchNormAct2d"}
+    assert {res["fused"]["class"] for res in ranks} == {"BatchNormAct2d"}
     # the activation ran: outputs of the fused layer are never negative
     assert all((s["y"] >= 0).all() for res in ranks for s in res["act"]["steps"])
 

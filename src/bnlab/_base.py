@@ -20,6 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from . import kernels as _kernels
+from ._sync_ops import group_size, sync_batch_norm
+from .kernels import _ops
 from .kernels import backends as _backends
 from .kernels.library import snapshot
 
@@ -32,6 +34,12 @@ NonFinite = Literal["skip", "raise"]
 #: num_features * element size``). A larger window is refused when the layer is built instead
 #: of allocating until the process is killed; raise it here if you really need more.
 WINDOW_BYTES_LIMIT = 1 << 30
+
+
+_SYNC_REFUSALS = {
+    "local": "its statistics are per process by design (leave it local)",
+    "refuse": "use a BatchNorm layer where statistics must be synchronised",
+}
 
 
 class NonFiniteStatisticsError(FloatingPointError):
@@ -79,6 +87,7 @@ class _NormBase(_BatchNorm):
         window_size: int | None = None,
         normalize_with: NormalizeWith = "batch",
         nonfinite: NonFinite = "skip",
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -136,6 +145,18 @@ class _NormBase(_BatchNorm):
         self.normalize_with = normalize_with
         self.nonfinite = nonfinite
         self._warned_nonfinite = False
+        # Synchronised statistics: any layer given a process group (and every SyncBatchNorm,
+        # whose None means the default group) reduces its batch statistics over the ranks.
+        if process_group is not None and getattr(type(self), "_sync_policy", "sync") != "sync":
+            raise ValueError(
+                f"{name}: cannot synchronise its statistics (process_group given); "
+                f"{_SYNC_REFUSALS.get(type(self)._sync_policy, '')}"
+            )
+        if process_group is not None and normalize_with == "running":
+            raise ValueError(f"{name}: normalize_with='running' cannot be synchronised "
+                             "(process_group given)")
+        self.process_group = process_group
+        self.sync = process_group is not None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             if bias:
@@ -239,8 +260,17 @@ class _NormBase(_BatchNorm):
         if not (x.is_floating_point()):
             raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
 
-    @staticmethod
-    def _check_batch_size(x: Tensor) -> None:
+    def _syncing(self) -> bool:
+        """Whether this forward reduces its statistics over the ranks of ``process_group``."""
+        return (
+            self.sync
+            and (self.training or not self.track_running_stats)
+            and group_size(self.process_group) > 1
+        )
+
+    def _check_batch_size(self, x: Tensor) -> None:
+        if self._syncing():
+            return  # only the global count matters, checked on every rank alike
         if F.count_per_channel(x) == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
@@ -265,6 +295,10 @@ class _NormBase(_BatchNorm):
         ``count`` the number of values per channel they were computed over.
         """
         act, slope = self._activation()
+        if self.sync and self._syncing():
+            y, mean, var, count = sync_batch_norm(x, self.weight, self.bias, self.eps,
+                                                  self.process_group)  # fmt: skip
+            return _ops._act(y, act, slope), mean, var, count
         n = F.count_per_channel(x)
         if self.normalize_with == "running":
             # The running statistics (no gradient) from the second batch on, the batch's own
@@ -301,8 +335,9 @@ class _NormBase(_BatchNorm):
                 "torch.export for training"
             )
         self._check_batch_size(x)
-        if x.numel() == 0:
-            # Nothing to normalise and nothing to learn from: keep the statistics as they are.
+        if x.numel() == 0 and not (self.sync and self._syncing()):
+            # Nothing to normalise and nothing to learn from: keep the statistics as they are
+            # (a synchronising rank goes on: it must still join the collectives).
             return self._eval_forward(x) if self.track_running_stats else x.clone()
         if self.training and self.track_running_stats:
             y = self._native_train_step(x)
@@ -325,7 +360,7 @@ class _NormBase(_BatchNorm):
         """The whole eager training step (statistics, output, running update) in one native
         call, or ``None`` when it does not apply (then :meth:`_batch_forward` and
         :meth:`_update_running` run, with the same results). Never inside a graph."""
-        if self.running == "window" or self.normalize_with != "batch":
+        if self.running == "window" or self.normalize_with != "batch" or self.sync:
             return None
         spec = self._native_act()
         rm, rv = self.running_mean, self.running_var

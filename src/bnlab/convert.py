@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from ._base import _NormBase
+from ._tree import map_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert"]
@@ -107,14 +108,5 @@ def convert(
             return new
         return _swap(mod, target)
 
-    root = convert_one(model, "")
-    if root is not model:
-        return root
-    for qualname, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            full = f"{qualname}.{child_name}" if qualname else child_name
-            new = convert_one(child, full)
-            if new is not child:
-                setattr(mod, child_name, new)
-    return model
+    return map_modules(model, convert_one)  # a layer shared by two places stays shared
 

@@ -7,7 +7,14 @@ from typing import Any
 from torch import nn
 
 from ..norms import register_norm
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+from .frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct2d,
+    freeze,
+    unfreeze,
+)
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -21,6 +28,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FrozenBatchNormAct2d",
     "freeze",
     "unfreeze",
 ]

@@ -11,16 +11,26 @@ reach them either; the state-dict keys are those of BN.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
+from .._tree import map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..fused import BatchNormAct2d
 from ._docs import fill_docs
-from ._dynamic import is_dynamic, map_modules, mixed_class
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
+__all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenBatchNormAct2d",
+    "freeze",
+    "unfreeze",
+]
 
 _DOC = r"""Frozen Batch Normalization over a {rank} input {layout}: a fixed affine map.
 
@@ -71,10 +81,9 @@ def _buffers_to_params(layer: nn.Module) -> None:
             layer._parameters[name] = nn.Parameter(b.detach().clone(), requires_grad=True)
 
 
-class _FrozenMixin(_NormBase):
-    """Inserted above ``_NormBase``: the layer stays in evaluation mode for good."""
+class _FrozenBase(_NormBase):
+    """A BN layer that stays in evaluation mode for good (an explicit base, not a mixin)."""
 
-    _dyn_prefix = "Frozen"
     _sync_policy = "local"
 
     def __init__(
@@ -87,6 +96,7 @@ class _FrozenMixin(_NormBase):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
         if not track_running_stats:
             raise ValueError(
@@ -94,8 +104,9 @@ class _FrozenMixin(_NormBase):
                 "needs track_running_stats=True, got track_running_stats=False"
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
+            num_features, eps, momentum, affine, track_running_stats, device=device,
+            dtype=dtype, **kwargs,
+        )  # fmt: skip
         _params_to_buffers(self)
 
     @property
@@ -108,86 +119,108 @@ class _FrozenMixin(_NormBase):
         pass
 
 
-class FrozenBatchNorm1d(BatchNorm1d, _FrozenMixin):
+class FrozenBatchNorm1d(BatchNorm1d, _FrozenBase):
     pass
 
 
-class FrozenBatchNorm2d(BatchNorm2d, _FrozenMixin):
+class FrozenBatchNorm2d(BatchNorm2d, _FrozenBase):
     pass
 
 
-class FrozenBatchNorm3d(BatchNorm3d, _FrozenMixin):
+class FrozenBatchNorm3d(BatchNorm3d, _FrozenBase):
     pass
 
 
 fill_docs(_DOC, {"1d": FrozenBatchNorm1d, "2d": FrozenBatchNorm2d, "3d": FrozenBatchNorm3d})
 
-_STATIC = {
-    BatchNorm1d: FrozenBatchNorm1d,
-    BatchNorm2d: FrozenBatchNorm2d,
-    BatchNorm3d: FrozenBatchNorm3d,
-}
-_UNSTATIC = {v: k for k, v in _STATIC.items()}
+
+class FrozenBatchNormAct2d(BatchNormAct2d, _FrozenBase):
+    """:class:`FrozenBatchNorm2d` followed by the activation of a
+    :class:`bnlab.BatchNormAct2d` (``act``, ``negative_slope``): what :func:`freeze` makes of a
+    fused layer. Arguments as :class:`bnlab.BatchNormAct2d`; ``track_running_stats`` must be
+    ``True``.
+    """
 
 
-def _torch_equivalents() -> dict[type, type]:
-    from ..sync import SyncBatchNorm
+_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+_PLAIN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_TORCH_KNOWN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
-    return {
-        nn.BatchNorm1d: BatchNorm1d,
-        nn.BatchNorm2d: BatchNorm2d,
-        nn.BatchNorm3d: BatchNorm3d,
-        nn.SyncBatchNorm: SyncBatchNorm,
-    }
+
+def _rank(mod: nn.Module) -> int | None:
+    for rank, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if isinstance(mod, cls):
+            return rank
+    return None  # SyncBatchNorm: any rank
+
+
+def _bn_state(mod: nn.Module) -> dict[str, torch.Tensor]:
+    state = mod.state_dict()
+    return {k: state[k] for k in _BN_KEYS if k in state}
 
 
 def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
     where = qualname or "<root>"
-    if isinstance(mod, _FrozenMixin):
+    if isinstance(mod, _FrozenBase) or not isinstance(mod, _BatchNorm):
         return mod
-    torch_table = _torch_equivalents()
-    unfreeze_to = None
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not isinstance(mod, _NormBase):
-        if type(mod) not in torch_table:
-            raise ValueError(
-                f"freeze: layer {where} is a {type(mod).__name__}, a torch BN subclass bnlab "
-                "does not know; freezing it would drop its behaviour. Convert it first"
-            )
-        unfreeze_to = type(mod)
-    elif not isinstance(mod, _NormBase):
-        return mod
+    name = type(mod).__name__
+    if not isinstance(mod, _NormBase) and type(mod) not in _TORCH_KNOWN:
+        raise ValueError(
+            f"freeze: layer {where} is a {name}, a torch BN subclass bnlab does not know; "
+            "freezing it would drop its behaviour. Convert it first"
+        )
     if not mod.track_running_stats:
         raise ValueError(
-            f"freeze: layer {where} ({type(mod).__name__}) has track_running_stats=False, "
-            "so there are no statistics to freeze; train it with running statistics first"
+            f"freeze: layer {where} ({name}) has track_running_stats=False, so there are no "
+            "statistics to freeze; train it with running statistics first"
         )
-    if unfreeze_to is not None:
-        target = torch_table[unfreeze_to]
-        p = next(iter(mod.buffers()))
-        new = target(
-            mod.num_features, mod.eps, mod.momentum, mod.affine, True,
-            device=p.device, dtype=mod.running_mean.dtype,
-        )
-        new.load_state_dict(mod.state_dict())
-        new._unfreeze_to = unfreeze_to
-        mod = new
-    mod.__class__ = _STATIC.get(type(mod)) or mixed_class(_FrozenMixin, type(mod))
-    _params_to_buffers(mod)
-    return mod
+    act, slope = ("identity", 0.0)
+    if isinstance(mod, _NormBase):
+        if type(mod).forward is not _NormBase.forward:
+            raise ValueError(
+                f"freeze: layer {where} is a {name}, which overrides forward, so its frozen "
+                "form is unknown; declare an activation with _activation() (or subclass "
+                "bnlab.BatchNormAct2d) instead of overriding forward"
+            )
+        act, slope = mod._activation()
+        if act == "identity" and not mod.eval_is_affine():
+            raise ValueError(f"freeze: layer {where} ({name}) does not evaluate as an affine "
+                             "map (eval_is_affine() is False)")
+    rank = _rank(mod)
+    ref = mod.running_mean
+    kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype}
+    if mod.affine and getattr(mod, "bias", None) is None:
+        kw["bias"] = False
+    if act != "identity":
+        if rank != 2:
+            raise ValueError(f"freeze: layer {where} ({name}) applies {act}: only 2d layers "
+                             "with an activation can be frozen (FrozenBatchNormAct2d)")
+        new = FrozenBatchNormAct2d(mod.num_features, mod.eps, mod.momentum, mod.affine, True,
+                                   act=act, negative_slope=slope, **kw)  # fmt: skip
+    else:
+        new = _FROZEN[rank or 2](mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
+        if rank is None:  # a synchronised layer takes any rank: so does its frozen form
+            new._input_dims, new._input_layout = (2, 3, 4, 5), "(N, C, *)"
+    new.load_state_dict(_bn_state(mod))
+    # The layer it was frozen from, for unfreeze (not a submodule: no parameters, no state
+    # dict entries); a model rebuilt from a state dict unfreezes to plain bnlab layers.
+    object.__setattr__(new, "_frozen_from", mod)
+    return new
 
 
 def freeze(model: nn.Module) -> nn.Module:
     """Return a deep copy of ``model`` with every BN layer frozen into a fixed affine map.
 
     Handles ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and every bnlab layer
-    (``BatchNorm*``, ``BatchRenorm*``, ``GhostBatchNorm*``, ``SyncBatchNorm``, and subclasses
-    such as a fused BN + activation, whose extra behaviour is kept: the frozen class is the
-    layer's own class with :class:`FrozenBatchNorm2d`'s behaviour inserted above the base).
-    bnlab's ``BatchNorm1d/2d/3d`` become :class:`FrozenBatchNorm1d/2d/3d`. The input model is
-    not modified.
+    that declares what it computes in evaluation: each becomes a
+    :class:`FrozenBatchNorm1d/2d/3d` of its rank, or a :class:`FrozenBatchNormAct2d` when it
+    applies an activation (``BatchNormAct2d``, or a variant whose ``_activation()`` says so).
+    :func:`unfreeze` turns each back into the layer it was frozen from. The input model is not
+    modified; a layer shared by two places stays one layer.
 
-    Raises ``ValueError`` for a layer without running statistics or an unknown torch BN
-    subclass.
+    Raises ``ValueError`` for a layer without running statistics, an unknown torch BN
+    subclass, or a bnlab subclass that overrides ``forward`` (its frozen form is unknown).
 
     Example::
 
@@ -203,10 +236,12 @@ def freeze(model: nn.Module) -> nn.Module:
 def unfreeze(model: nn.Module) -> nn.Module:
     """Return a deep copy of ``model`` with every frozen layer trainable again.
 
-    Each frozen layer becomes the class it was frozen from (a torch layer goes back to torch;
-    a directly built ``FrozenBatchNorm2d`` becomes :class:`bnlab.BatchNorm2d`), with the same
-    running statistics and ``num_batches_tracked``, ``weight``/``bias`` as parameters with
-    ``requires_grad=True``, and the training flag of ``model``.
+    Each frozen layer becomes the layer it was frozen from (a torch layer goes back to torch,
+    a window-mode layer keeps its window; a directly built ``FrozenBatchNorm2d``, or one loaded
+    from a state dict, becomes :class:`bnlab.BatchNorm2d`, a ``FrozenBatchNormAct2d`` a
+    :class:`bnlab.BatchNormAct2d`), with the frozen layer's statistics and
+    ``num_batches_tracked``, ``weight``/``bias`` as parameters with ``requires_grad=True``, and
+    the training flag of ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -214,24 +249,24 @@ def unfreeze(model: nn.Module) -> nn.Module:
     mode = model.training
 
     def one(mod: nn.Module, qualname: str) -> nn.Module:
-        if not isinstance(mod, _FrozenMixin):
+        if not isinstance(mod, _FrozenBase):
             return mod
-        cls = type(mod)
-        target = _UNSTATIC.get(cls) or (cls._dyn_parent if is_dynamic(cls) else None)
+        target = mod.__dict__.get("_frozen_from")
         if target is None:
-            raise ValueError(f"unfreeze: cannot tell which class {cls.__name__} was frozen from")
-        _buffers_to_params(mod)
-        unfreeze_to = mod.__dict__.pop("_unfreeze_to", None)
-        mod.__class__ = target
-        mod.training = mode
-        if unfreeze_to is None:
-            return mod
-        p = mod.running_mean
-        new = unfreeze_to(
-            mod.num_features, mod.eps, mod.momentum, mod.affine, True,
-            device=p.device, dtype=p.dtype,
-        )
-        new.load_state_dict(mod.state_dict())
-        return new.train(mode)
+            kw: dict[str, Any] = {"device": mod.running_mean.device,
+                                  "dtype": mod.running_mean.dtype}  # fmt: skip
+            if mod.affine and mod.bias is None:
+                kw["bias"] = False
+            if isinstance(mod, FrozenBatchNormAct2d):
+                kw.update(act=mod.act, negative_slope=mod.negative_slope)
+                cls: type[nn.Module] = BatchNormAct2d
+            else:
+                cls = _PLAIN[_rank(mod) or 2]
+            target = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
+        target.load_state_dict(_bn_state(mod), strict=False)
+        for p in (target.weight, target.bias):
+            if p is not None:
+                p.requires_grad_(True)
+        return target.train(mode)
 
     return map_modules(model, one)

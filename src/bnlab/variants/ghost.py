@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +75,7 @@ class _GhostBatchNorm(_NormBase):
         *,
         virtual_batch_size: int = 32,
         strict: bool = False,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -82,8 +85,9 @@ class _GhostBatchNorm(_NormBase):
                 f"{type(self).__name__}: virtual_batch_size must be an int >= 2, got {vbs!r}"
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
+            num_features, eps, momentum, affine, track_running_stats,
+            process_group=process_group, device=device, dtype=dtype,
+        )  # fmt: skip
         self.virtual_batch_size = vbs
         self.strict = bool(strict)
 

@@ -4,6 +4,7 @@ running statistics by the clipped factors ``r`` and ``d``."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,7 @@ class _BatchRenorm(_NormBase):
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         relax_steps: int | tuple[int, int] = (35_000, 20_000),
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -112,8 +114,9 @@ class _BatchRenorm(_NormBase):
                 f"got {relax_steps!r}"
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
+            num_features, eps, momentum, affine, track_running_stats,
+            process_group=process_group, device=device, dtype=dtype,
+        )  # fmt: skip
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps

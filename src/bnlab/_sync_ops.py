@@ -1,0 +1,116 @@
+"""Batch statistics over the ranks of a ``torch.distributed`` group: the one place every bnlab
+layer synchronises through (``process_group`` on any layer, :class:`bnlab.SyncBatchNorm`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["group_size", "global_batch_stats", "sync_batch_norm"]
+
+
+def group_size(group: Any) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _pc(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+@torch.no_grad()
+def global_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean, **biased** variance and count over ``x`` on every rank of ``group``.
+
+    Each rank all-gathers ``(count, mean, count * biased_var)`` in float64 and merges them with
+    Chan et al.'s pairwise formula (``M2 = sum(M2_i + n_i (mean_i - mean)^2)``), which is exact
+    for unequal (and zero) counts and does not cancel catastrophically like sums of squares.
+    Every rank gets identical results. Raises ``ValueError`` on every rank alike if the global
+    count is at most 1.
+    """
+    c = x.shape[1]
+    n = F.count_per_channel(x)
+    dev = x.device
+    if n > 0:
+        # Local moments in the compute dtype (var_mean is numerically stable); merge in float64.
+        xc = x.to(F.compute_dtype(x.dtype))
+        var, mean = torch.var_mean(xc, dim=F.reduce_dims(x), correction=0)
+        var, mean = var.double(), mean.double()
+    else:
+        var = mean = torch.zeros(c, dtype=torch.float64, device=dev)
+    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), mean, var * n])
+    parts = [torch.empty_like(local) for _ in range(group_size(group))]
+    dist.all_gather(parts, local, group=group)
+    g = torch.stack(parts)
+    counts, means, m2 = g[:, :1], g[:, 1 : c + 1], g[:, c + 1 :]
+    total = int(counts.sum().item())
+    if total <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got "
+            f"{total} over all ranks (local input size {tuple(x.shape)})"
+        )
+    gmean = (counts * means).sum(0) / total
+    gm2 = (m2 + counts * (means - gmean) ** 2).sum(0)
+    cdt = F.compute_dtype(x.dtype)
+    return gmean.to(cdt), (gm2 / total).clamp_min(0).to(cdt), total
+
+
+class _SyncBNFunction(torch.autograd.Function):
+    """Normalise with global statistics; backward all-reduces ``sum(dy)`` and ``sum(dy*xhat)``."""
+
+    @staticmethod
+    def forward(x, weight, bias, mean, var, count, eps, group):  # type: ignore[override]
+        return F.normalize(x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, mean, var, count, eps, group = inputs
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.count, ctx.group = count, group
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        cdt = mean.dtype
+        dims = F.reduce_dims(x)
+        xhat = (x.to(cdt) - _pc(mean, x)) * _pc(invstd, x)
+        dyc = dy.to(cdt)
+        sum_dy = dyc.sum(dims)
+        sum_dy_xhat = (dyc * xhat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # Input gradient of BN needs the whole batch's sums: one all_reduce per layer.
+            packed = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
+            dist.all_reduce(packed, group=ctx.group)
+            g_dy, g_dyx = (packed / ctx.count).to(cdt).chunk(2)
+            scale = invstd if weight is None else invstd * weight.to(cdt)
+            dx = (_pc(scale, x) * (dyc - _pc(g_dy, x) - xhat * _pc(g_dyx, x))).to(x.dtype)
+        # Parameter gradients are this rank's share; DDP (or the caller) sums/averages them.
+        has_w = weight is not None
+        gw = sum_dy_xhat.to(weight.dtype) if has_w and ctx.needs_input_grad[1] else None
+        gb = sum_dy.to(weight.dtype) if has_w and ctx.needs_input_grad[2] else None
+        return dx, gw, gb, None, None, None, None, None
+
+
+def sync_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any = None
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Training-mode BN with statistics over every rank of ``group``.
+
+    Returns ``(y, mean, biased_var, count)`` where the statistics and ``count`` are global.
+    Outputs and the input gradient equal single-process BN on the concatenation of every
+    rank's batch; parameter gradients are this rank's contribution (their sum over ranks is
+    the single-process gradient). Must be called on every rank, also with an empty batch.
+    """
+    mean, var, count = global_batch_stats(x, group)
+    y = _SyncBNFunction.apply(x, weight, bias, mean, var, count, float(eps), group)
+    return y, mean, var, count
+
+
