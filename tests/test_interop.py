@@ -94,3 +94,21 @@ def test_torch_sync_converter_takes_bnlab_layers_and_keeps_their_state():
     torch.testing.assert_close(converted[1].running_var, net[1].running_var)
     kept = bnlab.SyncBatchNorm.convert_sync_batchnorm(net)
     assert kept[1].running == "window" and kept[1].sync  # bnlab's keeps it, and syncs
+
+
+def test_fvcore_precise_bn_recomputes_bnlab_statistics_like_torchs():
+    fvcore_bn = pytest.importorskip("fvcore.nn.precise_bn")
+    ours, theirs = _net(bnlab.BatchNorm2d), _net(nn.BatchNorm2d)
+    theirs.load_state_dict(ours.state_dict())
+    assert len(fvcore_bn.get_bn_modules(ours)) == 2  # fvcore's BN_MODULE_TYPES finds them
+    for m in (ours, theirs):
+        fvcore_bn.update_bn_stats(m, _loader(), num_iters=6)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(),
+                              strict=True):  # fmt: skip
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_quantization_fuse_modules_fails_loudly_on_bnlab_layers():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnlab.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(net, [["0", "1", "2"]])
