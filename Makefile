@@ -43,12 +43,14 @@ BATTERY := tests/test_battery.py tests/test_numerics.py tests/test_properties.py
 
 test: setup
 	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 	BNLAB_KERNELS=torch $(BIN)/python -m pytest -q $(BATTERY)
 	BNLAB_SIMD=baseline $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused.py
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/bench_bn.py

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bnlab.models import seed_cnn
+from bnlab.studies.corruption_benchmark import ShiftConfig, format_table, main, run, train_source
 from bnlab.tools import corruptions as C
-from bnlab.tools.shift import ShiftConfig, format_table, main, run, train_source
 
 
 def _images():

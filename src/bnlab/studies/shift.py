@@ -8,7 +8,7 @@ METHODS = ("source", "adabn", "tent")
 
 
 def run(ctx: StudyContext) -> StudyResult:
-    from ..tools import shift
+    from . import corruption_benchmark as shift
 
     s = ctx.settings
     per_seed = []
@@ -55,9 +55,9 @@ STUDY = Study(
     name="shift",
     claim="BN is sensitive to the data distribution: when it shifts, performance drops and "
           "the statistics need re-estimating (the seed's 'data sensitivity').",
-    method="bnlab.tools.shift: seed CNN trained on clean Fashion-MNIST; five corruptions at "
-           "each severity; source model, AdaBN (exact target statistics) and TENT (entropy "
-           "minimisation of the BN affine parameters, online).",
+    method="bnlab.studies.corruption_benchmark: seed CNN trained on clean Fashion-MNIST; "
+           "five corruptions at each severity; source model, AdaBN (exact target statistics) "
+           "and TENT (entropy minimisation of the BN affine parameters, online).",
     presets={
         "quick": {"train": 12000, "test": 2000, "epochs": 1, "max_severity": 5},
         "full": {"train": 60000, "test": 10000, "epochs": 3, "max_severity": 5},

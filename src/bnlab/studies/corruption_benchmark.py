@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from ..data import load_dataset
 from ..models import seed_cnn
-from .adapt import Tent, adapt
-from .corruptions import CORRUPTIONS, corrupt
+from ..tools.adapt import Tent, adapt
+from ..tools.corruptions import CORRUPTIONS, corrupt
 
 __all__ = ["ShiftConfig", "run", "table_rows", "format_table", "write_shift_report", "main"]
 
