@@ -161,3 +161,18 @@ def test_lr_schedules():
     s = TrainConfig(lr=1.0, schedule="step", step_epochs=2, gamma=0.1)
     assert [lr_at(s, k * 10, 10) for k in range(5)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
     assert json.loads(json.dumps(c.to_dict())) == c.to_dict()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("momentum", float("nan"), "momentum must be a float in"),
+    ("momentum", 1.5, "momentum must be a float in"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite float"),
+    ("weight_decay", -0.1, "weight_decay must be a finite float"),
+    ("gamma", float("nan"), "gamma"),
+    ("gamma", float("inf"), "gamma"),
+    ("lr", float("nan"), "lr must be a positive finite float"),
+    ("threads", 100000, "threads must be at most 1024"),
+])  # fmt: skip
+def test_nonfinite_and_out_of_range_settings_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value})

@@ -20,6 +20,8 @@ import tomllib
 __all__ = ["TrainConfig", "parse_overrides", "lr_at"]
 
 Optimizer = Literal["adam", "sgd"]
+#: more threads than this is a typo, not a machine (torch crashes on huge counts)
+_MAX_THREADS = 1024
 Schedule = Literal["constant", "cosine", "step"]
 
 
@@ -101,6 +103,19 @@ class TrainConfig:
                              "--nproc-per-node 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be a positive finite float, got {self.lr}")
+        # NaN passes every `<` check and trains to NaN: each float is checked to be finite
+        if not (0.0 <= self.momentum < 1.0):
+            raise ValueError(f"TrainConfig: momentum must be a float in [0, 1), got "
+                             f"{self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"TrainConfig: weight_decay must be a finite float >= 0, got "
+                             f"{self.weight_decay}")
+        if not (0.0 < self.gamma <= 1.0):
+            raise ValueError(f"TrainConfig: gamma (the step schedule's factor) must be in "
+                             f"(0, 1], got {self.gamma}")
+        if self.threads > _MAX_THREADS:
+            raise ValueError(f"TrainConfig: threads must be at most {_MAX_THREADS} (0: torch's "
+                             f"default), got {self.threads}")
         # Fail on a typo now, not after the data has loaded.
         from ..models import model_names
         from ..norms import norm_names
