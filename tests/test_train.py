@@ -50,7 +50,10 @@ def test_run_directory_contents(reference):
     names = {p.name for p in run.iterdir()}
     assert {"config.toml", "environment.json", "steps.jsonl", "epochs.jsonl", "summary.json",
             "checkpoint.pt"} <= names
-    assert not any(n.startswith(".") for n in names)  # no temporary file left behind
+    # no temporary file left behind; .lock is the directory's lock file (it holds a pid)
+    assert not any(n.startswith(".") for n in names - {".lock"})
+    assert (run / ".lock").read_text().strip().isdigit()
+    assert (run / "checkpoint.pt.sha256").read_text().split()[1] == "checkpoint.pt"
     steps, epochs = _metrics(run)
     assert len(steps) == 3 * 5 and [r["epoch"] for r in epochs] == [0, 1, 2]
     assert set(steps[0]) == {"step", "epoch", "loss", "acc", "lr"}
@@ -176,3 +179,30 @@ def test_lr_schedules():
 def test_nonfinite_and_out_of_range_settings_are_refused(key, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{key: value})
+
+
+def test_second_writer_is_refused_naming_the_directory_and_pid(tmp_path):
+    import os
+
+    from bnlab.train.rundir import RunLockedError, lock_run_dir
+
+    with lock_run_dir(tmp_path):  # another run holds the directory
+        with pytest.raises(RunLockedError, match=rf"{tmp_path} is being written by another "
+                                                 rf"bnlab run \(pid {os.getpid()}\)"):
+            train(_cfg(epochs=1), tmp_path, dataset=_synthetic())
+    assert not (tmp_path / "config.toml").exists()  # nothing was written
+    train(_cfg(epochs=1), tmp_path, dataset=_synthetic())  # free again once released
+
+
+def test_bit_flipped_checkpoint_is_refused_on_resume(tmp_path):
+    from bnlab.train.rundir import CheckpointError
+
+    cfg = _cfg(epochs=1)
+    train(cfg, tmp_path, dataset=_synthetic())
+    path = tmp_path / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: SHA-256 .* the file is damaged"):
+        train(cfg, tmp_path, dataset=_synthetic(), resume=True)

@@ -177,8 +177,16 @@ def train(
     a single process); with it only rank 0 writes ``run_dir``.
     """
     run_dir = Path(run_dir)
-    progress = progress or Progress()
     ctx = replicas or Local()
+    if not ctx.is_main:
+        return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with rd.lock_run_dir(run_dir):  # one writer per directory (rank 0 writes for all)
+        return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
+
+
+def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
+    progress = progress or Progress()
     if ctx.world_size != config.nproc_per_node:
         raise ValueError(
             f"train: config.nproc_per_node={config.nproc_per_node} but this process is one of "

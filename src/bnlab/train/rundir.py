@@ -9,16 +9,24 @@
       epochs.jsonl       one record per epoch: train/val loss and accuracy, lr, times
       summary.json       final and best accuracy, status, time per epoch
       checkpoint.pt      model, optimizer, position and RNG state (torch.save)
+      checkpoint.pt.sha256  the checkpoint's SHA-256, written with it, checked before use
+      .lock              held (flock) by the run writing the directory; names its pid
 
-A crash never leaves a half-written file under one of these names.
+A crash never leaves a half-written file under one of these names, a damaged checkpoint is
+refused rather than resumed from, and two runs never write one directory at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +43,58 @@ __all__ = [
     "run_environment",
     "git_revision",
     "is_run_dir",
+    "lock_run_dir",
+    "RunLockedError",
+    "CheckpointError",
 ]
 
 CHECKPOINT = "checkpoint.pt"
+DIGEST = CHECKPOINT + ".sha256"
+LOCK = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the run directory."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is damaged or not a bnlab checkpoint."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the run directory's exclusive lock for the ``with`` block.
+
+    Raises :class:`RunLockedError`, naming the directory and the holder's pid, when another
+    process holds it. The lock (``flock``) goes away with its process, so a crashed run never
+    leaves the directory locked.
+    """
+    path = Path(run_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(
+                f"{run_dir} is being written by another bnlab run (pid {holder}); wait for it "
+                "to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _tmp(path: Path) -> Path:
@@ -71,19 +128,42 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` atomically, and its SHA-256 beside it."""
     path = Path(run_dir) / CHECKPOINT
     tmp = _tmp(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(Path(run_dir) / DIGEST, f"{digest}  {CHECKPOINT}\n")
     return path
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The checkpoint of ``run_dir``, loaded with ``weights_only=True``, or None if absent."""
+    """The checkpoint of ``run_dir``, loaded with ``weights_only=True``, or None if absent.
+
+    Raises :class:`CheckpointError`, naming the file, when its SHA-256 differs from the one
+    recorded when it was written (a damaged file is never resumed from) or it does not load.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    digest_file = Path(run_dir) / DIGEST
+    if digest_file.exists():  # runs written before digests existed have none
+        want = digest_file.read_text(encoding="utf-8").split()[0]
+        got = _sha256(path)
+        if got != want:
+            raise CheckpointError(
+                f"{path}: SHA-256 {got[:16]}... differs from {want[:16]}... recorded in "
+                f"{digest_file.name} when it was written; the file is damaged, refusing to "
+                "resume from it (move it away to start the run again)"
+            )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise CheckpointError(f"{path}: not a readable bnlab checkpoint ({e})") from e
 
 
 def git_revision() -> str | None:
