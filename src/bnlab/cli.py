@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import pickle
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch Normalization for PyTorch: layers, kernels, tools and experiments.",
     )
     parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: BNLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -46,6 +50,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _USER_ERRORS as e:
+        # The one place where a mistake or an environment fault (a bad option, a missing or
+        # damaged file, a full disk, a locked run directory) becomes one line and exit 2.
+        if args.debug or os.environ.get("BNLAB_DEBUG"):
+            raise
+        print(f"bnlab {args.command}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+#: what a command may raise for a user's mistake or the environment's fault; anything else
+#: is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def one_line(e: BaseException) -> str:
+    """``e`` as one line: its message's lines joined, the type name where it says nothing."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    text = text or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

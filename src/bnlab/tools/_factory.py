@@ -54,7 +54,14 @@ def build_model(spec: str) -> nn.Module:
 
 
 def load_state_dict(path: str | Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing or unreadable: the OS's message names the file
+    except Exception as e:  # noqa: BLE001 - truncated, garbage or pickled code: one answer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a state-dict checkpoint torch.load(weights_only=True) "
+                         f"can read ({first[:160]})") from e
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     if isinstance(obj, dict):
