@@ -232,3 +232,30 @@ def test_batch_order_is_seeded_and_covers_every_example():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'cifar'; valid names: mnist"):
         load_dataset("cifar")
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_DIR),
+                    reason="Debian's dataset-fashion-mnist is installed by make test")
+def test_fashion_files_in_a_flat_directory_are_only_ever_fashion_mnist(isolated):
+    import shutil
+
+    flat = isolated / "flat"
+    shutil.copytree(FASHION_DIR, flat)
+    assert find_files("fashion-mnist", flat)["test_labels"].parent == flat
+    with pytest.raises(DataNotFoundError, match="holds fashion-mnist's files, not mnist's"):
+        find_files("mnist", flat)  # same file names, other content: never MNIST
+    assert resolve_dataset("auto", flat) == "fashion-mnist"
+
+
+def test_an_incomplete_data_dir_is_an_error_not_a_fallback(isolated, monkeypatch):
+    files = _tiny_spec(monkeypatch, "mnist")
+    _write_set(isolated / "debian" / "mnist", files)  # a complete system copy exists
+    partial = isolated / "mine"
+    _write_set(partial, files)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    (partial / "t10k-labels-idx1-ubyte.gz").mkdir()  # a directory in its place
+    with pytest.raises(DataNotFoundError, match=r"--data-dir .*mine lacks t10k-labels"):
+        find_files("mnist", partial)

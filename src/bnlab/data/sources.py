@@ -167,15 +167,48 @@ def _instructions(spec: DatasetSpec, dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _belongs_to(name: str, found: dict[str, Path]) -> str | None:
+    """The other dataset whose recorded content these files have (MNIST and Fashion-MNIST
+    share file names), or ``None``. Reads only the test labels (10 KB)."""
+    try:
+        digest = sha256(decompressed_bytes(found["test_labels"]))
+    except (OSError, IDXError):
+        return None  # unreadable: verify() and the loader report it
+    for other, spec in SPECS.items():
+        if other != name and spec.files["test_labels"].sha256 == digest:
+            return other
+    return None
+
+
 def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Paths of the four files of ``name`` from the first directory that has all of them."""
+    """Paths of the four files of ``name`` from the first directory that has all of them.
+
+    Files are recognised by content as well as by name: a directory holding another known
+    dataset's files (Fashion-MNIST's carry MNIST's names) is passed over. An explicit
+    ``data_dir`` that holds some of the files but not all, or another dataset's, is an error,
+    never silently replaced by another directory; one that holds none of them is skipped.
+    """
     spec = _spec(name)
     dirs = search_dirs(name, data_dir)
+    problems: list[str] = []
     for d in dirs:
         found = {k: _file_in(d, f) for k, f in spec.files.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
-    raise DataNotFoundError(_instructions(spec, dirs))
+        if not all(found.values()):
+            if not any(found.values()):
+                continue
+            missing = [f.name for k, f in spec.files.items() if not found[k]]
+            problems.append(f"{d} lacks {', '.join(missing)}")
+        else:
+            other = _belongs_to(name, found)  # type: ignore[arg-type]
+            if other is None:
+                return found  # type: ignore[return-value]
+            problems.append(f"{d} holds {other}'s files, not {name}'s")
+        if data_dir and d in dirs[:2]:  # the user's own directory: refuse, do not fall back
+            raise DataNotFoundError(
+                f"--data-dir {data_dir}: {problems[-1]}; {name} needs "
+                + ", ".join(f.name + "[.gz]" for f in spec.files.values())
+            )
+    raise DataNotFoundError(_instructions(spec, dirs) + "".join(f"\n({p})" for p in problems))
 
 
 def verify(name: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
