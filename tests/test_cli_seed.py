@@ -99,3 +99,19 @@ def test_demo_defaults_and_full_flag():
         "fashion-mnist", 3, 2, 30000)
     assert args.norms == "none,bn,bn-window,bn-running"
     assert build_parser().parse_args(["demo", "--full"]).full
+
+
+def test_resume_with_changed_settings_is_refused_naming_them(tmp_path):
+    from bnlab.train.rundir import write_json
+    from bnlab.train.study import SeedStudy, run_seed_study
+
+    started = SeedStudy(dataset="fashion-mnist", epochs=2,
+                        norms=("none", "bn"), seeds=1, train_subset=256, test_subset=64)
+    asked = {k: (list(v) if isinstance(v, tuple) else v) for k, v in started.__dict__.items()}
+    write_json(tmp_path / "study.json", {"dataset": "fashion-mnist", "study": asked})
+    changed = SeedStudy(dataset="fashion-mnist", epochs=3, norms=("none", "bn", "gn"), seeds=1,
+                        train_subset=256, test_subset=64)
+    with pytest.raises(ValueError, match=r"epochs \(was 2, now 3\); norms \(was \['none', "
+                                         r"'bn'\], now \['none', 'bn', 'gn'\]\)"):
+        run_seed_study(changed, tmp_path, resume=True)
+    assert not (tmp_path / "runs").exists()  # nothing trained

@@ -70,16 +70,29 @@ def run_seed_study(study: SeedStudy, out: str | Path | None = None, *, resume: b
     dataset = resolve_dataset(study.dataset, study.data_dir or None)
     configs = study.configs(dataset)  # validates every normaliser before loading anything
     out = Path(out) if out else default_out(dataset)
-    if (out / "study.json").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a study; pass --resume or another --out")
+    asked = {k: (list(v) if isinstance(v, tuple) else v) for k, v in study.__dict__.items()}
+    if (out / "study.json").exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a study; pass --resume or another --out")
+        # A resumed study must be the study that was started: one report never compares runs
+        # trained under different settings.
+        saved = read_json(out / "study.json")
+        before = dict(saved.get("study", {}), dataset=saved.get("dataset"))
+        now = dict(asked, dataset=dataset)
+        changed = [f"{k} (was {before.get(k)!r}, now {v!r})" for k, v in now.items()
+                   if before.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out}: --resume with other settings than the study was started with: "
+                f"{'; '.join(changed)}; resume with the same flags or choose another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, study.data_dir or None)
     n_train = study.train_subset or len(data.x_train)
     info = {"title": f"The seed's CNN on {dataset}: with and without normalisation",
             "kind": "seed", "dataset": dataset, "epochs": study.epochs,
             "norms": list(study.norms), "seeds": study.seeds, "train_examples": n_train,
-            "study": {k: (list(v) if isinstance(v, tuple) else v)
-                      for k, v in study.__dict__.items()}}
+            "study": asked}
     write_json(out / "study.json", info)
     progress.message(f"bnlab run seed: {dataset} ({n_train} training examples), "
                      f"{study.epochs} epochs, normalisers {', '.join(study.norms)}, "
