@@ -206,3 +206,45 @@ def test_bit_flipped_checkpoint_is_refused_on_resume(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"checkpoint.pt: SHA-256 .* the file is damaged"):
         train(cfg, tmp_path, dataset=_synthetic(), resume=True)
+
+
+def test_sigterm_saves_and_marks_the_run_interrupted(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(step):
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(), tmp_path, dataset=_synthetic(), on_step=terminate)
+    assert read_json(tmp_path / "summary.json")["status"] == "interrupted"
+    assert load_checkpoint(tmp_path)["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    summary = train(_cfg(), tmp_path, dataset=_synthetic(), resume=True)
+    assert summary["status"] == "complete"
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from bnlab.train.rundir import save_checkpoint
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    try:
+        save_checkpoint(mnt, {"w": torch.ones(1000)})  # 4 KB: fits
+        before = (mnt / "checkpoint.pt").read_bytes()
+        with pytest.raises(OSError) as e:
+            save_checkpoint(mnt, {"w": torch.ones(200_000)})  # 800 KB: the disk is full
+        assert e.value.errno == 28  # ENOSPC, named by the OS: "No space left on device"
+        assert (mnt / "checkpoint.pt").read_bytes() == before
+        assert load_checkpoint(mnt)["w"].shape == (1000,)  # digest still matches
+        assert sorted(p.name for p in mnt.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: even if a handle is open

@@ -97,7 +97,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
 
 
 class _StopFlag:
-    """Set by the first SIGINT; a second one interrupts at once."""
+    """Set by the first SIGINT or SIGTERM; a second one interrupts at once."""
 
     def __init__(self) -> None:
         self.set = False
@@ -114,11 +114,14 @@ def _sigint_stops(flag: _StopFlag) -> Iterator[None]:
             raise KeyboardInterrupt
         flag.set = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # SIGTERM (a scheduler or `kill` ending the job) is handled like Ctrl-C: the step ends,
+    # a checkpoint is written and the run is marked interrupted, ready for --resume
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _prepare_dir(config: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
@@ -102,10 +103,15 @@ def _tmp(path: Path) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` through a temporary file and ``os.replace``; on any failure (a full
+    disk) the temporary file is removed and ``path`` keeps its previous content."""
     path = Path(path)
     tmp = _tmp(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -131,10 +137,21 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``checkpoint.pt`` atomically, and its SHA-256 beside it."""
     path = Path(run_dir) / CHECKPOINT
     tmp = _tmp(path)
+    # Serialised in memory first: torch.save straight to a full disk fails with an opaque
+    # "unexpected pos" RuntimeError; a plain write fails with ENOSPC and the file's name.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        torch.save(state, tmp)
-        digest = _sha256(tmp)
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (writing {path.name}; the previous checkpoint "
+                      "is kept)", str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(Path(run_dir) / DIGEST, f"{digest}  {CHECKPOINT}\n")
