@@ -46,6 +46,8 @@ CASES = [
     (lambda t: ["fold", str(t / "missing.pt"), "--model", "bnlab.models:seed_cnn"],
      "missing.pt"),
     (lambda t: ["train", "--out", _a_file(t) + "/sub", "--set", "epochs=1"], "plain-file"),
+    (lambda t: ["fold", _garbage(t), "--model", "bnlab.models:seed_cnn",
+                "--out", str(t / "garbage.pt")], "is the input checkpoint"),
 ]  # fmt: skip
 
 

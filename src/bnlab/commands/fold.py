@@ -56,6 +56,10 @@ def _main(args: argparse.Namespace) -> int:
     from ..tools._factory import build_model, load_state_dict, parse_shape
 
     shape = parse_shape(args.example_shape)
+    out = args.out or Path(args.checkpoint).with_suffix(".folded.pt")
+    if Path(out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {out} is the input checkpoint; writing there would destroy "
+                         "it: choose another --out")
     model = build_model(args.model)
     model.load_state_dict(load_state_dict(args.checkpoint))
     model.eval()
@@ -63,7 +67,6 @@ def _main(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # the report below says what was not folded
         folded = fold(model, _example(shape))
     report = folded.fold_report
-    out = args.out or Path(args.checkpoint).with_suffix(".folded.pt")
     torch.save({"format": FORMAT, "model": args.model,
                 "example_shape": None if shape is None else list(shape),
                 "state_dict": folded.state_dict(), "report": report.to_dict()}, out)
