@@ -84,7 +84,7 @@ def train(
     """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)`` (``(C,)`` statistics)."""
     if _ORDER[0] is native and _native_eager(x, weight, bias):
         # the common case first, without the registry walk: small layers are call-bound
-        return native.api._TrainFn.apply(x, weight, bias, eps, act, slope, True)
+        return native.train(x, weight, bias, eps, act, slope)
     return select(x, (weight, bias), True).train(x, weight, bias, eps, act, slope)
 
 
@@ -98,7 +98,7 @@ def evaluate(
     if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
         return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
     if _ORDER[0] is native and _native_eager(x, mean, var, weight, bias):
-        return native.api._normalize_act_native(x, mean, var, weight, bias, eps, act, slope)
+        return native.evaluate(x, mean, var, weight, bias, eps, act, slope)
     return select(x, (mean, var, weight, bias), False).evaluate(
         x, mean, var, weight, bias, eps, act, slope
     )
