@@ -259,3 +259,16 @@ def test_an_incomplete_data_dir_is_an_error_not_a_fallback(isolated, monkeypatch
     (partial / "t10k-labels-idx1-ubyte.gz").mkdir()  # a directory in its place
     with pytest.raises(DataNotFoundError, match=r"--data-dir .*mine lacks t10k-labels"):
         find_files("mnist", partial)
+
+
+def test_idx_files_of_another_element_type_are_refused(isolated, monkeypatch):
+    from bnlab.data import load_dataset
+
+    files = _tiny_spec(monkeypatch, "mnist")
+    d = isolated / "floats"
+    _write_set(d, files)
+    f = files["train_images"]
+    write_idx(d / (f.name + ".gz"), np.full(f.shape, 0.5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: IDX elements of type "
+                                         r"float32; mnist's files hold unsigned bytes"):
+        load_dataset("mnist", d)

@@ -52,6 +52,10 @@ def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
     spec = SPECS[name]
     paths = find_files(name, data_dir)
     arrays = {k: read_idx(p, spec.files[k].shape) for k, p in paths.items()}
+    for k, a in arrays.items():
+        if a.dtype != np.uint8:  # a float file would train to NaN without a word
+            raise ValueError(f"{paths[k]}: IDX elements of type {a.dtype}; {name}'s files hold "
+                             "unsigned bytes (IDX type 0x08)")
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
         if n_img != n_lab:
