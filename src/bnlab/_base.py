@@ -301,8 +301,21 @@ class _NormBase(_BatchNorm):
             return _ops._act(y, act, slope), mean, var, count
         n = F.count_per_channel(x)
         if self.normalize_with == "running":
-            # The running statistics (no gradient) from the second batch on, the batch's own
-            # before: chosen with torch.where, so one graph serves every step.
+            if _can_read(self.num_batches_tracked, False) and not _kernels_capturing(x):
+                # eager: read the counter and normalise on the fast (native) evaluation path
+                if int(self.num_batches_tracked) > 0:
+                    with torch.no_grad():
+                        mean, var = F.batch_stats(x)
+                    # copies: torch's kernel saves them for backward, and they are updated
+                    # in place before that runs
+                    rm, rv = self.running_mean.clone(), self.running_var.clone()
+                    y = _backends.evaluate(x, rm, rv, self.weight, self.bias, self.eps, act,
+                                           slope)  # fmt: skip
+                    return y, mean, var, n
+                y, mean, var = _backends.train(x, self.weight, self.bias, self.eps, act, slope)
+                return y, mean, var, n
+            # In graphs: the running statistics (no gradient) from the second batch on, the
+            # batch's own before, chosen with torch.where, so one graph serves every step.
             mean, var = F.batch_stats(x)
             # (snapshots: the buffers are updated in place after this; see library.snapshot)
             seen = self.num_batches_tracked > 0
@@ -422,6 +435,16 @@ class _NormBase(_BatchNorm):
             self.window_var.copy_(window[1])
         if _can_read(finite, self.nonfinite == "raise") and not bool(finite):
             self._skip_nonfinite()
+
+
+def _kernels_capturing(x: Tensor) -> bool:
+    """Inside a graph (compile, export), an FX trace or a torch.func transform."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or isinstance(x, torch.fx.Proxy)
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
 def _can_read(flag: Tensor, forced: bool) -> bool:
