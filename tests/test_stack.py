@@ -391,3 +391,18 @@ def test_every_native_entry_point_rejects_wrong_shapes_and_dtypes():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_bfloat16_model_runs_on_torchs_kernels_like_torch(fused):
+    # parameters and buffers in bfloat16 (model.bfloat16()): torch's kernel needs running
+    # buffers of the parameters' dtype, and the result equals torch's own bf16 BN
+    ours = (bnlab.BatchNormAct2d(4) if fused else bnlab.BatchNorm2d(4)).bfloat16()
+    ref = nn.BatchNorm2d(4).bfloat16()
+    x = torch.randn(8, 4, 3, 3).bfloat16().requires_grad_()
+    y = ours(x)
+    want = ref(x).relu() if fused else ref(x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()

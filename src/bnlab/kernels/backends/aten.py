@@ -103,9 +103,11 @@ class _ActTrain(torch.autograd.Function):
 
 def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
     c = x.shape[1]
+    # torch's kernel wants running buffers of the parameters' dtype (a bfloat16 model keeps
+    # bfloat16 ones); without parameters, the statistics of a half input stay float32
     dtype = _stats_dtype(x, (weight, bias))
-    if x.dtype in _LOW and dtype == x.dtype:
-        dtype = torch.float32  # statistics of half inputs stay float32
+    if weight is None and bias is None and x.dtype in _LOW:
+        dtype = torch.float32
     with torch.no_grad():
         mean = torch.zeros(c, dtype=dtype, device=x.device)
         uvar = torch.ones(c, dtype=dtype, device=x.device)
