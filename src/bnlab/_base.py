@@ -302,27 +302,27 @@ class _NormBase(_BatchNorm):
         n = F.count_per_channel(x)
         if self.normalize_with == "running":
             if _can_read(self.num_batches_tracked, False) and not _kernels_capturing(x):
-                # eager: read the counter and normalise on the fast (native) evaluation path
                 if int(self.num_batches_tracked) > 0:
+                    # eager, from the second batch on: the running statistics, on the fast
+                    # (native) evaluation path; the first batch uses its own (below)
                     with torch.no_grad():
                         mean, var = F.batch_stats(x)
-                    # copies: torch's kernel saves them for backward, and they are updated
-                    # in place before that runs
+                    # copies: torch's kernel saves them for backward, and they are updated in
+                    # place before that runs
                     rm, rv = self.running_mean.clone(), self.running_var.clone()
                     y = _backends.evaluate(x, rm, rv, self.weight, self.bias, self.eps, act,
                                            slope)  # fmt: skip
                     return y, mean, var, n
-                y, mean, var = _backends.train(x, self.weight, self.bias, self.eps, act, slope)
+            else:
+                # In graphs: the running statistics (no gradient) from the second batch on,
+                # the batch's own before, chosen with torch.where: one graph for every step.
+                mean, var = F.batch_stats(x)
+                # (snapshots: the buffers are updated in place after this; library.snapshot)
+                seen = self.num_batches_tracked > 0
+                m = torch.where(seen, snapshot(self.running_mean).to(mean.dtype), mean)
+                v = torch.where(seen, snapshot(self.running_var).to(var.dtype), var)
+                y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
                 return y, mean, var, n
-            # In graphs: the running statistics (no gradient) from the second batch on, the
-            # batch's own before, chosen with torch.where, so one graph serves every step.
-            mean, var = F.batch_stats(x)
-            # (snapshots: the buffers are updated in place after this; see library.snapshot)
-            seen = self.num_batches_tracked > 0
-            m = torch.where(seen, snapshot(self.running_mean).to(mean.dtype), mean)
-            v = torch.where(seen, snapshot(self.running_var).to(var.dtype), var)
-            y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
-            return y, mean, var, n
         # (the registry directly: eps was checked when the layer was built)
         y, mean, var = _backends.train(x, self.weight, self.bias, self.eps, act, slope)
         return y, mean, var, n
