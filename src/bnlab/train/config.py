@@ -2,19 +2,21 @@
 
 ``TrainConfig.from_toml("run.toml").replace(epochs=2)`` or, from the command line,
 ``--set epochs=2``. Unknown keys and ill-typed values are errors naming the key. The resolved
-config is written into the run directory as ``config.toml`` and loads back unchanged.
+config is written into the run directory as ``config.toml`` (by tomli-w, a TOML writer) and
+loads back unchanged; NaN and infinities are refused when a config is made, so they never reach
+a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import tomli_w
 import tomllib
 
 __all__ = ["TrainConfig", "parse_overrides", "lr_at"]
@@ -23,6 +25,7 @@ Optimizer = Literal["adam", "sgd"]
 #: more threads than this is a typo, not a machine (torch crashes on huge counts)
 _MAX_THREADS = 1024
 Schedule = Literal["constant", "cosine", "step"]
+Dataset = Literal["mnist", "fashion-mnist", "mnist1d"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, Optimizer)
         _choice("schedule", self.schedule, Schedule)
         _choice("placement", self.placement, Literal["after", "before"])
+        _choice("dataset", self.dataset, Dataset)
         for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs", "monitor_every",
                      "nproc_per_node"):
             if getattr(self, name) < 1:
@@ -162,7 +166,10 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not a TOML file ({e})") from e
         nested = sorted(k for k, v in data.items() if isinstance(v, dict))
         if nested:
             raise ValueError(f"{path}: tables are not config keys: {', '.join(nested)}")
@@ -172,8 +179,14 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def to_toml(self) -> str:
-        # Flat scalars only: JSON's string/number spelling is valid TOML for them.
-        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.to_dict().items())
+        """The config as TOML text, written by tomli-w. Every float is finite (checked when
+        the config was made, and again here: TOML's ``nan`` must never reach a file)."""
+        d = self.to_dict()
+        bad = [k for k, v in d.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"TrainConfig: {', '.join(bad)} must be finite, got "
+                             f"{', '.join(repr(d[k]) for k in bad)}")
+        return tomli_w.dumps(d)
 
 
 def _choice(name: str, value: str, literal: Any) -> None:
