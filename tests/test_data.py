@@ -101,6 +101,7 @@ def test_idx_errors(tmp_path):
 def test_discovery_order(isolated, monkeypatch):
     files = _tiny_spec(monkeypatch, "mnist")
     explicit, env, cache = isolated / "explicit", isolated / "env", isolated / "cache" / "bnlab"
+    explicit.mkdir()  # an explicit --data-dir that holds none of the files is passed over
     monkeypatch.setenv("BNLAB_DATA", str(env))
     dirs = search_dirs("mnist", explicit)
     assert dirs[:4] == [explicit / "mnist", explicit, env / "mnist", env]

@@ -21,14 +21,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    """Each file's record on stdout; exit 1 with one line on stderr naming every bad file."""
     from ..data import SPECS, DataNotFoundError, verify
 
-    ok = True
     for name in args.names:
         if name not in SPECS:
-            print(f"bnlab data verify: unknown dataset {name!r}; valid names: "
-                  f"{', '.join(sorted(SPECS))}", file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown dataset {name!r}; valid names: "
+                             f"{', '.join(sorted(SPECS))}")
+    bad: list[str] = []
     for name in args.names or sorted(SPECS):
         try:
             recs = verify(name, args.data_dir or None)
@@ -36,13 +36,18 @@ def _verify(args: argparse.Namespace) -> int:
             if not args.names:  # checking whatever is installed: a missing set is no error
                 print(f"{name}: not installed (bnlab data list)")
                 continue
-            print(f"{name}: {e}", file=sys.stderr)
-            ok = False
+            bad.append(f"{name}: " + "; ".join(x.strip() for x in str(e).splitlines()
+                                               if x.strip()))
             continue
         for r in recs:
             print(f"{name}: {'OK ' if r['ok'] else 'BAD'} {r['path']}  {r['message']}")
-            ok &= r["ok"]
-    return 0 if ok else 1
+            if not r["ok"]:
+                msg = r["message"]
+                bad.append(msg if msg.startswith(r["path"]) else f"{r['path']}: {msg}")
+    if bad:
+        print(f"bnlab data verify: {len(bad)} problem(s): {'; '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:

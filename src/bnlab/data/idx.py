@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import zlib
@@ -28,6 +29,8 @@ _DTYPES: dict[int, np.dtype] = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+#: no IDX file bnlab reads comes near this many data bytes: a header claiming more is corrupt
+_ABSURD = 1 << 34
 
 
 class IDXError(ValueError):
@@ -67,8 +70,13 @@ def read_idx_bytes(raw: bytes, source: str = "<bytes>") -> np.ndarray:
         )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge header cannot wrap
     body = len(raw) - header
+    if expected > body and expected > _ABSURD:
+        raise IDXError(
+            f"{source}: corrupt header: it claims shape {tuple(shape)} of {dtype.name}, more "
+            f"than {_ABSURD >> 30} GiB ({expected} bytes), but the file holds {body} data bytes"
+        )
     if body != expected:
         what = "truncated" if body < expected else "has trailing bytes"
         raise IDXError(

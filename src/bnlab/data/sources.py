@@ -20,6 +20,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .idx import IDXError, decompressed_bytes, read_idx_bytes, sha256
 
 __all__ = [
@@ -90,9 +92,13 @@ SPECS: dict[str, DatasetSpec] = {
     ),
     "mnist": DatasetSpec(
         name="mnist",
-        # No machine bnlab was built on could fetch MNIST, so no decompressed SHA-256 is
-        # recorded; downloads are checked against the published .gz MD5s and every file's
-        # IDX structure (magic, shape, size) is always checked.
+        # No copy of MNIST was on the machines bnlab was built on and no authoritative
+        # publication of its decompressed SHA-256s could be checked, so none is recorded (a
+        # wrong value would refuse the real files). MNIST is recognised instead by its IDX
+        # structure (magic, unsigned bytes, shapes 60000/10000 x 28 x 28, labels 0..9) and by
+        # *not* having Fashion-MNIST's recorded content, which carries the same file names:
+        # find_files passes over and verify marks BAD any file with Fashion-MNIST's SHA-256.
+        # Downloads are checked against the .gz MD5s MNIST's publishers list.
         files=_files(60000, 10000, {
             "train_images": (None, "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
             "train_labels": (None, "d53e105ee54ea40749a09fcbcd1e9432"),
@@ -152,6 +158,19 @@ def _file_in(directory: Path, f: IdxFile) -> Path | None:
     return None
 
 
+def _why_missing(directory: Path, f: IdxFile) -> str:
+    """``lacks NAME``, and what stands under its name instead (a directory, a broken link)."""
+    odd = []
+    for candidate in (directory / (f.name + ".gz"), directory / f.name):
+        if candidate.is_symlink() and not candidate.exists():
+            odd.append(f"{candidate.name} is a broken link to {os.readlink(candidate)}")
+        elif candidate.is_dir():
+            odd.append(f"{candidate.name} is a directory, not a file")
+        elif candidate.exists():
+            odd.append(f"{candidate.name} is not a regular file")
+    return f"lacks {f.name}" + (f" ({'; '.join(odd)})" if odd else "")
+
+
 def _instructions(spec: DatasetSpec, dirs: list[Path]) -> str:
     names = ", ".join(f.name + "[.gz]" for f in spec.files.values())
     lines = [
@@ -189,6 +208,11 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
     never silently replaced by another directory; one that holds none of them is skipped.
     """
     spec = _spec(name)
+    if data_dir and not Path(data_dir).is_dir():
+        what = "is not a directory" if Path(data_dir).exists() else "does not exist"
+        raise DataNotFoundError(f"--data-dir {data_dir} {what}; {name} needs a directory "
+                                "holding " + ", ".join(f.name + "[.gz]" for f in
+                                                       spec.files.values()))
     dirs = search_dirs(name, data_dir)
     problems: list[str] = []
     for d in dirs:
@@ -196,8 +220,8 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
         if not all(found.values()):
             if not any(found.values()):
                 continue
-            missing = [f.name for k, f in spec.files.items() if not found[k]]
-            problems.append(f"{d} lacks {', '.join(missing)}")
+            missing = [_why_missing(d, f) for k, f in spec.files.items() if not found[k]]
+            problems.append(f"{d} {', '.join(missing)}")
         else:
             other = _belongs_to(name, found)  # type: ignore[arg-type]
             if other is None:
@@ -209,6 +233,14 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
                 + ", ".join(f.name + "[.gz]" for f in spec.files.values())
             )
     raise DataNotFoundError(_instructions(spec, dirs) + "".join(f"\n({p})" for p in problems))
+
+
+def _owner(name: str, key: str, digest: str) -> str | None:
+    """The other dataset whose ``key`` file has content SHA-256 ``digest``, or None."""
+    for other, spec in SPECS.items():
+        if other != name and spec.files[key].sha256 == digest:
+            return other
+    return None
 
 
 def verify(name: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -225,13 +257,23 @@ def verify(name: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
             raw = decompressed_bytes(path)
             rec["sha256"] = sha256(raw)
             arr = read_idx_bytes(raw, str(path))
+            other = _owner(name, key, rec["sha256"])
             if arr.shape != f.shape:
                 rec["message"] = f"shape {arr.shape}, expected {f.shape}"
+            elif arr.dtype != np.uint8:
+                rec["message"] = (f"IDX elements of type {arr.dtype}; {name}'s files hold "
+                                  "unsigned bytes (IDX type 0x08)")
+            elif key.endswith("labels") and arr.size and int(arr.max()) >= 10:
+                rec["message"] = f"labels outside 0..9 (largest {int(arr.max())})"
+            elif other is not None:
+                rec["message"] = f"this is {other}'s {f.name}, not {name}'s (same SHA-256)"
             elif f.sha256 is not None and rec["sha256"] != f.sha256:
                 rec["message"] = f"SHA-256 mismatch: expected {f.sha256}"
             else:
                 rec["ok"] = True
-                rec["message"] = "ok" if f.sha256 else "ok (structure only: no checksum recorded)"
+                rec["message"] = "ok (SHA-256 of the content matches)" if f.sha256 else (
+                    "ok (IDX structure, shape and labels; not another known dataset's content; "
+                    f"no SHA-256 of {name}'s content is recorded)")
         except IDXError as e:
             rec["message"] = str(e)
         out.append(rec)
