@@ -14,7 +14,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..train.rundir import atomic_write_text
+from ..train.rundir import atomic_write_bytes, atomic_write_text, make_out_dir
 
 __all__ = ["md_table", "html_table", "code", "figures_html", "html_page", "write_page"]
 
@@ -86,10 +86,9 @@ def write_page(out_dir: str | Path, title: str, paragraphs: list[str],
     if not all(tables.values()):
         raise ValueError("write_page: every table needs at least one row")
     out = Path(out_dir)
-    files = out / "report-files"
-    files.mkdir(parents=True, exist_ok=True)
+    files = make_out_dir(make_out_dir(out, "--out") / "report-files", "--out")
     for stem, (_, png) in figs.items():
-        (files / f"{stem}.png").write_bytes(png)
+        atomic_write_bytes(files / f"{stem}.png", png)  # never a 0-byte PNG on a full disk
     md = [f"# {title}", ""]
     for p in paragraphs:
         md += [p, ""]

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..train.rundir import atomic_write_text
+from ..train.rundir import atomic_write_bytes, atomic_write_text, make_out_dir
 from .collect import Group, group_runs, load_runs, mean_sd, study_info
 from .page import code, figures_html, html_page, html_table, md_table
 from .plots import figures
@@ -141,11 +141,10 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | No
     info = study_info(paths)
     groups = group_runs(runs, info.get("norms"))
     out = Path(out_dir or paths[0])
-    files = out / "report-files"
-    files.mkdir(parents=True, exist_ok=True)
+    files = make_out_dir(make_out_dir(out, "--out") / "report-files", "--out")
     figs = figures(groups)
     for stem, (_, png) in figs.items():
-        (files / f"{stem}.png").write_bytes(png)
+        atomic_write_bytes(files / f"{stem}.png", png)  # never a 0-byte PNG on a full disk
     rows = table_rows(groups)
     sentences = verdict(groups)
     h = _header(groups, info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["build_model", "load_factory", "load_state_dict", "parse_shape"]
+__all__ = ["build_model", "load_error", "load_factory", "load_into", "load_state_dict",
+           "parse_shape"]
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 
@@ -38,7 +40,10 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     else:
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
-        module = importlib.import_module(mod_name)
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"model factory {spec!r}: cannot import {mod_name!r} ({e})") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"{mod_name!r} has no callable {attr!r}")
@@ -54,14 +59,21 @@ def build_model(spec: str) -> nn.Module:
 
 
 def load_state_dict(path: str | Path) -> dict:
+    """The state dict in checkpoint ``path``; a ValueError naming the file and what it holds
+    instead (nothing, garbage, a cut-off file, a whole pickled model) otherwise."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise  # missing or unreadable: the OS's message names the file
     except Exception as e:  # noqa: BLE001 - truncated, garbage or pickled code: one answer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Unsupported global" in str(e) and "torch.nn.modules" in str(e):
+            raise ValueError(f"{path}: a whole pickled model, not a state dict (it would run "
+                             "pickled code to load); save it with "
+                             "torch.save(model.state_dict(), path)") from e
         raise ValueError(f"{path}: not a state-dict checkpoint torch.load(weights_only=True) "
-                         f"can read ({first[:160]})") from e
+                         f"can read ({load_error(e)})") from e
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     if isinstance(obj, dict):
@@ -71,6 +83,33 @@ def load_state_dict(path: str | Path) -> dict:
     raise ValueError(f"{path}: expected a state dict or a dict with one of {list(_STATE_KEYS)}, "
                      f"got {type(obj).__name__} with keys "
                      f"{list(obj)[:8] if isinstance(obj, dict) else '-'}")
+
+
+def load_error(e: BaseException) -> str:
+    """What went wrong in ``torch.load(weights_only=True)``, in a few words: torch's own
+    message is paragraphs of advice (and terminal escapes) around the one line that says it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1]
+        words = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        words = words.split(" was not an allowed global")[0]
+        return f"not a file of tensors: {words}" if words else "not a file of tensors"
+    if "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "truncated or damaged: its zip archive is incomplete"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return first[:160]
+
+
+def load_into(model: nn.Module, path: str | Path, spec: str) -> nn.Module:
+    """Load checkpoint ``path`` into ``model`` (built by factory ``spec``); a checkpoint of
+    another architecture is a ValueError naming both, not torch's multi-line RuntimeError."""
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        why = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+        raise ValueError(f"{path} does not fit the model from {spec}: {why or e}") from e
+    return model
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

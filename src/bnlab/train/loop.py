@@ -125,8 +125,8 @@ def _sigint_stops(flag: _StopFlag) -> Iterator[None]:
 
 
 def _prepare_dir(config: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = rd.load_checkpoint(run_dir)
+    rd.make_out_dir(run_dir)
+    ckpt = rd.load_checkpoint(run_dir, rd.CHECKPOINT_KEYS)
     if rd.is_run_dir(run_dir):
         if not resume:
             raise RunExistsError(
@@ -139,6 +139,16 @@ def _prepare_dir(config: TrainConfig, run_dir: Path, resume: bool) -> dict[str, 
                     if getattr(config, k) != v}
             raise ValueError(
                 f"{run_dir}: --resume with another config; differences (saved, given): {diff}"
+            )
+    if ckpt is not None:
+        # The checkpoint must be this run's: a copied-in file of another run would load (or
+        # fail to) only after the data, or silently continue someone else's training.
+        want = config.to_dict()
+        diff = {k: (v, want.get(k)) for k, v in dict(ckpt["config"]).items() if want.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{run_dir / rd.CHECKPOINT} was written for another config than this run's; "
+                f"differences (checkpoint, run): {diff}; move it away to start the run again"
             )
     return ckpt
 
@@ -183,7 +193,7 @@ def train(
     ctx = replicas or Local()
     if not ctx.is_main:
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rd.make_out_dir(run_dir)
     with rd.lock_run_dir(run_dir):  # one writer per directory (rank 0 writes for all)
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
 

@@ -35,6 +35,8 @@ import torch
 
 __all__ = [
     "atomic_write_text",
+    "atomic_write_bytes",
+    "make_out_dir",
     "write_json",
     "read_json",
     "read_jsonl",
@@ -52,6 +54,9 @@ __all__ = [
 CHECKPOINT = "checkpoint.pt"
 DIGEST = CHECKPOINT + ".sha256"
 LOCK = ".lock"
+#: what :func:`save_checkpoint`'s caller (the training loop) stores and resuming reads
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step_in_epoch", "step",
+                   "accumulators", "config")
 
 
 class RunLockedError(RuntimeError):
@@ -102,16 +107,43 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``path`` through a temporary file and ``os.replace``; on any failure (a full
-    disk) the temporary file is removed and ``path`` keeps its previous content."""
+    disk) the temporary file is removed, ``path`` keeps its previous content (or stays absent:
+    never a 0-byte or half-written file) and the error names ``path``."""
     path = Path(path)
     tmp = _tmp(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with tmp.open("wb") as f:
+            f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.strerror is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror} (writing {path.name}; nothing was written "
+                      "under that name)", str(path)) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # also when tmp's directory is not one
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def make_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create directory ``path`` (and its parents) for ``option``; a file in the way is a
+    one-line error naming it, not ``[Errno 17] File exists``."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"is under {p}, which is a file"
+            raise NotADirectoryError(f"{option} {path} {where}; {option} must be a directory")
+        if p.is_dir():
+            break
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -119,14 +151,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] when it is absent); a damaged line is an error
+    naming the file and the line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e}); was the file cut short "
+                                 "or edited?") from e
+    return out
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
@@ -158,11 +204,14 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+def load_checkpoint(run_dir: str | os.PathLike, keys: tuple[str, ...] = ()
+                    ) -> dict[str, Any] | None:
     """The checkpoint of ``run_dir``, loaded with ``weights_only=True``, or None if absent.
 
     Raises :class:`CheckpointError`, naming the file, when its SHA-256 differs from the one
-    recorded when it was written (a damaged file is never resumed from) or it does not load.
+    recorded when it was written (a damaged file is never resumed from), it does not load, or
+    it is not a dict holding every one of ``keys`` (the training loop passes
+    :data:`CHECKPOINT_KEYS`: a foreign file is refused before any data is loaded).
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
@@ -177,10 +226,22 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
                 f"{digest_file.name} when it was written; the file is damaged, refusing to "
                 "resume from it (move it away to start the run again)"
             )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; move it away to "
+                              "start the run again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"{path}: not a readable bnlab checkpoint ({e})") from e
+        from ..tools._factory import load_error
+
+        raise CheckpointError(f"{path}: not a readable bnlab checkpoint ({load_error(e)})") from e
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        got = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a bnlab training checkpoint: expected keys "
+                              f"{', '.join(keys)}; missing {', '.join(missing)} "
+                              f"(got {got})")
+    return state
 
 
 def git_revision() -> str | None:

@@ -19,7 +19,7 @@ from ..data import load_dataset, resolve_dataset
 from .config import TrainConfig
 from .loop import train
 from .progress import Progress
-from .rundir import read_json, write_json
+from .rundir import make_out_dir, read_json, write_json
 
 __all__ = ["SeedStudy", "run_seed_study", "default_out"]
 
@@ -86,7 +86,7 @@ def run_seed_study(study: SeedStudy, out: str | Path | None = None, *, resume: b
                 f"{out}: --resume with other settings than the study was started with: "
                 f"{'; '.join(changed)}; resume with the same flags or choose another --out"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     data = load_dataset(dataset, study.data_dir or None)
     n_train = study.train_subset or len(data.x_train)
     info = {"title": f"The seed's CNN on {dataset}: with and without normalisation",
