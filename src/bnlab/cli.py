@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Modules that define ``register(subparsers)``. Each adds one or more subcommands.
 _COMMAND_MODULES = [
@@ -23,10 +24,17 @@ _COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line, like every other mistake (usage: --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnlab",
         description="Batch Normalization for PyTorch: layers, kernels, tools and experiments.",
     )
@@ -66,11 +74,14 @@ _USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.U
 
 def one_line(e: BaseException) -> str:
     """``e`` as one line: its message's lines joined, the type name where it says nothing."""
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-        text = f"{e.filename}: {text}"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        # "[Errno 21] Is a directory: 'x'" reads better as "x: Is a directory"
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        text = f"{where}: {e.strerror}"
+    else:
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
     text = text or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,32 +43,35 @@ def load_folded(path: str | Path, factory: Callable[[], nn.Module] | None = None
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return _main(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"bnlab fold: error: {exc}", file=sys.stderr)
-        return 2
+    # a bad checkpoint, factory or shape raises; cli.main makes it one line and exit 2
+    import io
 
-
-def _main(args: argparse.Namespace) -> int:
     from ..tools import fold
-    from ..tools._factory import build_model, load_state_dict, parse_shape
+    from ..tools._factory import build_model, load_into, parse_shape
+    from ..train.rundir import atomic_write_bytes
 
     shape = parse_shape(args.example_shape)
     out = args.out or Path(args.checkpoint).with_suffix(".folded.pt")
     if Path(out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {out} is the input checkpoint; writing there would destroy "
                          "it: choose another --out")
-    model = build_model(args.model)
-    model.load_state_dict(load_state_dict(args.checkpoint))
+    model = load_into(build_model(args.model), args.checkpoint, args.model)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says what was not folded
-        folded = fold(model, _example(shape))
+        try:
+            folded = fold(model, _example(shape))
+        except RuntimeError as e:
+            if shape is None:
+                raise
+            raise ValueError(f"--example-shape {shape} does not fit the model from "
+                             f"{args.model}: {e}") from e
     report = folded.fold_report
+    buf = io.BytesIO()
     torch.save({"format": FORMAT, "model": args.model,
                 "example_shape": None if shape is None else list(shape),
-                "state_dict": folded.state_dict(), "report": report.to_dict()}, out)
+                "state_dict": folded.state_dict(), "report": report.to_dict()}, buf)
+    atomic_write_bytes(out, buf.getvalue())  # a full disk leaves no partial file
     if args.json:
         print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
     else:

@@ -4,32 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return _main(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"bnlab lint: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
+    # a bad checkpoint, factory or shape raises; cli.main makes it one line and exit 2
     import torch
 
     from ..tools import lint
-    from ..tools._factory import build_model, load_state_dict, parse_shape
+    from ..tools._factory import build_model, load_into, parse_shape
 
     model = build_model(args.model)
     if args.checkpoint:
-        model.load_state_dict(load_state_dict(args.checkpoint))
+        load_into(model, args.checkpoint, args.model)
     if args.eval:
         model.eval()
     shape = parse_shape(args.example_shape)
     example = None if shape is None else torch.randn(*shape)
     findings = lint(model, example)
+    failed = next((f for f in findings if f.code == "BN000"), None)
+    if failed is not None:  # the forward with the user's --example-shape failed: a mistake
+        raise ValueError(f"--example-shape {shape} does not fit the model from {args.model}: "
+                         f"{failed.message}")
     if args.json:
         print(json.dumps([f.to_dict() for f in findings], indent=2))
     else:

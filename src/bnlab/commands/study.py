@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 README_BEGIN = "<!-- results-table:begin -->"
@@ -20,28 +20,50 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
+def _parse_overrides(pairs: list[str], study, preset: str) -> dict:
+    """``--set KEY=VALUE`` pairs typed like the preset's value of KEY (``steps=abc`` is a
+    one-line error naming the key, ``flag=false`` is False)."""
+    settings = study.presets.get(preset, {})
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         k, v = pair.split("=", 1)
-        out[k] = v
+        if k not in settings:
+            raise ValueError(f"--set {k}: study {study.name}: unknown setting {k!r}; valid: "
+                             f"{', '.join(sorted(settings))}")
+        kind = type(settings[k])
+        if settings[k] is None or kind is str:
+            out[k] = v
+        elif kind is bool:
+            if v.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {k}: expected true or false, got {v!r}")
+            out[k] = v.strip().lower() in ("true", "1")
+        else:
+            try:
+                out[k] = kind(v)
+            except ValueError as e:
+                raise ValueError(f"--set {k}: expected {kind.__name__}, got {v!r}") from e
+            if isinstance(out[k], float) and not math.isfinite(out[k]):
+                raise ValueError(f"--set {k}: expected a finite number, got {v!r}")
     return out
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..studies import get_study, run_study
 
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     names = args.names
     if names == ["all"]:
         from ..studies import study_names
         names = study_names()
-    for name in names:
-        study = get_study(name)
+    studies = [get_study(name) for name in names]  # every name and --set checked first
+    overrides = [_parse_overrides(args.set, study, args.preset) for study in studies]
+    for name, study, changes in zip(names, studies, overrides, strict=True):
         out = Path(args.out) / name
         run_study(study, args.preset, args.seeds, out, data_dir=args.data_dir,
-                  overrides=_parse_overrides(args.set))
+                  overrides=changes)
         print(f"report: {out / 'report.html'}")
     return 0
 
@@ -50,6 +72,9 @@ def _report(args: argparse.Namespace) -> int:
     from ..studies._report import write_report
 
     for d in args.run_dirs:
+        if not (Path(d) / "results.json").is_file():
+            raise ValueError(f"{d}: not a study run directory (no results.json; made by "
+                             "`bnlab study run`)")
         md, html = write_report(Path(d))
         print(f"wrote {md} and {html}")
     return 0
@@ -84,15 +109,14 @@ def _table(args: argparse.Namespace) -> int:
         else:
             dirs += [q.parent for q in p.glob("*/results.json")]
     if not dirs:
-        print("no study run directories (with results.json) found", file=sys.stderr)
-        return 1
+        raise ValueError(f"no study run directories (with results.json) in "
+                         f"{', '.join(args.run_dirs)}")
     table = results_table(dirs)
     if args.readme:
         readme = Path(args.readme)
         text = readme.read_text()
         if README_BEGIN not in text or README_END not in text:
-            print(f"{readme} has no {README_BEGIN} ... {README_END} markers", file=sys.stderr)
-            return 1
+            raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} markers")
         head, rest = text.split(README_BEGIN, 1)
         _, tail = rest.split(README_END, 1)
         readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")

@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import DataNotFoundError
-    from ..train import RunExistsError, TrainConfig, make_progress, parse_overrides, train
+    # A mistake in the settings, the files or the environment raises; cli.main turns it into
+    # one line and exit 2, before anything is created where the settings are at fault.
+    from ..train import TrainConfig, make_progress, parse_overrides, train
 
-    try:
-        config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
-        changes = {k: getattr(args, k) for k in ("model", "norm", "dataset", "epochs", "seed",
-                                                 "data_dir") if getattr(args, k) is not None}
-        if args.monitor:
-            changes["monitor"] = True
-        if args.monitor_every is not None:
-            changes["monitor_every"] = args.monitor_every
-        if args.nproc_per_node is not None:
-            changes["nproc_per_node"] = args.nproc_per_node
-        if args.sync_bn:
-            changes["sync_bn"] = True
-        changes.update(parse_overrides(args.set))
-        config = config.replace(**changes)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"bnlab train: {e}", file=sys.stderr)
-        return 2
+    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got "
+                         f"{args.dist_timeout:g}")
+    config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    changes = {k: getattr(args, k) for k in ("model", "norm", "dataset", "epochs", "seed",
+                                             "data_dir") if getattr(args, k) is not None}
+    if args.monitor:
+        changes["monitor"] = True
+    if args.monitor_every is not None:
+        changes["monitor_every"] = args.monitor_every
+    if args.nproc_per_node is not None:
+        changes["nproc_per_node"] = args.nproc_per_node
+    if args.sync_bn:
+        changes["sync_bn"] = True
+    changes.update(parse_overrides(args.set))
+    config = config.replace(**changes)
     out = args.out or f"runs/train-{config.model}-{config.norm}-s{config.seed}"
     if config.nproc_per_node > 1:
         return _run_distributed(config, out, args)
     progress = make_progress(args.quiet)
     try:
         summary = train(config, out, resume=args.resume, progress=progress)
-    except (DataNotFoundError, RunExistsError, ValueError) as e:
-        print(f"bnlab train: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"interrupted; continue with: bnlab train --out {out} --resume ...",
               file=sys.stderr)
