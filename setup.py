@@ -5,22 +5,39 @@ CPython module (no torch headers): it is compiled with ``-O3`` (auto-vectorised 
 baseline instruction set of the platform, no ``-march=native``) and OpenMP. If the compiler
 lacks OpenMP it is built single-threaded; if it cannot be built at all the install still
 succeeds and bnlab runs on its pure-PyTorch path (``bnlab.kernels.backend()`` says which).
+``BNLAB_REQUIRE_NATIVE=1`` makes that case fail the install instead.
+
+On CPython 3.11 and later the extension uses only the limited C API of 3.11
+(``Py_LIMITED_API=0x030B0000``), so ``bdist_wheel`` makes one ``cp311-abi3`` wheel for every
+CPython from 3.11 on (``make wheel``). 3.10's limited API lacks the buffer-protocol slots the
+output buffers need, so a source build on 3.10 makes an ordinary version-specific extension.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _OPENMP = ["-fopenmp"]
+# Written next to the extension when it could not be built, so that bnlab can say why at first
+# use (pip shows a build's output only with -v or when the build fails).
+_MISSING_NOTE = "_native_build_error.txt"
+_LIMITED_API = sys.version_info >= (3, 11) and sys.implementation.name == "cpython"
 
 
 class BuildExt(build_ext):
-    """Retry without OpenMP when the compiler rejects it, and never fail the install."""
+    """Retry without OpenMP when the compiler rejects it, and never fail the install (unless
+    BNLAB_REQUIRE_NATIVE is set): record why instead, for bnlab to say at first use."""
 
     def build_extension(self, ext: Extension) -> None:
+        target = Path(self.get_ext_fullpath(ext.name))
+        note = target.with_name(_MISSING_NOTE)
+        note.unlink(missing_ok=True)
         try:
             super().build_extension(ext)
             return
@@ -32,8 +49,36 @@ class BuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            print(f"bnlab: could not build {ext.name} ({exc}); the pure-PyTorch kernels will be "
-                  "used", file=sys.stderr)
+            reason = f"{type(exc).__name__}: {exc}"
+            if os.environ.get("BNLAB_REQUIRE_NATIVE", "") not in ("", "0"):
+                raise RuntimeError(f"bnlab: could not build {ext.name} ({reason}) and "
+                                   "BNLAB_REQUIRE_NATIVE is set") from exc
+            target.unlink(missing_ok=True)  # a build of older sources
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(reason + "\n")
+            ext.optional = True  # so that --inplace has nothing to copy rather than failing
+            print(f"WARNING: bnlab: could not build {ext.name} ({reason}); bnlab will run on "
+                  "the slower pure-PyTorch kernels. Install a C compiler and reinstall with "
+                  "`pip install --force-reinstall --no-cache-dir` (pip caches this build), or "
+                  "install bnlab's prebuilt wheel.", file=sys.stderr)
+
+    def copy_extensions_to_source(self) -> None:
+        """``--inplace`` (and editable installs): setuptools builds under ``build/`` and copies
+        the extension into ``src/``. Also remove builds there of another ABI tag (an older
+        ``_native.cpython-311-*.so`` is imported before ``_native.abi3.so``) or of older
+        sources when this build failed, and carry the note of the failure along."""
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace, regular = (Path(p) for p in self._get_inplace_equivalent(build_py, ext))
+            stem = inplace.name.split(".")[0]
+            for old in inplace.parent.glob(f"{stem}.*"):
+                if old.suffix in (".so", ".pyd") and (old != inplace or not regular.exists()):
+                    old.unlink()
+            note = inplace.with_name(_MISSING_NOTE)
+            note.unlink(missing_ok=True)
+            if regular.with_name(_MISSING_NOTE).exists():
+                shutil.copyfile(regular.with_name(_MISSING_NOTE), note)
+        super().copy_extensions_to_source()
 
 
 _unix = sys.platform != "win32"
@@ -42,9 +87,15 @@ native = Extension(
     sources=["csrc/bnlab_kernels.c"],
     depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h",
              "csrc/bn_instance.h"],
-    extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", "-Wno-psabi", *_OPENMP] if _unix else ["/O2",
-                                                                                       "/openmp"]),
+    extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", "-Wno-psabi", *_OPENMP]
+                        if _unix else ["/O2", "/openmp"]),
     extra_link_args=_OPENMP if _unix else [],
+    define_macros=[("Py_LIMITED_API", "0x030B0000")] if _LIMITED_API else [],
+    py_limited_api=_LIMITED_API,
 )
 
-setup(ext_modules=[native], cmdclass={"build_ext": BuildExt})
+setup(
+    ext_modules=[native],
+    cmdclass={"build_ext": BuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}} if _LIMITED_API else {},
+)

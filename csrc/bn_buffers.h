@@ -123,22 +123,38 @@ static int buffer_getbuffer(PyObject *self, Py_buffer *view, int flags) {
     return PyBuffer_FillInfo(view, self, b->map.ptr, b->len, 0, flags);
 }
 
+/* A heap type (PyType_FromSpec) rather than a static PyTypeObject: the module is built against
+ * the stable ABI (Py_LIMITED_API, CPython 3.11+, whose limited API has the buffer protocol
+ * slots), where type objects are opaque. Created at import (buffer_type_init). */
+static PyObject *BufferType = NULL;
+
 static void buffer_dealloc(PyObject *self) {
     BufferObject *b = (BufferObject *)self;
+    PyTypeObject *tp = Py_TYPE(self);
     if (b->map.ptr) give_mapping(b->map);
-    Py_TYPE(self)->tp_free(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp); /* instances of a heap type hold a reference to it */
 }
 
-static PyBufferProcs buffer_procs = {buffer_getbuffer, NULL};
-
-static PyTypeObject BufferType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bnlab.kernels._native.Buffer",
-    .tp_basicsize = sizeof(BufferObject),
-    .tp_dealloc = buffer_dealloc,
-    .tp_as_buffer = &buffer_procs,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Writable memory for one kernel output (huge-page mapping, reused when freed).",
+static PyType_Slot buffer_slots[] = {
+    {Py_tp_dealloc, (void *)buffer_dealloc},
+    {Py_bf_getbuffer, (void *)buffer_getbuffer},
+    {Py_tp_doc, (void *)"Writable memory for one kernel output (huge-page mapping, reused when "
+                        "freed)."},
+    {0, NULL},
 };
+
+static PyType_Spec buffer_spec = {
+    "bnlab.kernels._native.Buffer", (int)sizeof(BufferObject), 0, Py_TPFLAGS_DEFAULT,
+    buffer_slots,
+};
+
+static int buffer_type_init(void) {
+    if (BufferType) return 0;
+    BufferType = PyType_FromSpec(&buffer_spec);
+    return BufferType ? 0 : -1;
+}
 
 static PyObject *py_buffer(PyObject *self, PyObject *args) {
     long long n;
@@ -149,7 +165,7 @@ static PyObject *py_buffer(PyObject *self, PyObject *args) {
     }
     mapping_t m = take_mapping((size_t)n);
     if (!m.ptr) return PyErr_NoMemory();
-    BufferObject *b = PyObject_New(BufferObject, &BufferType);
+    BufferObject *b = PyObject_New(BufferObject, (PyTypeObject *)BufferType);
     if (!b) {
         give_mapping(m);
         return NULL;

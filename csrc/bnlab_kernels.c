@@ -1,6 +1,8 @@
 /* bnlab._native: CPU batch-norm kernels on raw contiguous buffers (float32 and float64).
  *
- * A plain CPython extension, deliberately not built against torch's headers: Python passes
+ * A plain CPython extension, deliberately not built against torch's headers, and written to the
+ * limited C API of CPython 3.11 (setup.py defines Py_LIMITED_API=0x030B0000 there), so one
+ * abi3 wheel serves CPython 3.11 and later: Python passes
  * data pointers (tensor.data_ptr()), sizes and the thread count (torch.get_num_threads()),
  * the kernels release the GIL and run on an OpenMP team of exactly that size. The inner loops
  * are written for the compiler's auto-vectoriser (independent T lanes, no -march flags).
@@ -338,7 +340,7 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC PyInit__native(void) {
     choose_simd();
 #if BNLAB_HAVE_BUFFERS
-    if (PyType_Ready(&BufferType) < 0) return NULL;
+    if (buffer_type_init() < 0) return NULL;
 #endif
     return PyModule_Create(&moduledef);
 }
