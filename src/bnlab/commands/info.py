@@ -22,9 +22,11 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     try:
-        from ..kernels import backend
+        from ..kernels import backend, native_error
 
         info["kernel_backend"] = backend()
+        if native_error() is not None:  # why the native kernels are missing
+            info["native_kernels_error"] = native_error()
     except ImportError:
         info["kernel_backend"] = "torch"
     return info

@@ -50,11 +50,26 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+
+def _missing_reason(exc: ImportError, here: str = os.path.dirname(__file__)) -> str:
+    """Why the extension did not import. When there is no file of it at all, it was not built:
+    then the compiler's error, which setup.py leaves next to where it would be."""
+    if any(n.startswith("_native.") and n.endswith((".so", ".pyd")) for n in os.listdir(here)):
+        return f"{type(exc).__name__}: {exc}"  # built, but for another interpreter, or broken
+    note = os.path.join(here, "_native_build_error.txt")
+    if os.path.exists(note):
+        with open(note, encoding="utf-8") as f:
+            return f"not built when bnlab was installed: {f.read().strip()}"
+    return "bnlab.kernels._native was not built when bnlab was installed"
+
+
+# torch is imported above, before the extension: the extension links libgomp.so.1 without
+# shipping one (see `make wheel`) and so shares the OpenMP runtime torch has already loaded.
 try:
     from . import _native
 except ImportError as exc:  # not built, or built for another interpreter
     _native = None
-    _NATIVE_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+    _NATIVE_ERROR: str | None = _missing_reason(exc)
 else:
     _NATIVE_ERROR = None
 
@@ -141,8 +156,10 @@ def backend() -> Backend:
         if not _warned:
             _warned = True
             warnings.warn(
-                f"bnlab: native BN kernels unavailable ({_NATIVE_ERROR}); using PyTorch "
-                f"(set {_ENV}=torch to silence this)",
+                f"bnlab: native BN kernels unavailable ({_NATIVE_ERROR}); using the slower "
+                "PyTorch kernels. To get them, install bnlab's prebuilt wheel, or install a C "
+                "compiler (e.g. gcc) and reinstall bnlab with `pip install --force-reinstall "
+                f"--no-cache-dir`; set {_ENV}=torch to silence this",
                 RuntimeWarning,
                 stacklevel=2,
             )
