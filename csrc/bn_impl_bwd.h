@@ -10,25 +10,54 @@
             switch (act) {                                                                       \
             case ACT_RELU: CALL(ACT_RELU, 1); break;                                             \
             case ACT_LEAKY: CALL(ACT_LEAKY, 1); break;                                           \
+            case ACT_INV_LEAKY: CALL(ACT_INV_LEAKY, 1); break;                                   \
             default: CALL(ACT_ID, 1);                                                            \
             }                                                                                    \
         } else {                                                                                 \
             switch (act) {                                                                       \
             case ACT_RELU: CALL(ACT_RELU, 0); break;                                             \
             case ACT_LEAKY: CALL(ACT_LEAKY, 0); break;                                           \
+            case ACT_INV_LEAKY: CALL(ACT_INV_LEAKY, 0); break;                                   \
             default: CALL(ACT_ID, 0);                                                            \
             }                                                                                    \
         }                                                                                        \
     } while (0)
 #endif
 
+/* ACT_INV_LEAKY: backward from the layer's OUTPUT (in-place activated BN, bnlab.fused). The
+ * tensor read as x is y = leaky_relu(z); the value centred is z = act^-1(y) (y / slope where
+ * y < 0) and the activation's mask comes from y's sign, the same as z's for slope > 0. For the
+ * other codes x is the input and both are as before. */
+static inline SFX(vec) SFX(vpre)(SFX(vec) v, int act, SFX(vec) lv) {
+    if (act != ACT_INV_LEAKY) return v;
+    SFX(vec) zero = {0}, neg = v / lv;
+    SFX(ivec) m = v > zero;
+    return (SFX(vec))(((SFX(ivec))v & m) | ((SFX(ivec))neg & ~m));
+}
+
+static inline T SFX(spre)(T v, int act, T slope) {
+    return act == ACT_INV_LEAKY ? SFX(sel)(v > (T)0, v, v / slope) : v;
+}
+
+/* the activation's derivative factor: at y's sign (ACT_INV_LEAKY), else at e msc + msh */
+static inline SFX(vec) SFX(vmask)(SFX(vec) v, SFX(vec) e, SFX(vec) sv, SFX(vec) hv, int act,
+                                  SFX(vec) lv) {
+    if (act == ACT_INV_LEAKY) return SFX(vgrad)(v, ACT_LEAKY, lv);
+    return SFX(vgrad)(e * sv + hv, act, lv);
+}
+
+static inline T SFX(smask)(T v, T d, T msc, T msh, int act, T slope) {
+    if (act == ACT_INV_LEAKY) return SFX(act_grad)(v, ACT_LEAKY, slope);
+    return SFX(act_grad)(d * msc + msh, act, slope);
+}
+
 /* One vector of the backward sums: e = x - ctr, g = dy times the activation's derivative at
  * e msc + msh; a += g, b += g e and, with ST, c += e, q += e^2. */
 static inline __attribute__((always_inline)) void SFX(bred_vec)(
     const T *restrict p, const T *restrict g0, SFX(vec) cv, SFX(vec) sv, SFX(vec) hv,
     SFX(vec) lv, int act, const int ST, SFX(vec) *a, SFX(vec) *b, SFX(vec) *c, SFX(vec) *q) {
-    SFX(vec) e = SFX(vload)(p) - cv, g = SFX(vload)(g0);
-    if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
+    SFX(vec) v = SFX(vload)(p), e = SFX(vpre)(v, act, lv) - cv, g = SFX(vload)(g0);
+    if (act != ACT_ID) g *= SFX(vmask)(v, e, sv, hv, act, lv);
     *a += g;
     *b += g * e;
     if (ST) {
@@ -68,8 +97,8 @@ static inline __attribute__((always_inline)) void SFX(bred_plane_act)(
         i = end;
     }
     for (; i < S; i++) {
-        T d = p[i] - ctr;
-        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
+        T d = SFX(spre)(p[i], act, slope) - ctr;
+        T g = g0[i] * SFX(smask)(p[i], d, msc, msh, act, slope);
         d1 += g;
         d2 += (double)g * d;
         d3 += d;
@@ -114,8 +143,8 @@ static inline __attribute__((always_inline)) void SFX(bred_run_act)(
         for (; k < sv; k += VL)
             SFX(bred_vec)(q + k, g0 + k, cv, sv_, hv, lv, act, ST, &a[0], &b[0], &e1[0], &e2[0]);
         for (; k < S; k++) {
-            T d = q[k] - ctr[c];
-            T g = g0[k] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
+            T d = SFX(spre)(q[k], act, slope) - ctr[c];
+            T g = g0[k] * SFX(smask)(q[k], d, msc[c], msh[c], act, slope);
             a[1][0] += g;
             b[1][0] += g * d;
             if (ST) {
@@ -164,9 +193,10 @@ static inline __attribute__((always_inline)) void SFX(bred_cols)(
         const T *restrict p = x + r * C + c;
         const T *restrict g0 = dy + r * C + c;
         for (int k = 0; k < K; k++) {
-            SFX(vec) e = SFX(vload)(p + k * VL) - cv[k], g = SFX(vload)(g0 + k * VL);
+            SFX(vec) v = SFX(vload)(p + k * VL), e = SFX(vpre)(v, act, lv) - cv[k];
+            SFX(vec) g = SFX(vload)(g0 + k * VL);
             if (act != ACT_ID)
-                g *= SFX(vgrad)(e * SFX(vload)(msc + c + k * VL) + SFX(vload)(msh + c + k * VL),
+                g *= SFX(vmask)(v, e, SFX(vload)(msc + c + k * VL), SFX(vload)(msh + c + k * VL),
                                 act, lv);
             a[k] += g;
             b[k] += g * e;
@@ -225,9 +255,10 @@ static inline __attribute__((always_inline)) void SFX(bred_rows)(
                 const T *restrict g0 = dy + r * C + c0;
                 const T *restrict cp = ctr + c0;
                 for (int64_t c = 0; c < wv; c += VL) {
-                    SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(cp + c), g = SFX(vload)(g0 + c);
+                    SFX(vec) v = SFX(vload)(p + c), g = SFX(vload)(g0 + c);
+                    SFX(vec) e = SFX(vpre)(v, act, lv) - SFX(vload)(cp + c);
                     if (act != ACT_ID)
-                        g *= SFX(vgrad)(e * SFX(vload)(msc + c0 + c) + SFX(vload)(msh + c0 + c),
+                        g *= SFX(vmask)(v, e, SFX(vload)(msc + c0 + c), SFX(vload)(msh + c0 + c),
                                         act, lv);
                     SFX(vec) s1 = SFX(vload)(a1 + c) + g, s2 = SFX(vload)(a2 + c) + g * e;
                     memcpy(a1 + c, &s1, sizeof s1);
@@ -239,8 +270,8 @@ static inline __attribute__((always_inline)) void SFX(bred_rows)(
                     }
                 }
                 for (int64_t c = wv; c < W; c++) { /* channels past the last full vector */
-                    T d = p[c] - cp[c];
-                    T g = g0[c] * SFX(act_grad)(d * msc[c0 + c] + msh[c0 + c], act, slope);
+                    T d = SFX(spre)(p[c], act, slope) - cp[c];
+                    T g = g0[c] * SFX(smask)(p[c], d, msc[c0 + c], msh[c0 + c], act, slope);
                     a1[c] += g;
                     a2[c] += g * d;
                     if (ST) {
@@ -278,15 +309,15 @@ static inline __attribute__((always_inline)) void SFX(bdx_seg)(
         SFX(vec) zero = {0}, cv = zero + ctr, sv = zero + msc, hv = zero + msh, lv = zero + slope;
         SFX(vec) av = zero + A, gv = zero + G, bv = zero + B, dv = zero + D;
         for (; i + VL <= S; i += VL) {
-            SFX(vec) e = SFX(vload)(p + i) - cv;
-            SFX(vec) g = SFX(vload)(g0 + i) * SFX(vgrad)(e * sv + hv, act, lv);
+            SFX(vec) xv = SFX(vload)(p + i), e = SFX(vpre)(xv, act, lv) - cv;
+            SFX(vec) g = SFX(vload)(g0 + i) * SFX(vmask)(xv, e, sv, hv, act, lv);
             SFX(vec) v = av * (gv * g + bv * e + dv);
             memcpy(q + i, &v, sizeof v);
         }
     }
     for (; i < S; i++) {
-        T d = p[i] - ctr;
-        T g = g0[i] * SFX(act_grad)(d * msc + msh, act, slope);
+        T d = SFX(spre)(p[i], act, slope) - ctr;
+        T g = g0[i] * SFX(smask)(p[i], d, msc, msh, act, slope);
         q[i] = A * (G * g + B * d + D);
     }
 }
@@ -299,8 +330,8 @@ static inline __attribute__((always_inline)) void SFX(bdx_stream)(
     int64_t i = SFX(head)(q, S);
     SFX(bdx_seg)(g0, p, q, i, ctr, msc, msh, act, slope, A, G, B, D);
     for (; S - i >= VL; i += VL) {
-        SFX(vec) e = SFX(vload)(p + i) - cv, g = SFX(vload)(g0 + i);
-        if (act != ACT_ID) g *= SFX(vgrad)(e * sv + hv, act, lv);
+        SFX(vec) v = SFX(vload)(p + i), e = SFX(vpre)(v, act, lv) - cv, g = SFX(vload)(g0 + i);
+        if (act != ACT_ID) g *= SFX(vmask)(v, e, sv, hv, act, lv);
         SFX(vstream)(q + i, av * (gv * g + bv * e + dv));
     }
     SFX(bdx_seg)(g0 + i, p + i, q + i, S - i, ctr, msc, msh, act, slope, A, G, B, D);
@@ -316,6 +347,9 @@ static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T m
         case ACT_LEAKY:
             SFX(bdx_stream)(dy, x, dx, S, ctr, msc, msh, ACT_LEAKY, slope, A, G, B, D);
             break;
+        case ACT_INV_LEAKY:
+            SFX(bdx_stream)(dy, x, dx, S, ctr, msc, msh, ACT_INV_LEAKY, slope, A, G, B, D);
+            break;
         default: SFX(bdx_stream)(dy, x, dx, S, ctr, msc, msh, ACT_ID, slope, A, G, B, D);
         }
         return;
@@ -323,6 +357,9 @@ static void SFX(bdx_plane)(const T *dy, const T *x, T *dx, int64_t S, T ctr, T m
     switch (act) {
     case ACT_RELU: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_RELU, slope, A, G, B, D); break;
     case ACT_LEAKY: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_LEAKY, slope, A, G, B, D); break;
+    case ACT_INV_LEAKY:
+        SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_INV_LEAKY, slope, A, G, B, D);
+        break;
     default: SFX(bdx_seg)(dy, x, dx, S, ctr, msc, msh, ACT_ID, slope, A, G, B, D);
     }
 }
@@ -333,8 +370,9 @@ static inline __attribute__((always_inline)) SFX(vec) SFX(bdx_at)(
     const T *restrict g0, const T *restrict p, const T *restrict ctr, const T *restrict msc,
     const T *restrict msh, const T *restrict A, const T *restrict G, const T *restrict B,
     const T *restrict D, int64_t c, int act, SFX(vec) lv) {
-    SFX(vec) e = SFX(vload)(p + c) - SFX(vload)(ctr + c), g = SFX(vload)(g0 + c);
-    if (act != ACT_ID) g *= SFX(vgrad)(e * SFX(vload)(msc + c) + SFX(vload)(msh + c), act, lv);
+    SFX(vec) v = SFX(vload)(p + c), e = SFX(vpre)(v, act, lv) - SFX(vload)(ctr + c);
+    SFX(vec) g = SFX(vload)(g0 + c);
+    if (act != ACT_ID) g *= SFX(vmask)(v, e, SFX(vload)(msc + c), SFX(vload)(msh + c), act, lv);
     return SFX(vload)(A + c) *
            (SFX(vload)(G + c) * g + SFX(vload)(B + c) * e + SFX(vload)(D + c));
 }
@@ -356,8 +394,8 @@ static inline __attribute__((always_inline)) void SFX(bdx_rows)(
                 memcpy(q + c, &v, sizeof v);
             }
         for (; c < Wd; c++) {
-            T d = p[c] - ctr[c];
-            T g = g0[c] * SFX(act_grad)(d * msc[c] + msh[c], act, slope);
+            T d = SFX(spre)(p[c], act, slope) - ctr[c];
+            T g = g0[c] * SFX(smask)(p[c], d, msc[c], msh[c], act, slope);
             q[c] = A[c] * (G[c] * g + B[c] * d + D[c]);
         }
     }
@@ -395,12 +433,14 @@ static void SFX(bdx_nhwc)(const T *dy, const T *x, T *dx, int64_t C, int64_t m0,
                 switch (act) {
                 case ACT_RELU: BDX(bdx_rows_stream, ACT_RELU); break;
                 case ACT_LEAKY: BDX(bdx_rows_stream, ACT_LEAKY); break;
+                case ACT_INV_LEAKY: BDX(bdx_rows_stream, ACT_INV_LEAKY); break;
                 default: BDX(bdx_rows_stream, ACT_ID);
                 }
             } else {
                 switch (act) {
                 case ACT_RELU: BDX(bdx_rows, ACT_RELU); break;
                 case ACT_LEAKY: BDX(bdx_rows, ACT_LEAKY); break;
+                case ACT_INV_LEAKY: BDX(bdx_rows, ACT_INV_LEAKY); break;
                 default: BDX(bdx_rows, ACT_ID);
                 }
             }

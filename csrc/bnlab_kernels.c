@@ -23,7 +23,9 @@ static inline int omp_get_thread_num(void) { return 0; } /* built without OpenMP
 #include <immintrin.h>
 #endif
 
-enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2 };
+/* ACT_INV_LEAKY is backward-only: its "x" is the output y = leaky_relu(z) of in-place activated
+ * BN, inverted in the kernel (bn_impl_bwd.h) */
+enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_INV_LEAKY = 3 };
 
 #define BLOCK 512     /* values per lane block before the lanes are flushed into double */
 #define ROWBLOCK 64   /* NHWC rows accumulated in T registers before the flush into double */
@@ -159,7 +161,8 @@ static void choose_simd(void) {
 typedef unsigned long long ptr_t;
 #define P(type, v) ((type *)(uintptr_t)(v))
 
-static int check_common(int dtype, long long N, long long C, long long S, int act) {
+static int check_common(int dtype, long long N, long long C, long long S, int act,
+                        int act_max) {
     if (dtype != 0 && dtype != 1) {
         PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32) or 1 (float64), got %d",
                      dtype);
@@ -170,8 +173,8 @@ static int check_common(int dtype, long long N, long long C, long long S, int ac
                      S);
         return 0;
     }
-    if (act < ACT_ID || act > ACT_LEAKY) {
-        PyErr_Format(PyExc_ValueError, "act code must be 0, 1 or 2, got %d", act);
+    if (act < ACT_ID || act > act_max) {
+        PyErr_Format(PyExc_ValueError, "act code must be in 0..%d, got %d", act_max, act);
         return 0;
     }
     return 1;
@@ -187,7 +190,7 @@ static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
                           &b, &mean, &var, &invstd, &delta, &thr, &eps, &act, &slope, &rm, &rv,
                           &factor, &unbias, &nt))
         return NULL;
-    if (!check_common(dtype, N, C, S, act)) return NULL;
+    if (!check_common(dtype, N, C, S, act, ACT_LEAKY)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
         finite = DISPATCH(train_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, w),
@@ -212,7 +215,7 @@ static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiKKLLLKKKKidi|d", &dtype, &nhwc, &x, &y, &N, &C, &S, &mean,
                           &invstd, &w, &b, &act, &slope, &nt, &eps))
         return NULL;
-    if (!check_common(dtype, N, C, S, act)) return NULL;
+    if (!check_common(dtype, N, C, S, act, ACT_LEAKY)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == 0)
         rc = DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
@@ -234,7 +237,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
                           &S, &mean, &invstd, &delta, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps,
                           &act, &slope, &train, &nt))
         return NULL;
-    if (!check_common(dtype, N, C, S, act)) return NULL;
+    if (!check_common(dtype, N, C, S, act, ACT_INV_LEAKY)) return NULL;
     if ((!train || mean) && (!mean || !invstd)) {
         PyErr_SetString(PyExc_ValueError,
                         "backward needs mean and invstd (or, in training, neither: recompute)");

@@ -166,12 +166,19 @@ class RunningUpdate:
 
 def native_train_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
-    update: RunningUpdate | None = None,
+    update: RunningUpdate | None = None, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """With ``out`` given (``x`` itself for in-place activated BN, see
+    :mod:`bnlab.kernels.inplace`) ``y`` is written there: the statistics pass reads all of
+    ``x`` before the normalising pass writes each value over the one it was computed from."""
     nhwc, n, c, s = check_native("native_train_forward", x, eps, weight=w, bias=b,
                  running_mean=None if update is None else update.running_mean,
                  running_var=None if update is None else update.running_var)
-    y = empty_like(x)
+    if out is not None and (out.shape != x.shape or out.stride() != x.stride()
+                            or out.dtype != x.dtype):  # fmt: skip
+        raise ValueError("native_train_forward: out must have x's shape, strides and dtype, "
+                         f"got {tuple(out.shape)} {out.stride()} {out.dtype}")
+    y = empty_like(x) if out is None else out
     mean, var = x.new_empty(c), x.new_empty(c)  # returned: separate tensors
     invstd, delta = x.new_empty(c), x.new_empty(c)  # saved for backward; no aliasing outputs
     thr = None if act == "identity" else x.new_empty(c)
@@ -213,7 +220,7 @@ def native_eval_forward(
 
 
 def _native_backward(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope,
-                     train, need_dx):  # fmt: skip
+                     train, need_dx, code=None):  # fmt: skip
     nhwc, n, c, s = check_native(
         "native_backward", x, eps if train and mean is None else None, mean=mean, invstd=invstd,
         delta=delta, thr=thr, weight=w, bias=b, grad_mean=gmean, grad_var=gvar,
@@ -227,8 +234,9 @@ def _native_backward(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, ac
     vecs = [_vec(t) for t in (mean, invstd, delta, thr, w, b, gmean, gvar)]
     _native.backward(
         _DTYPE_CODES[x.dtype], nhwc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s,
-        *[_ptr(t) for t in vecs], dw.data_ptr(), db.data_ptr(), float(eps), ACT_CODES[act],
-        float(slope), int(bool(train)), torch.get_num_threads(),
+        *[_ptr(t) for t in vecs], dw.data_ptr(), db.data_ptr(), float(eps),
+        ACT_CODES[act] if code is None else code, float(slope), int(bool(train)),
+        torch.get_num_threads(),
     )  # fmt: skip
     return dx, dw, db
 
@@ -241,6 +249,33 @@ def native_backward_train(
     return _native_backward(
         dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope, True, need_dx
     )
+
+
+def native_backward_from_output(
+    dy: Tensor, y: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
+    slope: float, need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Training backward of ``y = act(BN(x))`` from the output ``y`` alone (in-place activated
+    BN): ``act`` is ``identity`` or ``leaky_relu`` (``slope > 0``), and every ``|w|`` must be
+    far enough from zero to divide by (the caller's rule, see :mod:`bnlab.kernels.inplace`).
+
+    The kernel's backward, fed ``z = act^-1(y)`` centred on ``b`` and scaled by ``1 / w``,
+    sees ``xhat = (z - b) / w`` (the normalised input, recovered) and returns ``sum(dz xhat)``
+    and ``sum(dz)`` as the parameter gradients; the weight it is handed, ``w^2 invstd``, makes
+    its input-gradient scale ``w invstd``. The kernel inverts the activation itself
+    (``ACT_INV_LEAKY``), so no tensor of ``y``'s size is made besides ``dx``.
+    """
+    c = y.shape[1]
+    cdt = y.dtype
+    one = torch.ones(c, dtype=cdt)
+    wv = one if w is None else w.detach()
+    centre = torch.zeros(c, dtype=cdt) if b is None else b.detach().contiguous()
+    code = {"identity": 0, "leaky_relu": 3}[act]
+    dx, dw, db = _native_backward(
+        dy, y, centre, (1.0 / wv).contiguous(), None, None, (wv * wv * invstd).contiguous(), None,
+        None, None, 0.0, "identity", slope, True, need_dx, code=code,
+    )
+    return dx, dw, db
 
 
 def native_backward_eval(
@@ -258,6 +293,8 @@ def _act(y: Tensor, act: str, slope: float) -> Tensor:
         return torch.relu(y)
     if act == "leaky_relu":
         return torch.nn.functional.leaky_relu(y, slope)
+    if act == "elu":  # alpha = slope
+        return torch.nn.functional.elu(y, slope)
     return y
 
 
@@ -377,3 +414,52 @@ def torch_backward_eval(
         if b is not None:
             pre = pre + _shape(b.to(cdt), x)
     return _torch_backward(dy, x, mean, invstd, pre, w, None, None, act, slope, False, need_dx)
+
+
+# ---------------------------------------------------------------------------- from the output
+def act_inverse(y: Tensor, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
+    """``(z, factor)``: the pre-activation ``z = act^-1(y)`` and the activation's derivative at
+    it (``None`` for the identity), in ``y``'s dtype. ``act`` is ``identity``, ``leaky_relu``
+    (``slope > 0``) or ``elu`` (``alpha = slope``): the invertible activations."""
+    if act == "identity":
+        return y, None
+    pos = y > 0
+    one = y.new_ones(())  # (python scalars in torch.where would round slope to float32)
+    if act == "leaky_relu":
+        return torch.where(pos, y, y / slope), torch.where(pos, one, y.new_full((), slope))
+    if act == "elu":  # y = slope (exp(z) - 1) for z <= 0
+        neg = torch.log1p(torch.clamp_min(y, -slope) / slope)
+        return torch.where(pos, y, neg), torch.where(pos, one, y + slope)
+    raise ValueError(f"act_inverse: act must be identity, leaky_relu or elu, got {act!r}")
+
+
+def torch_backward_from_output(
+    dy: Tensor, y: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
+    slope: float, need_dx: bool, reduce=None,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """:func:`native_backward_from_output` in tensor ops (any device and dtype, and ``elu``).
+
+    ``reduce``, when given, maps this process's ``(sum(dz), sum(dz xhat))`` (one float64
+    tensor of ``2C`` values) and the local count to the global ones ``(sums, count)``, for
+    synchronised statistics: the input gradient uses the global sums, the parameter gradients
+    stay this process's share (as torch's SyncBatchNorm).
+    """
+    cdt = _cdt(y)
+    z, factor = act_inverse(y.to(cdt), act, slope)
+    dz = dy.to(cdt) if factor is None else dy.to(cdt) * factor
+    wv = None if w is None else _shape(w.to(cdt), y)
+    xhat = z if b is None else z - _shape(b.to(cdt), y)
+    if wv is not None:
+        xhat = xhat / wv
+    dims = _dims(y)
+    sg, sgx = dz.sum(dims), (dz * xhat).sum(dims)
+    n = y.numel() // y.shape[1]
+    dx = None
+    if need_dx:
+        gsg, gsgx = sg, sgx
+        if reduce is not None:
+            packed, n = reduce(torch.cat([sg, sgx]).double(), n)
+            gsg, gsgx = packed.to(cdt).chunk(2)
+        scale = _shape(invstd.to(cdt), y) if wv is None else _shape(invstd.to(cdt), y) * wv
+        dx = (scale * (dz - _shape(gsg / n, y) - xhat * _shape(gsgx / n, y))).to(y.dtype)
+    return dx, sgx, sg
