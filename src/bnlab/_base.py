@@ -20,9 +20,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from . import kernels as _kernels
-from ._sync_ops import group_size, sync_batch_norm
+from ._sync_ops import group_size, sync_batch_norm, sync_batch_norm_act_inplace
 from .kernels import _ops
 from .kernels import backends as _backends
+from .kernels import inplace as _inplace
 from .kernels.library import snapshot
 
 Running = Literal["ema", "cumulative", "window"]
@@ -282,6 +283,11 @@ class _NormBase(_BatchNorm):
         """``(act, negative_slope)`` applied after the affine map; ``("identity", 0.0)`` here."""
         return ("identity", 0.0)
 
+    def _saves_output(self) -> bool:
+        """Whether training keeps only the layer's output for backward (in-place activated BN,
+        :mod:`bnlab.kernels.inplace`); ``False`` here."""
+        return False
+
     def eval_is_affine(self) -> bool:
         """Whether this layer in evaluation is exactly the per-channel affine map of its running
         statistics, ``weight`` and ``bias`` (what :func:`bnlab.tools.fold` folds). A variant
@@ -296,6 +302,9 @@ class _NormBase(_BatchNorm):
         """
         act, slope = self._activation()
         if self.sync and self._syncing():
+            if self._saves_output():
+                return sync_batch_norm_act_inplace(x, self.weight, self.bias, self.eps, act,
+                                                   slope, self.process_group)  # fmt: skip
             y, mean, var, count = sync_batch_norm(x, self.weight, self.bias, self.eps,
                                                   self.process_group)  # fmt: skip
             return _ops._act(y, act, slope), mean, var, count
@@ -324,7 +333,8 @@ class _NormBase(_BatchNorm):
                 y = F.normalize_act(x, m, v, self.weight, self.bias, self.eps, act, slope)
                 return y, mean, var, n
         # (the registry directly: eps was checked when the layer was built)
-        y, mean, var = _backends.train(x, self.weight, self.bias, self.eps, act, slope)
+        fn = _backends.train_inplace if self._saves_output() else _backends.train
+        y, mean, var = fn(x, self.weight, self.bias, self.eps, act, slope)
         return y, mean, var, n
 
     def _eval_forward(self, x: Tensor) -> Tensor:
@@ -379,6 +389,7 @@ class _NormBase(_BatchNorm):
         rm, rv = self.running_mean, self.running_var
         if (
             spec is None
+            or spec[0] not in _ops.ACT_CODES  # (elu: tensor ops, in _batch_forward)
             or not (rm.is_contiguous() and rv.is_contiguous())  # written through raw pointers
             or not _kernels.supports(x, self.weight, self.bias, rm, rv)
         ):
@@ -390,9 +401,16 @@ class _NormBase(_BatchNorm):
         update = _kernels._ops.RunningUpdate(
             rm, rv, factor, F.bessel_factor(F.count_per_channel(x))
         )
-        y = _kernels.api.batch_norm_act_train_update(
-            x, self.weight, self.bias, self.eps, spec[0], spec[1], update
-        )
+        if self._saves_output():
+            out = _inplace.train_inplace(x, self.weight, self.bias, self.eps, spec[0], spec[1],
+                                         update)  # fmt: skip
+            if out is None:  # a |weight| too small to divide by: the fused path below
+                return None
+            y = out[0]
+        else:
+            y = _kernels.api.batch_norm_act_train_update(
+                x, self.weight, self.bias, self.eps, spec[0], spec[1], update
+            )
         if update.finite:
             self.num_batches_tracked.add_(1)
         else:

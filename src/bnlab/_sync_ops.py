@@ -10,8 +10,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from .kernels import _ops
+from .kernels import inplace as _inplace
 
-__all__ = ["group_size", "global_batch_stats", "sync_batch_norm"]
+__all__ = ["group_size", "global_batch_stats", "sync_batch_norm", "sync_batch_norm_act_inplace"]
 
 
 def group_size(group: Any) -> int:
@@ -114,3 +116,54 @@ def sync_batch_norm(
     return y, mean, var, count
 
 
+
+
+class _SyncInPlaceFn(torch.autograd.Function):
+    """In-place activated BN with global statistics: saves only the output (see
+    :mod:`bnlab.kernels.inplace`); backward all-reduces ``sum(dz)`` and ``sum(dz xhat)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, count, eps, act, slope, group, overwrite):
+        invstd = torch.rsqrt(var + eps)
+        y = _ops.torch_eval_forward(x, mean, invstd, weight, bias, act, slope)
+        if overwrite:
+            y = x.copy_(y)
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(y, weight, bias, invstd)
+        ctx.cfg = (count, act, slope, group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_inplace._DOUBLE_BACKWARD)
+        y, weight, bias, invstd = ctx.saved_tensors
+        count, act, slope, group = ctx.cfg
+
+        def reduce(packed: Tensor, n: int) -> tuple[Tensor, int]:
+            dist.all_reduce(packed, group=group)
+            return packed, count
+
+        needed = ctx.needs_input_grad
+        dx, dw, db = _ops.torch_backward_from_output(dy, y, invstd, weight, bias, act, slope,
+                                                     needed[0], reduce)  # fmt: skip
+        # parameter gradients: this rank's share, as in _SyncBNFunction
+        dw = dw.to(weight.dtype) if weight is not None and needed[1] else None
+        db = db.to(bias.dtype) if bias is not None and needed[2] else None
+        return dx, dw, db, None, None, None, None, None, None, None, None
+
+
+def sync_batch_norm_act_inplace(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, slope: float,
+    group: Any = None,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``act(BN(x))`` with statistics over every rank of ``group``, keeping only the output for
+    backward (in-place activated BN). Returns ``(y, mean, biased_var, count)`` as
+    :func:`sync_batch_norm`; a ``|weight|`` too small to divide by takes that path instead."""
+    mean, var, count = global_batch_stats(x, group)
+    if not _inplace.weights_invertible(weight):
+        y = _SyncBNFunction.apply(x, weight, bias, mean, var, count, float(eps), group)
+        return _ops._act(y, act, slope), mean, var, count
+    y = _SyncInPlaceFn.apply(x, weight, bias, mean, var, count, float(eps), act, float(slope),
+                             group, _inplace.can_overwrite(x))  # fmt: skip
+    return y, mean, var, count

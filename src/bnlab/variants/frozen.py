@@ -136,8 +136,9 @@ fill_docs(_DOC, {"1d": FrozenBatchNorm1d, "2d": FrozenBatchNorm2d, "3d": FrozenB
 
 class FrozenBatchNormAct2d(BatchNormAct2d, _FrozenBase):
     """:class:`FrozenBatchNorm2d` followed by the activation of a
-    :class:`bnlab.BatchNormAct2d` (``act``, ``negative_slope``): what :func:`freeze` makes of a
-    fused layer. Arguments as :class:`bnlab.BatchNormAct2d`; ``track_running_stats`` must be
+    :class:`bnlab.BatchNormAct2d` (``act``, ``negative_slope`` or ``alpha``): what
+    :func:`freeze` makes of a fused layer (in place or not: frozen, it saves nothing of its
+    own). Arguments as :class:`bnlab.BatchNormAct2d`; ``track_running_stats`` must be
     ``True``.
     """
 
@@ -196,8 +197,9 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
         if rank != 2:
             raise ValueError(f"freeze: layer {where} ({name}) applies {act}: only 2d layers "
                              "with an activation can be frozen (FrozenBatchNormAct2d)")
+        kw["alpha" if act == "elu" else "negative_slope"] = slope
         new = FrozenBatchNormAct2d(mod.num_features, mod.eps, mod.momentum, mod.affine, True,
-                                   act=act, negative_slope=slope, **kw)  # fmt: skip
+                                   act=act, **kw)  # fmt: skip
     else:
         new = _FROZEN[rank or 2](mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
         if rank is None:  # a synchronised layer takes any rank: so does its frozen form

@@ -27,10 +27,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .. import inplace
 from .. import supports as _native_eager
 from . import aten, composite, native
 
-__all__ = ["register", "backends", "select", "train", "evaluate"]
+__all__ = ["register", "backends", "select", "train", "train_inplace", "evaluate"]
 
 _ORDER: list[ModuleType] = [native, aten]
 
@@ -77,11 +78,32 @@ def select(x: Tensor, per_channel: tuple, train: bool) -> ModuleType:
     return composite
 
 
+#: activations only the composite backend implements (``elu``: alpha is ``slope``)
+_COMPOSITE_ACTS = ("elu",)
+
+
+def train_inplace(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str = "identity",
+    slope: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`train`, keeping only the output for backward and writing it over ``x`` where
+    autograd allows (:mod:`bnlab.kernels.inplace`). Graphs, FX traces and ``torch.func``
+    transforms get the functional :func:`train` (same numbers, input saved), and so does a
+    call with a ``|weight|`` too small to divide by."""
+    if not (isinstance(x, torch.fx.Proxy) or _transformed(x) or native._capturing()):
+        out = inplace.train_inplace(x, weight, bias, eps, act, slope)
+        if out is not None:
+            return out
+    return train(x, weight, bias, eps, act, slope)
+
+
 def train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str = "identity",
     slope: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)`` (``(C,)`` statistics)."""
+    if act in _COMPOSITE_ACTS:
+        return composite.train(x, weight, bias, eps, act, slope)
     if _ORDER[0] is native and _native_eager(x, weight, bias):
         # the common case first, without the registry walk: small layers are call-bound
         return native.train(x, weight, bias, eps, act, slope)
@@ -93,6 +115,8 @@ def evaluate(
     eps: float, act: str = "identity", slope: float = 0.01,
 ) -> Tensor:
     """``act(BN(x))`` with the given mean and (running, unbiased) variance."""
+    if act in _COMPOSITE_ACTS:
+        return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
     if isinstance(x, torch.fx.Proxy):
         return aten.evaluate(x, mean, var, weight, bias, eps, act, slope)
     if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
