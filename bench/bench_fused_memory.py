@@ -1,17 +1,28 @@
-"""Saved-for-backward bytes and peak memory of 8 Conv-BN-ReLU blocks: fused vs eager.
+"""Memory for backward, and time, of 8 Conv3x3-BN-activation blocks: eager, fused, in-place.
 
-Claim checked: ``bnlab.BatchNormAct2d`` saves at most half the bytes of eager
-``torch.nn.BatchNorm2d`` + ``torch.relu`` for backward. The stack counts the convolutions'
-saved tensors too: each convolution saves its input, which is the previous block's ReLU
-output, the very tensor the fused layer avoids saving, so in a Conv-BN-ReLU stack the saving
-shrinks to the last block's output (the ratio is printed, not assumed).
+Claims checked (issue: in-place activated BN):
 
-Saved bytes: distinct storages handed to ``torch.autograd.graph.saved_tensors_hooks`` during
-one forward pass. Peak memory: growth of the peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``; Linux) over one forward+backward, measured in a fresh subprocess
-per model so that the peaks do not mix.
+* ``bnlab.BatchNormAct2d(act="leaky_relu", inplace=True)`` keeps at most 0.40x the
+  saved-for-backward bytes of eager ``Conv2d -> BatchNorm2d -> LeakyReLU`` blocks, and
+* runs a forward+backward in at most 0.9x eager's time in the same run.
 
-    python bench/bench_fused_memory.py [--batch 64] [--channels 32] [--size 32]
+What is measured, per network (input ``(batch, channels, size, size)``, 8 blocks):
+
+* saved bytes: the distinct storages handed to ``torch.autograd.graph.saved_tensors_hooks``
+  during one forward pass, all of them and without parameters and buffers (activations). A
+  convolution saves its input, which is the previous block's output: what a BN layer saves
+  counts only where it is not that tensor, so the network-level ratio is the honest one;
+* peak memory: growth of the peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs``; Linux) over one forward+backward, each network in a fresh
+  subprocess so the peaks do not mix;
+* time: median of interleaved forward+backward steps (``_timing.interleaved_medians``), as a
+  ratio to eager in the same run.
+
+Rows: eager Conv-BN-LeakyReLU; the same with ``LeakyReLU(inplace=True)``; the fused layer
+(saves its input); the in-place layer (saves its output); and the ReLU networks (eager, eager
+in-place ReLU, fused; ReLU cannot be inverted, so it has no in-place row).
+
+    python bench/bench_fused_memory.py [--batch 32] [--channels 64] [--size 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -29,15 +40,31 @@ from torch import nn
 import _timing
 import bnlab
 
+KINDS = {
+    # name: (activation, how the BN + activation is built)
+    "eager": ("leaky_relu", "eager"),
+    "eager_inplace_act": ("leaky_relu", "eager_inplace_act"),
+    "fused": ("leaky_relu", "fused"),
+    "inplace": ("leaky_relu", "inplace"),
+    "relu_eager": ("relu", "eager"),
+    "relu_eager_inplace_act": ("relu", "eager_inplace_act"),
+    "relu_fused": ("relu", "fused"),
+}
 
-def build(kind: str, channels: int, depth: int = 8) -> nn.Sequential:
+
+def build(kind: str, channels: int, depth: int = 8, seed: int = 0) -> nn.Sequential:
+    act, how = KINDS[kind]
+    torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for _ in range(depth):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
-        if kind == "fused":
-            layers.append(bnlab.BatchNormAct2d(channels))
+        if how in ("eager", "eager_inplace_act"):
+            inplace = how == "eager_inplace_act"
+            layers += [nn.BatchNorm2d(channels),
+                       nn.LeakyReLU(0.01, inplace=inplace) if act == "leaky_relu"
+                       else nn.ReLU(inplace=inplace)]  # fmt: skip
         else:
-            layers += [nn.BatchNorm2d(channels), nn.ReLU()]
+            layers.append(bnlab.BatchNormAct2d(channels, act=act, inplace=how == "inplace"))
     return nn.Sequential(*layers)
 
 
@@ -56,9 +83,10 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def peak_child(kind: str, batch: int, channels: int, size: int) -> None:
-    torch.manual_seed(0)
     model = build(kind, channels)
     x = torch.randn(batch, channels, size, size)
+    model(x).square().mean().backward()  # warm: allocator caches, huge-page buffers
+    model.zero_grad(set_to_none=True)
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM)
     before = _rss_kib("VmRSS")
     model(x).square().mean().backward()
@@ -72,52 +100,66 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+def _step(model: nn.Module, x: torch.Tensor):
+    def run() -> None:
+        model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--channels", type=int, default=64)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--child", choices=["eager", "fused"], help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=int, default=3, help="steps per model per round")
+    p.add_argument("--child", choices=sorted(KINDS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=_timing.RESULTS / "bench_fused_memory.json")
     args = p.parse_args(argv)
     if args.child:
         peak_child(args.child, args.batch, args.channels, args.size)
         return 0
-    x = torch.randn(args.batch, args.channels, args.size, args.size, requires_grad=True)
-    rows = {}
-    for kind in ("eager", "fused"):
-        model = build(kind, args.channels)
+    x = torch.randn(args.batch, args.channels, args.size, args.size)
+    models = {k: build(k, args.channels) for k in KINDS}
+    rows: dict[str, dict] = {}
+    for kind, model in models.items():
         total, acts = saved_bytes(model, x)
-        bn_total, bn_acts = saved_bytes(
-            model[1] if kind == "fused" else nn.Sequential(model[1], model[2]), x
-        )
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, "--batch", str(args.batch),
              "--channels", str(args.channels), "--size", str(args.size)],
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         peak = json.loads(out.strip().splitlines()[-1])["peak_growth_bytes"]
-        rows[kind] = {
-            "stack_saved_bytes": total,
-            "stack_saved_activation_bytes": acts,
-            "one_bn_act_saved_bytes": bn_total,
-            "one_bn_act_saved_activation_bytes": bn_acts,
-            "peak_rss_growth_bytes": peak,
-        }
-    e, f = rows["eager"], rows["fused"]
-    print(f"8 x Conv-BN-ReLU, input {tuple(x.shape)}, backend {bnlab.kernels.backend()}")
-    print(f"{'':36} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>7}")
-    for key in (
-        "one_bn_act_saved_bytes", "one_bn_act_saved_activation_bytes", "stack_saved_bytes",
-        "stack_saved_activation_bytes", "peak_rss_growth_bytes",
-    ):  # fmt: skip
-        print(f"{key:36} {e[key] / 2**20:10.2f} {f[key] / 2**20:10.2f} {f[key] / e[key]:7.3f}")
+        rows[kind] = {"saved_bytes": total, "saved_activation_bytes": acts,
+                      "peak_rss_growth_bytes": peak}  # fmt: skip
+    # time: the LeakyReLU networks against eager, the ReLU ones against eager ReLU
+    times = _timing.interleaved_medians(
+        {k: _step(m, x) for k, m in models.items()}, rounds=args.rounds, repeats=args.repeats
+    )
+    for kind in KINDS:
+        base = "relu_eager" if kind.startswith("relu") else "eager"
+        r = rows[kind]
+        r["step_seconds"] = times[kind]
+        r["time_ratio"] = times[kind] / times[base]
+        for key in ("saved_bytes", "saved_activation_bytes", "peak_rss_growth_bytes"):
+            r[key.replace("_bytes", "_ratio")] = r[key] / rows[base][key]
+    print(f"8 x Conv3x3-BN-act, input {tuple(x.shape)}, backend {bnlab.kernels.backend()}, "
+          f"{torch.get_num_threads()} threads; ratios to the eager network of the same "
+          "activation in this run")  # fmt: skip
+    print(f"{'network':24} {'saved MiB':>9} {'ratio':>6} {'acts MiB':>9} {'ratio':>6} "
+          f"{'peak MiB':>9} {'ratio':>6} {'step ms':>8} {'ratio':>6}")
+    for kind, r in rows.items():
+        print(f"{kind:24} {r['saved_bytes'] / 2**20:9.2f} {r['saved_ratio']:6.3f} "
+              f"{r['saved_activation_bytes'] / 2**20:9.2f} {r['saved_activation_ratio']:6.3f} "
+              f"{r['peak_rss_growth_bytes'] / 2**20:9.2f} {r['peak_rss_growth_ratio']:6.3f} "
+              f"{r['step_seconds'] * 1e3:8.1f} {r['time_ratio']:6.3f}")  # fmt: skip
     payload = {
-        "environment": {"torch": torch.__version__, "bnlab": bnlab.__version__,
+        "environment": {**_timing.machine(), "bnlab": bnlab.__version__,
                         "backend": bnlab.kernels.backend(), "machine": platform.machine()},
         "input_shape": list(x.shape),
         "rows": rows,
-        "ratios": {k: f[k] / e[k] for k in e},
     }  # fmt: skip
     _timing.write_json(args.out, payload)
     print(f"wrote {args.out}")

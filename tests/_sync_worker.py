@@ -25,9 +25,10 @@ SIZES = {
     "tiny": {2: [1, 0], 3: [0, 1, 0]},
     "fused": {2: [4, 3], 3: [2, 0, 5]},
     "window": {2: [3, 5], 3: [2, 4, 1]},
+    "inplace": {2: [3, 4], 3: [2, 0, 5]},
 }
 SHAPES = {"bn2d": (3, 4, 4), "act": (3, 3, 2), "bn1d": (4,), "tiny": (4,), "fused": (3, 3, 3),
-          "window": (3, 2, 2)}  # fmt: skip
+          "window": (3, 2, 2), "inplace": (3, 3, 3)}  # fmt: skip
 STEPS = 3
 
 
@@ -47,6 +48,12 @@ def make_layer(case: str) -> nn.Module:
         return bnlab.BatchNormAct2d(3, act="leaky_relu", negative_slope=0.2)
     if case == "window":
         return bnlab.BatchNorm2d(3, running="window", window_size=2)
+    if case == "inplace":  # in-place activated BN: saves its output, overwrites its input
+        layer = bnlab.BatchNormAct2d(3, act="leaky_relu", negative_slope=0.2, inplace=True)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([1.5, -0.7, 0.9]))
+            layer.bias.copy_(torch.tensor([0.1, -0.3, 0.2]))
+        return layer
     return bnlab.BatchNorm1d(4, affine=False, momentum=None)
 
 
@@ -64,6 +71,11 @@ def rank_slice(case: str, world: int, rank: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
+def layer_input(case: str, x: torch.Tensor) -> torch.Tensor:
+    """The in-place layer gets a non-leaf (as after a convolution), which it overwrites."""
+    return x * 1.0 if case == "inplace" else x
+
+
 def run_case(case: str, rank: int, world: int) -> dict:
     layer = make_layer(case)
     sync = bnlab.SyncBatchNorm.convert_sync_batchnorm(layer)
@@ -73,7 +85,7 @@ def run_case(case: str, rank: int, world: int) -> dict:
         sl = rank_slice(case, world, rank)
         xr = x[sl].clone().requires_grad_(True)
         sync.zero_grad()
-        y = sync(xr)
+        y = sync(layer_input(case, xr))
         (y * gy[sl]).sum().backward()
         rec = {"y": y.detach(), "dx": xr.grad}
         if sync.affine:
@@ -91,7 +103,7 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     results = {}
-    for case in ("bn2d", "act", "bn1d", "fused", "window"):
+    for case in ("bn2d", "act", "bn1d", "fused", "window", "inplace"):
         results[case] = run_case(case, rank, world)
     try:
         run_case("tiny", rank, world)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests._dist_util import run_ranks
-from tests._sync_worker import SIZES, STEPS, batch, make_layer, rank_slice
+from tests._sync_worker import SIZES, STEPS, batch, layer_input, make_layer, rank_slice
 
 WORKER = Path(__file__).with_name("_sync_worker.py")
 
@@ -21,7 +21,7 @@ def reference(case: str, world: int) -> list[dict]:
         x, gy = batch(case, world, step)
         x = x.clone().requires_grad_(True)
         layer.zero_grad()
-        y = layer(x)
+        y = layer(layer_input(case, x))
         (y * gy).sum().backward()
         rec = {"y": y.detach(), "dx": x.grad}
         if layer.affine:
@@ -63,7 +63,7 @@ def max_errors(case: str, world: int, ranks: list[dict]) -> dict[str, float]:
     return err
 
 
-@pytest.mark.parametrize("case", ["bn2d", "act", "bn1d", "fused", "window"])
+@pytest.mark.parametrize("case", ["bn2d", "act", "bn1d", "fused", "window", "inplace"])
 def test_sync_equals_single_process_bn(results, case):
     world, ranks = results
     assert 0 in SIZES["bn2d"][3] and 1 in SIZES["bn1d"][2]  # the cases cover 0 and 1 samples
