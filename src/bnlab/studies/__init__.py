@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 
-from ._base import Study, StudyContext, StudyResult, compare, run_study
+from ._base import Comparison, Study, StudyContext, StudyResult, compare, judge, run_study
 
 __all__ = ["STUDY_MODULES", "get_study", "study_names", "run_study", "Study", "StudyContext",
-           "StudyResult", "compare"]
+           "StudyResult", "Comparison", "compare", "judge"]
 
 # name -> module defining STUDY; imported lazily so `bnlab study list` stays fast
 STUDY_MODULES = {

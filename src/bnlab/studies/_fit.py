@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..train.loop import evaluate as _train_evaluate
 
-__all__ = ["FitConfig", "FitResult", "fit", "evaluate", "batches"]
+__all__ = ["FitConfig", "FitResult", "fit", "fit_seeds", "evaluate", "batches"]
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,180 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_te
                 break
     res.seconds = time.perf_counter() - t0
     if res.diverged:
-        # non-finite logits give argmax 0: the measured accuracy is then chance level
-        res.final_test_acc = evaluate(model, x_test, y_test)[0]
-        res.final_train_acc = res.final_test_acc
-        if not res.test_acc:
-            res.steps, res.test_acc = [step], [res.final_test_acc]
+        _finish_diverged(res, step, evaluate(model, x_test, y_test)[0])
         return res
     res.final_test_acc = res.test_acc[-1]
     res.final_train_acc = evaluate(model, x_train[:eval_train], y_train[:eval_train])[0]
     return res
+
+
+def _finish_diverged(res: FitResult, step: int, acc: float) -> None:
+    # non-finite logits give argmax 0: the measured accuracy is then chance level
+    res.diverged = True
+    res.final_test_acc = acc
+    res.final_train_acc = acc
+    if not res.test_acc:
+        res.steps, res.test_acc = [step], [acc]
+
+
+Probe = Callable[[int, int, nn.Module], None]  # (member index, step, member model)
+
+
+def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Tensor,
+              y_train: Tensor, x_test: Tensor, y_test: Tensor, cfg: FitConfig, *,
+              together: bool = True, on_step: Probe | None = None,
+              probe_at: Callable[[int], bool] = lambda step: False,
+              eval_train: int = 2000) -> list[tuple[nn.Module, FitResult]]:
+    """Train one model per seed; returns ``(model, result)`` per seed, in order.
+
+    Member ``k`` is ``build()`` after ``torch.manual_seed(seeds[k])``, trained by :func:`fit`
+    with ``cfg.seed = seeds[k]`` (its own data order). With ``together`` (the default) the
+    members train at once as one packed network (:mod:`._pack`); each equals the same seed
+    trained alone up to float rounding (the packed kernels sum in another order). A network
+    that cannot be packed exactly (dropout, attention) trains seed by seed. ``on_step(k, step,
+    model)`` runs after the optimiser steps for which ``probe_at(step)`` is true.
+    """
+    from ._pack import NotPackable, Pack
+
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build())
+    pk = None
+    if together and len(models) > 1:
+        try:
+            pk = Pack(models)
+        except NotPackable:
+            pk = None
+    if pk is None:
+        out = []
+        for k, (seed, model) in enumerate(zip(seeds, models, strict=True)):
+            def probe(step: int, m: nn.Module, k: int = k) -> None:
+                if on_step is not None and probe_at(step):
+                    on_step(k, step, m)
+            out.append((model, fit(model, x_train, y_train, x_test, y_test,
+                                   replace(cfg, seed=seed), on_step=probe, eval_train=eval_train)))
+        return out
+    results = _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
+                          eval_train)
+    return list(zip(models, results, strict=True))
+
+
+def _evaluate_pack(pk, x: Tensor, y: Tensor, batch_size: int = 1000) -> list[tuple[float, float]]:
+    """Accuracy and mean cross-entropy of every member on the same ``x`` (eval mode)."""
+    was = pk.model.training
+    pk.model.eval()
+    s = len(pk)
+    loss_sum, correct = torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.int64)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+                out = pk(xb.unsqueeze(0).expand(s, *xb.shape))  # (S, B, classes)
+                loss_sum += nn.functional.cross_entropy(
+                    out.flatten(0, 1), yb.repeat(s), reduction="none").view(s, -1).sum(1).double()
+                correct += (out.argmax(2) == yb).sum(1)
+    finally:
+        pk.model.train(was)
+    return [(c / len(x), ls / len(x)) for c, ls in zip(correct.tolist(), loss_sum.tolist(),
+                                                         strict=True)]
+
+
+def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
+                eval_train) -> list[FitResult]:
+    from ._pack import Pack
+
+    s = len(pk)
+    members = list(pk.members)
+    streams = [batches(len(x_train), replace(cfg, seed=seed), y_train) for seed in seeds]
+    results = [FitResult() for _ in range(s)]
+    active = list(range(s))  # the member index of each position in the pack
+    running, count = [0.0] * s, [0] * s
+    opt = make_optimizer(pk.model, cfg)
+    pk.model.train()
+
+    def drop(positions: list[int]) -> None:
+        """Train on without the members at ``positions`` (they diverged)."""
+        nonlocal pk, opt, active
+        keep = [j for j in range(len(active)) if j not in positions]
+        active = [active[j] for j in keep]
+        if not keep:
+            return
+        pk.sync(keep)
+        new = Pack([members[k] for k in active])
+        new_opt = make_optimizer(new.model, cfg)
+        pk.optimizer_state_for(keep, opt, new, new_opt)
+        pk, opt = new, new_opt
+        pk.model.train()
+
+    def diverge(positions: list[int], step: int) -> None:
+        pk.sync(positions)
+        for j in positions:
+            k = active[j]
+            res = results[k]
+            res.seconds = time.perf_counter() - t0
+            _finish_diverged(res, step, evaluate(members[k], x_test, y_test)[0])
+
+    t0 = time.perf_counter()
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        if not active:
+            break
+        idx = torch.stack([next(streams[k]) for k in active])
+        while True:
+            saved = pk.save_buffers()
+            out = pk(x_train[idx])
+            losses = nn.functional.cross_entropy(
+                out.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1)
+            losses = losses.mean(1)
+            values = losses.tolist()
+            bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
+            if not bad:
+                break
+            # as alone: a non-finite loss stops that member after its forward pass; the
+            # others' running statistics, which the shared non-finite guard kept back, are
+            # restored and their step is run again without it
+            diverge(bad, step)
+            pk.restore_buffers(saved)
+            idx = idx[[j for j in range(len(active)) if j not in bad]]
+            drop(bad)
+            if not active:
+                break
+        if not active:
+            break
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        for j, k in enumerate(active):
+            running[k] += values[j]
+            count[k] += 1
+        if on_step is not None and probe_at(step):
+            pk.sync()
+            for k in active:
+                on_step(k, step, members[k])
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            bad = []
+            for j, (k, (acc, tl)) in enumerate(zip(active, _evaluate_pack(pk, x_test, y_test),
+                                                   strict=True)):
+                res = results[k]
+                res.steps.append(step)
+                res.test_acc.append(acc)
+                res.test_loss.append(tl)
+                res.train_loss.append(running[k] / max(count[k], 1))
+                running[k], count[k] = 0.0, 0
+                if not math.isfinite(tl):
+                    bad.append(j)
+            if bad:
+                diverge(bad, step)
+                drop(bad)
+    elapsed = time.perf_counter() - t0
+    if active:
+        pk.sync()
+        n = min(eval_train, len(x_train))
+        train_acc = _evaluate_pack(pk, x_train[:n], y_train[:n])
+        for j, k in enumerate(active):
+            res = results[k]
+            res.seconds = elapsed
+            res.final_test_acc = res.test_acc[-1]
+            res.final_train_acc = train_acc[j][0]
+    return results

@@ -25,6 +25,31 @@ def machine_line(env: dict) -> str:
             f"{env.get('kernel_backend')}")
 
 
+COMPARISON_HEADERS = ["measure", "with", "mean", "without", "mean", "difference (claim's way)",
+                      "±2 SE interval", "minimum effect", "verdict"]
+
+
+def _g(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def comparison_rows(r: dict) -> list[list[str]]:
+    """One row per comparison of a run (none for runs written before comparisons were kept):
+    both means, the difference, its interval and the minimum effect, so the verdict can be
+    checked by eye: supported when the interval lies above 0 and the difference is at least
+    the minimum effect, contradicted when both hold the other way."""
+    rows = []
+    for i, c in enumerate(r.get("comparisons", [])):
+        way = "higher" if c["higher_is_better"] else "lower"
+        rows.append([
+            ("**headline** " if i == 0 else "") + f"{c['measure']} ({way} as claimed)",
+            c["with_label"], _g(c["mean_with"]), c["without_label"], _g(c["mean_without"]),
+            f"{c['diff']:+.4g}", f"[{c['low']:+.4g}, {c['high']:+.4g}]", _g(c["min_effect"]),
+            c["verdict"],
+        ])
+    return rows
+
+
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir`` from its JSON files."""
     run_dir = Path(run_dir)
@@ -44,6 +69,16 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         f"{r['seconds']:.0f} s.",
         "",
     ]
+    rows = comparison_rows(r)
+    if rows:
+        md += ["## The verdict's numbers", "",
+               f"Means over {len(r['seeds'])} seeds; difference = with - without in the claim's "
+               "direction; supported when the ±2 SE interval lies above 0 and the difference "
+               "is at least the minimum effect, contradicted when both hold below 0.", "",
+               "| " + " | ".join(COMPARISON_HEADERS) + " |",
+               "|" + "---|" * len(COMPARISON_HEADERS)]
+        md += ["| " + " | ".join(row) + " |" for row in rows]
+        md.append("")
     for t in r["tables"]:
         md += [f"## {t['title']}", "", "| " + " | ".join(t["headers"]) + " |",
                "|" + "---|" * len(t["headers"])]
@@ -69,6 +104,13 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         f"<p><b>Machine:</b> {e(machine_line(env))}. Preset <code>{e(r['preset'])}</code>, "
         f"seeds {e(str(r['seeds']))}, {r['seconds']:.0f} s.</p>",
     ]
+    if rows:
+        parts.append("<h2>The verdict's numbers</h2><table><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in COMPARISON_HEADERS) + "</tr>")
+        for row in rows:
+            cells = [e(str(c)).replace("**headline** ", "<b>headline</b> ") for c in row]
+            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
     for t in r["tables"]:
         parts.append(f"<h2>{e(t['title'])}</h2><table><tr>"
                      + "".join(f"<th>{e(h)}</th>" for h in t["headers"]) + "</tr>")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..models import seed_cnn
 from . import _data
-from ._base import Study, StudyContext, StudyResult, Table, fmt_ms, mean_std
-from ._fit import FitConfig, fit
+from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
+from ._fit import FitConfig, fit_seeds
 from ._plots import line_plot
 
 NORMS = ("bn", "renorm", "ghost", "gn", "ln")
@@ -24,6 +22,29 @@ def norm_kwargs(norm: str, batch_size: int, steps: int) -> dict:
     return {}
 
 
+def decide(numbers: dict) -> list[Comparison]:
+    """Headline: the accuracy BN loses from the largest batch to the smallest, against what
+    the batch-independent norms (GroupNorm and LayerNorm, averaged per seed) lose."""
+    acc, sizes = numbers["acc"], numbers["batch_sizes"]
+    small, large = min(sizes), max(sizes)
+
+    def drop(norm: str) -> list[float]:
+        a, b = acc[f"{norm}/{large}/iid"], acc[f"{norm}/{small}/iid"]
+        return [x - y for x, y in zip(a, b, strict=True)]
+
+    def sorted_cost(norm: str) -> list[float]:
+        a, b = acc[f"{norm}/{large}/iid"], acc[f"{norm}/{large}/sorted"]
+        return [x - y for x, y in zip(a, b, strict=True)]
+
+    alt = [(g + ln) / 2 for g, ln in zip(drop("gn"), drop("ln"), strict=True)]
+    return [
+        judge(f"accuracy lost from batch {large} to batch {small}", drop("bn"), alt,
+              with_label="BN", without_label="GroupNorm/LayerNorm", min_effect=0.01),
+        judge(f"accuracy lost to class-sorted batches of {large}", sorted_cost("bn"),
+              sorted_cost("gn"), with_label="BN", without_label="GroupNorm", min_effect=0.01),
+    ]
+
+
 def run(ctx: StudyContext) -> StudyResult:
     s = ctx.settings
     data = _data.images(ctx)
@@ -34,31 +55,29 @@ def run(ctx: StudyContext) -> StudyResult:
             for b in sizes:
                 steps = max(20, s["examples"] // b)
                 key = (norm, b, sorted_)
-                acc[key] = []
-                for seed in ctx.seeds:
-                    torch.manual_seed(seed)
-                    model = seed_cnn(norm, placement="before",
-                                     norm_kwargs=norm_kwargs(norm, b, steps))
-                    cfg = FitConfig(steps=steps, batch_size=b, lr=s["lr"], optimizer="adam",
-                                    seed=seed, class_sorted=sorted_)
-                    res = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, cfg)
-                    acc[key].append(res.final_test_acc)
+                cfg = FitConfig(steps=steps, batch_size=b, lr=s["lr"], optimizer="adam",
+                                class_sorted=sorted_)
+                trained = fit_seeds(
+                    lambda norm=norm, b=b, steps=steps: seed_cnn(
+                        norm, placement="before", norm_kwargs=norm_kwargs(norm, b, steps)),
+                    ctx.seeds, data.x_train, data.y_train, data.x_test, data.y_test, cfg)
+                acc[key] = [res.final_test_acc for _, res in trained]
                 ctx.log(f"batch-size {norm} b={b} {'sorted' if sorted_ else 'iid'}: "
                         f"{fmt_ms(acc[key], 3)}")
     small, large = min(sizes), max(sizes)
     drop = {n: mean_std(acc[(n, large, False)])[0] - mean_std(acc[(n, small, False)])[0]
             for n in NORMS}
-    verdict = "supported" if drop["bn"] > max(drop["gn"], drop["ln"]) + 0.02 else (
-        "contradicted" if drop["bn"] < min(drop["gn"], drop["ln"]) - 0.02 else "not shown")
-    sorted_drop = {n: mean_std(acc[(n, large, False)])[0] - mean_std(acc[(n, large, True)])[0]
-                   for n in NORMS}
+    numbers = {"batch_sizes": sizes,
+               "acc": {f"{n}/{b}/{'sorted' if so else 'iid'}": v for (n, b, so), v in acc.items()},
+               "drop": drop}
+    comparisons = decide(numbers)
+    head, sorted_cmp = comparisons
     # drop > 0: the large batch did better than the small one (BN's claimed weakness)
     evidence = (
-        f"accuracy at batch {small} minus at batch {large} (same number of examples): "
-        f"{-drop['bn']:+.3f} BN, {-drop['renorm']:+.3f} Batch Renorm, {-drop['ghost']:+.3f} "
-        f"Ghost BN, {-drop['gn']:+.3f} GroupNorm, {-drop['ln']:+.3f} LayerNorm; class-sorted "
-        f"instead of i.i.d. batches of {large} cost BN {sorted_drop['bn']:.3f} and GroupNorm "
-        f"{sorted_drop['gn']:.3f} of accuracy"
+        f"{head.sentence()}; each norm's accuracy at batch {small} minus at batch {large} "
+        f"(same number of examples): {-drop['bn']:+.3f} BN, {-drop['renorm']:+.3f} Batch "
+        f"Renorm, {-drop['ghost']:+.3f} Ghost BN, {-drop['gn']:+.3f} GroupNorm, "
+        f"{-drop['ln']:+.3f} LayerNorm; {sorted_cmp.sentence()}"
     )
     rows = [[n, "sorted" if so else "iid"] + [fmt_ms(acc[(n, b, so)], 3) for b in sizes]
             for so in (False, True) for n in NORMS]
@@ -71,7 +90,7 @@ def run(ctx: StudyContext) -> StudyResult:
                       title="class-sorted (non-i.i.d.) batches", xlabel="batch size",
                       ylabel="test accuracy", logx=True)
     return StudyResult(
-        verdict=verdict, evidence=evidence,
+        verdict=head.verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Test accuracy of the seed CNN (norm before ReLU) with BN, Batch Renorm, Ghost "
                  f"BN, GroupNorm and LayerNorm at batch sizes {sizes}, same number of "
                  f"training examples, i.i.d. and class-sorted batches, {data.name}.",
@@ -79,8 +98,7 @@ def run(ctx: StudyContext) -> StudyResult:
                       rows)],
         figures=[("Accuracy against batch size, i.i.d. batches", fig),
                  ("Accuracy against batch size, class-sorted batches", fig_s)],
-        numbers={"acc": {f"{n}/{b}/{'sorted' if so else 'iid'}": v
-                         for (n, b, so), v in acc.items()}, "drop": drop},
+        numbers=numbers,
     )
 
 
@@ -97,4 +115,5 @@ STUDY = Study(
                  "train": 0, "test": 0},
     },
     run=run,
+    decide=decide,
 )

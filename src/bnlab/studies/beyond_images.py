@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from ..models import mnist1d_cnn, mnist1d_mlp
 from ..norms import make_norm
 from . import _data
-from ._base import Study, StudyContext, StudyResult, Table, compare, fmt_ms, mean_std
-from ._fit import FitConfig, fit
+from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge
+from ._fit import FitConfig, fit_seeds
 
 PAPER = {"mnist1d_mlp": 0.68, "mnist1d_cnn": 0.94}
 
@@ -61,6 +61,26 @@ class SeqTransformer(nn.Module):
 MODELS = {"mnist1d_mlp": mnist1d_mlp, "mnist1d_cnn": mnist1d_cnn, "transformer": SeqTransformer}
 
 
+def decide(numbers: dict) -> list[Comparison]:
+    """Headline: per seed, test accuracy averaged over the three models, BN vs none."""
+    acc = numbers["acc"]
+    n = len(acc[f"{next(iter(MODELS))}/bn"])
+
+    def mean_over_models(norm: str, k: int) -> float:
+        return sum(acc[f"{m}/{norm}"][k] for m in MODELS) / len(MODELS)
+
+    return [
+        judge("test accuracy, mean over the MLP, the CNN and the transformer",
+              [mean_over_models("bn", k) for k in range(n)],
+              [mean_over_models("none", k) for k in range(n)], with_label="BN",
+              without_label="none"),
+        *[judge(f"{m} test accuracy", acc[f"{m}/bn"], acc[f"{m}/none"], with_label="BN",
+                without_label="none") for m in MODELS],
+        judge("transformer test accuracy", acc["transformer/bn"], acc["transformer/ln"],
+              with_label="BN", without_label="LayerNorm"),
+    ]
+
+
 def run(ctx: StudyContext) -> StudyResult:
     s = ctx.settings
     data = _data.mnist1d(ctx)
@@ -69,37 +89,30 @@ def run(ctx: StudyContext) -> StudyResult:
     for model_name, build in MODELS.items():
         for norm in ("none", "bn", "ln"):
             key = (model_name, norm)
-            acc[key] = []
             steps = s["steps"] if model_name != "transformer" else s["seq_steps"]
-            for seed in ctx.seeds:
-                torch.manual_seed(seed)
-                cfg = FitConfig(steps=steps, batch_size=100, lr=s["lr"], optimizer="adam",
-                                seed=seed)
-                res = fit(build(norm), data.x_train, data.y_train, data.x_test, data.y_test, cfg)
-                acc[key].append(res.final_test_acc)
+            cfg = FitConfig(steps=steps, batch_size=100, lr=s["lr"], optimizer="adam")
+            # the MLP and CNN train their seeds together; attention is not packed, so the
+            # transformer trains seed by seed (bnlab.studies._fit.fit_seeds)
+            trained = fit_seeds(lambda build=build, norm=norm: build(norm), ctx.seeds,
+                                data.x_train, data.y_train, data.x_test, data.y_test, cfg)
+            acc[key] = [res.final_test_acc for _, res in trained]
             ctx.log(f"beyond-images {model_name} {norm}: {fmt_ms(acc[key], 3)}")
             paper = PAPER.get(model_name) if norm == "none" else None
             rows.append([model_name, norm, fmt_ms(acc[key], 4),
                          f"{paper:.2f}" if paper else "-"])
-    verdicts = {m: compare(acc[(m, "bn")], acc[(m, "none")]) for m in MODELS}
-    v_seq = compare(acc[("transformer", "bn")], acc[("transformer", "ln")])
-    helped = [m for m, (v, _) in verdicts.items() if v == "supported"]
-    hurt = [m for m, (v, _) in verdicts.items() if v == "contradicted"]
-    verdict = "supported" if len(helped) >= 2 and not hurt else (
-        "contradicted" if len(hurt) >= 2 else "not shown")
-    evidence = "; ".join(
-        f"{m}: BN {mean_std(acc[(m, 'bn')])[0]:.3f} vs none {mean_std(acc[(m, 'none')])[0]:.3f}"
-        f" vs LN {mean_std(acc[(m, 'ln')])[0]:.3f} ({verdicts[m][0]})" for m in MODELS
-    ) + (f"; in the transformer BN vs LN: {v_seq[1]:+.3f} ({v_seq[0]}); paper without norm: "
-         f"MLP 68%, CNN 94%")
+    numbers = {"acc": {f"{m}/{n}": v for (m, n), v in acc.items()}}
+    comparisons = decide(numbers)
+    numbers["verdicts"] = {m: [c.verdict, c.diff] for m, c in zip(MODELS, comparisons[1:4],
+                                                                   strict=True)}
+    numbers["transformer_bn_vs_ln"] = [comparisons[4].verdict, comparisons[4].diff]
+    evidence = "; ".join(c.sentence() for c in comparisons) + (
+        "; paper without norm: MLP 68%, CNN 94%")
     return StudyResult(
-        verdict=verdict, evidence=evidence,
+        verdict=comparisons[0].verdict, evidence=evidence, comparisons=comparisons,
         measured="Test accuracy on MNIST-1D (4000/1000 sequences of length 40) of the paper's "
                  "MLP and 1-D CNN and a small transformer, with none, BN and LayerNorm.",
         tables=[Table("MNIST-1D test accuracy", ["model", "norm", "test acc", "paper"], rows)],
-        numbers={"acc": {f"{m}/{n}": v for (m, n), v in acc.items()},
-                 "verdicts": {m: list(v) for m, v in verdicts.items()},
-                 "transformer_bn_vs_ln": list(v_seq)},
+        numbers=numbers,
     )
 
 
@@ -114,4 +127,5 @@ STUDY = Study(
         "full": {"steps": 6000, "seq_steps": 4000, "lr": 3e-3},
     },
     run=run,
+    decide=decide,
 )

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..norms import make_norm
 from . import _data
-from ._base import Study, StudyContext, StudyResult, Table, fmt_ms, mean_std
-from ._fit import FitConfig, fit
+from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
+from ._fit import FitConfig, fit_seeds
 from ._plots import line_plot
 
 ACTS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
@@ -36,6 +36,32 @@ def layer_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list
     return [m.weight.grad.norm().item() for m in linears]
 
 
+def decide(numbers: dict) -> list[Comparison]:
+    """Headline: per seed, |log10 first/last hidden-layer gradient ratio| at initialisation
+    averaged over depths and activations, BN vs none (0: no vanishing or exploding)."""
+    ratios, accs, depths = numbers["ratios"], numbers["accs"], numbers["depths"]
+    settings = [(d, a) for d in depths for a in ACTS]
+    n = len(ratios[str((depths[0], "relu", True))])
+
+    def mean_abs(bn: bool, k: int) -> float:
+        return sum(abs(ratios[str((d, a, bn))][k]) for d, a in settings) / len(settings)
+
+    deepest = max(depths)
+
+    def deep_acc(bn: bool, k: int) -> float:
+        return sum(accs[str((deepest, a, bn))][k] for a in ACTS) / len(ACTS)
+
+    return [
+        judge("|log10 gradient ratio| at init, mean over depths and activations",
+              [mean_abs(True, k) for k in range(n)], [mean_abs(False, k) for k in range(n)],
+              with_label="BN", without_label="no BN", higher_is_better=False,
+              min_effect=0.3),
+        judge(f"test accuracy at depth {deepest}, mean over activations",
+              [deep_acc(True, k) for k in range(n)], [deep_acc(False, k) for k in range(n)],
+              with_label="BN", without_label="no BN"),
+    ]
+
+
 def run(ctx: StudyContext) -> StudyResult:
     s = ctx.settings
     data = _data.images(ctx)
@@ -46,44 +72,33 @@ def run(ctx: StudyContext) -> StudyResult:
         for act in ACTS:
             for bn in (False, True):
                 key = (depth, act, bn)
-                ratios[key], accs[key] = [], []
-                for seed in ctx.seeds:
-                    torch.manual_seed(seed)
+                g0s: list[list[float]] = []
+
+                def build(depth=depth, act=act, bn=bn, g0s=g0s) -> nn.Module:
                     model = deep_mlp(depth, act, bn)
-                    g0 = layer_grad_norms(model, xb, yb)
-                    cfg = FitConfig(steps=s["steps"], batch_size=128, lr=s["lr"],
-                                    optimizer="sgd", momentum=0.9, seed=seed)
-                    res = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, cfg)
-                    g1 = layer_grad_norms(model, xb, yb)
-                    # first/last hidden layer gradient ratio: << 1 vanishing, >> 1 exploding
-                    ratios[key].append(math.log10(max(g0[0], 1e-30) / max(g0[-1], 1e-30)))
-                    accs[key].append(res.final_test_acc)
-                    if seed == ctx.seeds[0]:
-                        curves[key] = (g0, g1)
+                    g0s.append(layer_grad_norms(model, xb, yb))  # at initialisation
+                    return model
+
+                cfg = FitConfig(steps=s["steps"], batch_size=128, lr=s["lr"], optimizer="sgd",
+                                momentum=0.9)
+                trained = fit_seeds(build, ctx.seeds, data.x_train, data.y_train, data.x_test,
+                                    data.y_test, cfg)
+                # first/last hidden layer gradient ratio: << 1 vanishing, >> 1 exploding
+                ratios[key] = [math.log10(max(g0[0], 1e-30) / max(g0[-1], 1e-30)) for g0 in g0s]
+                accs[key] = [res.final_test_acc for _, res in trained]
+                curves[key] = (g0s[0], layer_grad_norms(trained[0][0], xb, yb))
                 ctx.log(f"depth {depth} {act} bn={bn}: log10 ratio "
                         f"{mean_std(ratios[key])[0]:+.1f}, acc {mean_std(accs[key])[0]:.3f}")
                 rows.append([depth, act, "BN" if bn else "-", fmt_ms(ratios[key], 1),
                              fmt_ms(accs[key], 3)])
-    # Claim holds where BN brings the ratio towards 1 (|log| smaller) and trains better.
-    better_grad = better_acc = total = 0
-    for depth in depths:
-        for act in ACTS:
-            total += 1
-            a = abs(mean_std(ratios[(depth, act, True)])[0])
-            b = abs(mean_std(ratios[(depth, act, False)])[0])
-            better_grad += a < b - 0.3
-            better_acc += mean_std(accs[(depth, act, True)])[0] > \
-                mean_std(accs[(depth, act, False)])[0] + 0.02
-    verdict = "supported" if better_grad >= total * 2 / 3 and better_acc >= total / 2 else (
-        "contradicted" if better_grad <= total / 3 and better_acc <= total / 3 else "not shown")
+    numbers = {"depths": depths, "ratios": {str(k): v for k, v in ratios.items()},
+               "accs": {str(k): v for k, v in accs.items()}}
+    comparisons = decide(numbers)
     worst = max(depths)
     evidence = (
-        f"BN brought the first/last-layer gradient ratio closer to 1 in {better_grad}/{total} "
-        f"settings and raised accuracy by >2 points in {better_acc}/{total}; at depth {worst} "
-        f"with sigmoid: log10 ratio {mean_std(ratios[(worst, 'sigmoid', False)])[0]:+.1f} "
-        f"without vs {mean_std(ratios[(worst, 'sigmoid', True)])[0]:+.1f} with BN, accuracy "
-        f"{mean_std(accs[(worst, 'sigmoid', False)])[0]:.3f} vs "
-        f"{mean_std(accs[(worst, 'sigmoid', True)])[0]:.3f}"
+        f"{comparisons[0].sentence(2)}; {comparisons[1].sentence()}; at depth {worst} with "
+        f"sigmoid: log10 ratio {mean_std(ratios[(worst, 'sigmoid', False)])[0]:+.1f} without "
+        f"vs {mean_std(ratios[(worst, 'sigmoid', True)])[0]:+.1f} with BN"
     )
     figs = []
     for act in ACTS:
@@ -98,14 +113,13 @@ def run(ctx: StudyContext) -> StudyResult:
                                title=f"depth {worst}, {act}", xlabel="hidden layer",
                                ylabel="weight gradient norm", logy=True)))
     return StudyResult(
-        verdict=verdict, evidence=evidence,
+        verdict=comparisons[0].verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Per-layer gradient norms at initialisation and after training, and accuracy, "
                  f"of plain MLPs (depths {depths}) on {data.name}.",
         tables=[Table("Gradient ratio (log10 first/last hidden layer at init) and accuracy",
                       ["depth", "activation", "norm", "log10 grad ratio", "test acc"], rows)],
         figures=figs,
-        numbers={"ratios": {str(k): v for k, v in ratios.items()},
-                 "accs": {str(k): v for k, v in accs.items()}},
+        numbers=numbers,
     )
 
 
@@ -119,4 +133,5 @@ STUDY = Study(
         "full": {"depths": "10,20,50", "steps": 3000, "lr": 0.05, "train": 0, "test": 0},
     },
     run=run,
+    decide=decide,
 )

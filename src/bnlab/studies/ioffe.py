@@ -6,33 +6,54 @@ import torch
 
 from ..models import ioffe_mlp
 from . import _data
-from ._base import Study, StudyContext, StudyResult, Table, compare, fmt_ms, mean_std
-from ._fit import FitConfig, fit
+from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge
+from ._fit import FitConfig, fit_seeds
 from ._plots import line_plot
 
 PERCENTILES = (0.15, 0.5, 0.85)
 
 
-def _sigmoid_input_probe(model: torch.nn.Module, probe_x: torch.Tensor):
-    """Percentiles of one unit's input to the last hidden sigmoid on a fixed probe batch."""
-    sigmoids = [m for m in model.modules() if isinstance(m, torch.nn.Sigmoid)]
-    captured = {}
-    handle = sigmoids[-1].register_forward_hook(
-        lambda mod, inp, out: captured.__setitem__("x", inp[0].detach()))
-    history: list[tuple[int, list[float]]] = []
+def _probe_step(step: int) -> bool:
+    return step == 1 or step % 50 == 0
 
-    def on_step(step: int, m: torch.nn.Module) -> None:
-        if step % 50 and step != 1:
-            return
-        was = m.training
-        m.eval()
-        with torch.no_grad():
-            m(probe_x)
-        m.train(was)
+
+class _Probes:
+    """Percentiles of one unit's input to the last hidden sigmoid on a fixed probe batch, per
+    member, at the steps :func:`_probe_step` picks."""
+
+    def __init__(self, probe_x: torch.Tensor, members: int) -> None:
+        self.probe_x = probe_x
+        self.history: list[list[tuple[int, list[float]]]] = [[] for _ in range(members)]
+
+    def __call__(self, k: int, step: int, model: torch.nn.Module) -> None:
+        sigmoids = [m for m in model.modules() if isinstance(m, torch.nn.Sigmoid)]
+        captured = {}
+        handle = sigmoids[-1].register_forward_hook(
+            lambda mod, inp, out: captured.__setitem__("x", inp[0].detach()))
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(self.probe_x)
+        finally:
+            model.train(was)
+            handle.remove()
         unit = captured["x"][:, 0]
-        history.append((step, torch.quantile(unit, torch.tensor(PERCENTILES)).tolist()))
+        self.history[k].append((step, torch.quantile(unit, torch.tensor(PERCENTILES)).tolist()))
 
-    return on_step, history, handle
+
+def decide(numbers: dict) -> list[Comparison]:
+    """Headline: test accuracy early in training (BN trains faster), BN vs none."""
+    early, last = numbers["early_step"], numbers["steps"][-1]
+    acc, early_acc, drift = numbers["acc"], numbers["early_acc"], numbers["drift"]
+    return [
+        judge(f"test accuracy at step {early}", early_acc["bn"], early_acc["none"],
+              with_label="BN", without_label="no BN"),
+        judge(f"test accuracy at step {last}", acc["bn"], acc["none"], with_label="BN",
+              without_label="no BN"),
+        judge("drift of the median sigmoid input (spreads)", drift["bn"], drift["none"],
+              with_label="BN", without_label="no BN", higher_is_better=False, min_effect=0.05),
+    ]
 
 
 def run(ctx: StudyContext) -> StudyResult:
@@ -43,15 +64,14 @@ def run(ctx: StudyContext) -> StudyResult:
     drift: dict[str, list[float]] = {"none": [], "bn": []}
     pct: dict[str, list] = {}
     for norm in runs:
-        for seed in ctx.seeds:
-            torch.manual_seed(seed)
-            model = ioffe_mlp(norm)
-            on_step, hist, handle = _sigmoid_input_probe(model, probe_x)
-            cfg = FitConfig(steps=s["steps"], batch_size=60, lr=s["lr"], optimizer="sgd",
-                            momentum=0.0, eval_every=s["eval_every"], seed=seed)
-            res = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, cfg,
-                      on_step=on_step)
-            handle.remove()
+        probes = _Probes(probe_x, len(ctx.seeds))
+        cfg = FitConfig(steps=s["steps"], batch_size=60, lr=s["lr"], optimizer="sgd",
+                        momentum=0.0, eval_every=s["eval_every"])
+        trained = fit_seeds(lambda norm=norm: ioffe_mlp(norm), ctx.seeds, data.x_train,
+                            data.y_train, data.x_test, data.y_test, cfg, on_step=probes,
+                            probe_at=_probe_step)
+        for k, (seed, (_, res)) in enumerate(zip(ctx.seeds, trained, strict=True)):
+            hist = probes.history[k]
             runs[norm].append(res)
             med = [h[1][1] for h in hist]
             # drift of the median after the first tenth of training, relative to its spread
@@ -64,11 +84,11 @@ def run(ctx: StudyContext) -> StudyResult:
     early = max(1, len(steps) // 10) - 1
     acc = {k: [r.final_test_acc for r in v] for k, v in runs.items()}
     early_acc = {k: [r.test_acc[early] for r in v] for k, v in runs.items()}
-    v_final, d_final = compare(acc["bn"], acc["none"])
-    v_early, d_early = compare(early_acc["bn"], early_acc["none"])
-    v_drift, _ = compare(drift["bn"], drift["none"], higher_is_better=False,
-                          min_effect=0.05)
-    verdict = v_early if v_early != "not shown" else v_final
+    numbers = {"acc": acc, "early_acc": early_acc, "drift": drift, "steps": steps,
+               "early_step": steps[early], "dataset": data.name}
+    comparisons = decide(numbers)
+    head, final, steady = comparisons
+    numbers.update(d_final=final.diff, d_early=head.diff)
     series = {}
     for k, v in runs.items():
         curves = torch.tensor([r.test_acc for r in v if len(r.test_acc) == len(steps)])
@@ -86,22 +106,16 @@ def run(ctx: StudyContext) -> StudyResult:
                                title=f"sigmoid input percentiles ({k})", xlabel="step",
                                ylabel="value")))
     rows = [[k, fmt_ms(early_acc[k], 4), fmt_ms(acc[k], 4), fmt_ms(drift[k], 2)] for k in runs]
-    evidence = (
-        f"at step {steps[early]} BN {mean_std(early_acc['bn'])[0]:.3f} vs "
-        f"{mean_std(early_acc['none'])[0]:.3f} without ({v_early}); at step {steps[-1]} "
-        f"{mean_std(acc['bn'])[0]:.3f} vs {mean_std(acc['none'])[0]:.3f} ({v_final}); "
-        f"median drift of the sigmoid input {mean_std(drift['bn'])[0]:.2f} vs "
-        f"{mean_std(drift['none'])[0]:.2f} spreads ({v_drift} that BN keeps it steadier)"
-    )
+    evidence = (f"{head.sentence()}; {final.sentence()}; {steady.sentence(2)} (that BN keeps "
+                f"the sigmoid input steadier)")
     return StudyResult(
-        verdict=verdict, evidence=evidence,
+        verdict=head.verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Test accuracy against steps and sigmoid-input percentiles, {data.name}.",
         tables=[Table("Accuracy and drift", ["model", f"acc @ step {steps[early]}",
                                               f"acc @ step {steps[-1]}",
                                               "median drift / spread"], rows)],
         figures=figs,
-        numbers={"acc": acc, "early_acc": early_acc, "drift": drift, "steps": steps,
-                 "dataset": data.name, "d_final": d_final, "d_early": d_early},
+        numbers=numbers,
     )
 
 
@@ -117,4 +131,5 @@ STUDY = Study(
         "full": {"steps": 50000, "eval_every": 1000, "lr": 0.5, "train": 0, "test": 0},
     },
     run=run,
+    decide=decide,
 )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..norms import make_norm
 from . import _data
-from ._base import Study, StudyContext, StudyResult, Table, compare, fmt_ms, mean_std
-from ._fit import FitConfig, fit
+from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge
+from ._fit import FitConfig, fit_seeds
 
 # name -> (BN, dropout placement, weight decay)
 CONFIGS = {
@@ -44,45 +43,54 @@ def make_model(bn: bool, dropout: str | None, p: float = 0.5) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def decide(numbers: dict) -> list[Comparison]:
+    """Headline: the train-test accuracy gap, BN vs none (a regulariser narrows it)."""
+    acc, gap = numbers["acc"], numbers["gap"]
+    better_alone = [max(a, b) for a, b in zip(acc["bn"], acc["dropout"], strict=True)]
+    return [
+        judge("train accuracy - test accuracy", gap["bn"], gap["none"], with_label="BN",
+              without_label="none", higher_is_better=False),
+        judge("test accuracy", acc["bn"], acc["none"], with_label="BN", without_label="none"),
+        judge("test accuracy, BN+dropout vs the better of BN and dropout alone (per seed)",
+              acc["bn+dropout"], better_alone, with_label="BN+dropout",
+              without_label="better alone"),
+        judge("test accuracy, dropout after the last BN vs right before each BN",
+              acc["bn+dropout"], acc["dropout-before-bn"], with_label="after",
+              without_label="before"),
+    ]
+
+
 def run(ctx: StudyContext) -> StudyResult:
     s = ctx.settings
     data = _data.images(ctx)
     acc, gap = {}, {}
     for name, (bn, drop, wd) in CONFIGS.items():
-        acc[name], gap[name] = [], []
-        for seed in ctx.seeds:
-            torch.manual_seed(seed)
-            cfg = FitConfig(steps=s["steps"], batch_size=128, lr=1e-3, optimizer="adam",
-                            weight_decay=wd, seed=seed)
-            res = fit(make_model(bn, drop), data.x_train, data.y_train, data.x_test,
-                      data.y_test, cfg, eval_train=len(data.x_train))
-            acc[name].append(res.final_test_acc)
-            gap[name].append(res.final_train_acc - res.final_test_acc)
-            ctx.log(f"regularization {name} seed {seed}: test {res.final_test_acc:.4f} "
-                    f"gap {gap[name][-1]:+.4f}")
-    v_reg, d_reg = compare(gap["bn"], gap["none"], higher_is_better=False)
-    v_acc, d_acc = compare(acc["bn"], acc["none"])
-    v_comb, d_comb = compare(acc["bn+dropout"], [max(a, b) for a, b in
-                                                 zip(acc["bn"], acc["dropout"], strict=True)])
-    v_shift, d_shift = compare(acc["bn+dropout"], acc["dropout-before-bn"])
-    verdict = v_reg
-    evidence = (
-        f"train-test gap {mean_std(gap['bn'])[0]:+.3f} with BN vs "
-        f"{mean_std(gap['none'])[0]:+.3f} without ({v_reg} as a regulariser; dropout "
-        f"{mean_std(gap['dropout'])[0]:+.3f}, L2 {mean_std(gap['l2'])[0]:+.3f}); test accuracy "
-        f"{mean_std(acc['bn'])[0]:.3f} vs {mean_std(acc['none'])[0]:.3f}; BN+dropout vs the "
-        f"better of the two alone: {d_comb:+.3f} ({v_comb}); dropout right before BN costs "
-        f"{d_shift:+.3f} against dropout after BN ({v_shift} that the variance shift hurts)"
-    )
+        cfg = FitConfig(steps=s["steps"], batch_size=128, lr=1e-3, optimizer="adam",
+                        weight_decay=wd)
+        # dropout draws its masks from one random stream: those configurations train seed by
+        # seed, the others together (bnlab.studies._fit.fit_seeds)
+        trained = fit_seeds(lambda bn=bn, drop=drop: make_model(bn, drop), ctx.seeds,
+                            data.x_train, data.y_train, data.x_test, data.y_test, cfg,
+                            eval_train=len(data.x_train))
+        acc[name] = [res.final_test_acc for _, res in trained]
+        gap[name] = [res.final_train_acc - res.final_test_acc for _, res in trained]
+        for seed, a, g in zip(ctx.seeds, acc[name], gap[name], strict=True):
+            ctx.log(f"regularization {name} seed {seed}: test {a:.4f} gap {g:+.4f}")
+    numbers = {"acc": acc, "gap": gap}
+    comparisons = decide(numbers)
+    head, on_acc, comb, shift = comparisons
+    numbers.update(combined=[comb.verdict, comb.diff],
+                   dropout_before_bn=[shift.verdict, shift.diff],
+                   acc_verdict=[on_acc.verdict, on_acc.diff])
+    evidence = "; ".join(c.sentence() for c in comparisons)
     rows = [[n, fmt_ms(acc[n], 4), fmt_ms(gap[n], 4)] for n in CONFIGS]
     return StudyResult(
-        verdict=verdict, evidence=evidence,
+        verdict=head.verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Test accuracy and train-test gap of the seed CNN with BN, dropout, L2 and "
                  f"combinations, {data.name} subset of {len(data.x_train)} (overfitting regime).",
         tables=[Table("Accuracy and generalisation gap", ["config", "test acc",
                                                           "train acc - test acc"], rows)],
-        numbers={"acc": acc, "gap": gap, "combined": [v_comb, d_comb],
-                 "dropout_before_bn": [v_shift, d_shift], "acc_verdict": [v_acc, d_acc]},
+        numbers=numbers,
     )
 
 
@@ -98,4 +106,5 @@ STUDY = Study(
         "full": {"steps": 3000, "train": 10000, "test": 0},
     },
     run=run,
+    decide=decide,
 )
