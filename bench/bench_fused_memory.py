@@ -13,8 +13,9 @@ What is measured, per network (input ``(batch, channels, size, size)``, 8 blocks
   convolution saves its input, which is the previous block's output: what a BN layer saves
   counts only where it is not that tensor, so the network-level ratio is the honest one;
 * peak memory: growth of the peak resident set (``VmHWM``, reset through
-  ``/proc/self/clear_refs``; Linux) over one forward+backward, each network in a fresh
-  subprocess so the peaks do not mix;
+  ``/proc/self/clear_refs``; Linux) over two forward+backward steps, above the resident set
+  with the model and input built, each network in a fresh subprocess so the peaks do not mix
+  (it includes what allocators keep between steps, so it is coarser than the saved bytes);
 * time: median of interleaved forward+backward steps (``_timing.interleaved_medians``), as a
   ratio to eager in the same run.
 
@@ -83,13 +84,16 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def peak_child(kind: str, batch: int, channels: int, size: int) -> None:
+    """Peak RSS over two steps, above the RSS with the model and input built: what the steps
+    need, including what an allocator keeps between them (torch's, and the output-buffer
+    cache of bnlab's kernels), so neither side is flattered by memory held from step one."""
     model = build(kind, channels)
     x = torch.randn(batch, channels, size, size)
-    model(x).square().mean().backward()  # warm: allocator caches, huge-page buffers
-    model.zero_grad(set_to_none=True)
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM)
     before = _rss_kib("VmRSS")
-    model(x).square().mean().backward()
+    for _ in range(2):
+        model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
     print(json.dumps({"peak_growth_bytes": (_rss_kib("VmHWM") - before) * 1024}))
 
 
