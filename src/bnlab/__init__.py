@@ -7,27 +7,14 @@ between torch and bnlab layers (:func:`bnlab.convert`).
 
 from __future__ import annotations
 
-from . import functional, keras, kernels, tools
+from . import functional, keras, kernels, tools, variants
 from ._base import NonFiniteStatisticsError
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 from .fused import BatchNormAct2d
 from .norms import make_norm, norm_names, register_norm
 from .sync import SyncBatchNorm
-from .variants import (
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenBatchNormAct2d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    freeze,
-    unfreeze,
-)
+from .variants import *  # noqa: F403  (Batch Renorm, Ghost BN, frozen BN: variants.__all__)
 
 __version__ = "0.1.0"
 
@@ -46,18 +33,6 @@ __all__ = [
     "norm_names",
     "register_norm",
     "__version__",
-    # variants and distributed (issue 6)
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "FrozenBatchNormAct2d",
     "SyncBatchNorm",
-    "freeze",
-    "unfreeze",
+    *variants.__all__,
 ]

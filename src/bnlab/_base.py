@@ -10,6 +10,7 @@ versioning and the running-statistics update. Variants override one hook:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Literal, get_args
@@ -47,6 +48,33 @@ class NonFiniteStatisticsError(FloatingPointError):
     """A training batch produced NaN/Inf statistics and ``nonfinite="raise"`` was set."""
 
 
+#: What each rank of torch's BN accepts, read by every bnlab layer that subclasses it.
+RANK_INPUTS: dict[type[nn.Module], tuple[tuple[int, ...], str]] = {
+    nn.BatchNorm1d: ((2, 3), "(N, C) or (N, C, L)"),
+    nn.BatchNorm2d: ((4,), "(N, C, H, W)"),
+    nn.BatchNorm3d: ((5,), "(N, C, D, H, W)"),
+}
+
+
+def _forwarding_signature(own: Any, base: Any) -> inspect.Signature:
+    """The signature of an ``__init__`` that forwards ``*args``/``**kwargs`` to ``base``: its
+    own parameters with ``base``'s spelt out in place of the ``*args`` and ``**kwargs``, so
+    ``inspect.signature`` and ``help`` show every argument a layer accepts."""
+    mine = inspect.signature(own)
+    kinds = {p.kind for p in mine.parameters.values()}
+    named = [p for p in mine.parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    names = {p.name for p in named}
+    inherited = [p for p in inspect.signature(base).parameters.values() if p.name not in names]
+    positional = [p for p in named if p.kind is not p.KEYWORD_ONLY]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        positional += [p for p in inherited if p.kind is p.POSITIONAL_OR_KEYWORD]
+    keyword = [p for p in named if p.kind is p.KEYWORD_ONLY]
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        keyword += [p for p in inherited if p.kind is p.KEYWORD_ONLY]
+    return mine.replace(parameters=positional + keyword)
+
+
 def _check_choice(owner: str, name: str, value: Any, literal: Any) -> None:
     choices = get_args(literal)
     if value not in choices:
@@ -65,9 +93,14 @@ class _NormBase(_BatchNorm):
     """
 
     _version = 2  # same as torch's _NormBase: version 2 added num_batches_tracked
-    #: accepted input ranks and their description, set by each subclass
+    #: accepted input ranks and their description: from the torch class a layer subclasses
+    #: (:data:`RANK_INPUTS`), or set by the layer
     _input_dims: tuple[int, ...] = ()
     _input_layout: str = ""
+    #: why the layer needs ``track_running_stats=True``, for one that does (else ``None``)
+    _needs_running_stats: str | None = None
+    #: synchronise even without a ``process_group`` (``None``: the default group)
+    _always_sync = False
 
     num_features: int
     eps: float
@@ -94,6 +127,11 @@ class _NormBase(_BatchNorm):
     ) -> None:
         nn.Module.__init__(self)  # not _BatchNorm's: bnlab builds its own parameters
         name = type(self).__name__
+        if self._needs_running_stats and not track_running_stats:
+            raise ValueError(
+                f"{name}: {self._needs_running_stats} and needs track_running_stats=True, "
+                "got track_running_stats=False"
+            )
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(
                 f"{name}: num_features must be a positive int, got {num_features!r}"
@@ -135,6 +173,12 @@ class _NormBase(_BatchNorm):
                 f"{name}: normalize_with='running' needs running statistics, "
                 "got track_running_stats=False"
             )
+        own_batches = type(self)._batch_forward is not _NormBase._batch_forward
+        if normalize_with == "running" and own_batches:
+            raise ValueError(
+                f"{name}: normalises its training batches its own way, so "
+                "normalize_with='running' does not apply; use normalize_with='batch'"
+            )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -148,16 +192,17 @@ class _NormBase(_BatchNorm):
         self._warned_nonfinite = False
         # Synchronised statistics: any layer given a process group (and every SyncBatchNorm,
         # whose None means the default group) reduces its batch statistics over the ranks.
-        if process_group is not None and getattr(type(self), "_sync_policy", "sync") != "sync":
+        sync = process_group is not None or self._always_sync
+        if sync and getattr(type(self), "_sync_policy", "sync") != "sync":
             raise ValueError(
                 f"{name}: cannot synchronise its statistics (process_group given); "
                 f"{_SYNC_REFUSALS.get(type(self)._sync_policy, '')}"
             )
-        if process_group is not None and normalize_with == "running":
-            raise ValueError(f"{name}: normalize_with='running' cannot be synchronised "
-                             "(process_group given)")
+        if sync and normalize_with == "running":
+            raise ValueError(f"{name}: normalize_with='running' cannot be synchronised; "
+                             "use normalize_with='batch'")
         self.process_group = process_group
-        self.sync = process_group is not None
+        self.sync = sync
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             if bias:
@@ -186,6 +231,18 @@ class _NormBase(_BatchNorm):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_input_dims" not in cls.__dict__:
+            for torch_cls, (dims, layout) in RANK_INPUTS.items():
+                if issubclass(cls, torch_cls):
+                    cls._input_dims, cls._input_layout = dims, layout
+                    break
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            # a variant takes its own keyword-only arguments and forwards the rest
+            init.__signature__ = _forwarding_signature(init, super(cls, cls).__init__)
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._base import _NormBase
+from ._docs import fill_docs
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -57,14 +58,14 @@ Args:
     device, dtype: factory arguments for the parameters and buffers.
 
 Shape:
-    - Input: {shape}
+    - Input: {layout}
     - Output: same shape and dtype as the input. Half and bfloat16 inputs are computed with
       float32 statistics.
 
 Example::
 
     >>> import torch, bnlab
-    >>> bn = bnlab.{name}({example_c}, running="window", window_size=4)
+    >>> bn = bnlab.{name}(3, running="window", window_size=4)
     >>> y = bn(torch.randn({example_shape}))
     >>> y.shape
     torch.Size([{example_shape}])
@@ -81,30 +82,15 @@ Example::
 
 
 class BatchNorm1d(_NormBase, nn.BatchNorm1d):
-    _input_dims = (2, 3)
-    _input_layout = "(N, C) or (N, C, L)"
+    pass
 
 
 class BatchNorm2d(_NormBase, nn.BatchNorm2d):
-    _input_dims = (4,)
-    _input_layout = "(N, C, H, W)"
+    pass
 
 
 class BatchNorm3d(_NormBase, nn.BatchNorm3d):
-    _input_dims = (5,)
-    _input_layout = "(N, C, D, H, W)"
+    pass
 
 
-for _cls, _rank, _c, _shape in (
-    (BatchNorm1d, "2D or 3D", 3, "8, 3"),
-    (BatchNorm2d, "4D", 3, "8, 3, 5, 5"),
-    (BatchNorm3d, "5D", 3, "8, 3, 2, 4, 4"),
-):
-    _cls.__doc__ = _DOC.format(
-        rank=_rank,
-        layout=_cls._input_layout,
-        shape=_cls._input_layout,
-        name=_cls.__name__,
-        example_c=_c,
-        example_shape=_shape,
-    )
+fill_docs(_DOC, BatchNorm1d, BatchNorm2d, BatchNorm3d)

@@ -78,17 +78,9 @@ class BatchNormAct2d(_NormBase, nn.BatchNorm2d):
         True
     """
 
-    _input_dims = (4,)
-    _input_layout = "(N, C, H, W)"
-
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
+        *args: Any,
         act: Activation = "relu",
         negative_slope: float = 0.01,
         alpha: float = 1.0,
@@ -125,7 +117,7 @@ class BatchNormAct2d(_NormBase, nn.BatchNorm2d):
                 f"{name}: inplace=True normalises with the batch's statistics, got "
                 f"normalize_with={kwargs['normalize_with']!r}; use inplace=False"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        super().__init__(*args, **kwargs)
         self.act = act
         self.negative_slope = float(negative_slope)
         self.alpha = float(alpha)

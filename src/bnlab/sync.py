@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 from ._base import _NormBase
@@ -45,7 +44,8 @@ class SyncBatchNorm(_NormBase):
             :class:`bnlab.BatchNorm2d`.
         process_group: the group to synchronise over (keyword-only); ``None`` is the default
             (world) group.
-        device, dtype: factory arguments.
+        bias, running, window_size, nonfinite, device, dtype: as :class:`bnlab.BatchNorm2d`
+            (keyword-only).
 
     Shape:
         - Input: ``(N, C, *)``, any rank from 2D to 5D.
@@ -62,23 +62,7 @@ class SyncBatchNorm(_NormBase):
     _input_dims = (2, 3, 4, 5)
     _input_layout = "(N, C, *)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats,
-            process_group=process_group, device=device, dtype=dtype,
-        )  # fmt: skip
-        self.sync = True  # process_group=None: the default (world) group
+    _always_sync = True  # process_group=None: the default (world) group
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

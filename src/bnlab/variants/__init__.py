@@ -7,34 +7,16 @@ from typing import Any
 from torch import nn
 
 from ..norms import register_norm
-from .frozen import (
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenBatchNormAct2d,
-    freeze,
-    unfreeze,
-)
-from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from . import frozen, ghost, renorm
+from .frozen import *  # noqa: F403  (the names in frozen.__all__)
+from .ghost import *  # noqa: F403
+from .renorm import *  # noqa: F403
 
-__all__ = [
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "FrozenBatchNormAct2d",
-    "freeze",
-    "unfreeze",
-]
+# each module's public names, listed once, in that module
+__all__ = [*renorm.__all__, *ghost.__all__, *frozen.__all__]
 
-_RENORM = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
-_GHOST = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
+_RENORM = {1: renorm.BatchRenorm1d, 2: renorm.BatchRenorm2d, 3: renorm.BatchRenorm3d}
+_GHOST = {1: ghost.GhostBatchNorm1d, 2: ghost.GhostBatchNorm2d, 3: ghost.GhostBatchNorm3d}
 
 
 @register_norm("renorm")

@@ -18,10 +18,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
+from .._docs import fill_docs
 from .._tree import map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..fused import BatchNormAct2d
-from ._docs import fill_docs
 
 __all__ = [
     "FrozenBatchNorm1d",
@@ -51,13 +51,10 @@ Args:
     track_running_stats: must be ``True`` (the map is made of running statistics).
 {factory_args}
 
-Shape:
-    - Input: {layout}
-    - Output: same shape and dtype as the input.
+{shape}
 
 Example::
-
-    >>> import torch, bnlab
+{example_imports}
     >>> bn = bnlab.{name}(3)
     >>> _ = bn.train()
     >>> bn.training
@@ -85,28 +82,10 @@ class _FrozenBase(_NormBase):
     """A BN layer that stays in evaluation mode for good (an explicit base, not a mixin)."""
 
     _sync_policy = "local"
+    _needs_running_stats = "a frozen layer is made of running statistics"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not track_running_stats:
-            raise ValueError(
-                f"{type(self).__name__}: a frozen layer is made of running statistics and "
-                "needs track_running_stats=True, got track_running_stats=False"
-            )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device,
-            dtype=dtype, **kwargs,
-        )  # fmt: skip
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         _params_to_buffers(self)
 
     @property
@@ -131,7 +110,7 @@ class FrozenBatchNorm3d(BatchNorm3d, _FrozenBase):
     pass
 
 
-fill_docs(_DOC, {"1d": FrozenBatchNorm1d, "2d": FrozenBatchNorm2d, "3d": FrozenBatchNorm3d})
+fill_docs(_DOC, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
 
 
 class FrozenBatchNormAct2d(BatchNormAct2d, _FrozenBase):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import functional_variants as FV
 from .._base import _NormBase
-from ._docs import fill_docs
+from .._docs import fill_docs
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -48,13 +48,10 @@ Args:
         ``virtual_batch_size`` (keyword-only). Default: ``False``.
 {factory_args}
 
-Shape:
-    - Input: {layout}
-    - Output: same shape and dtype as the input.
+{shape}
 
 Example::
-
-    >>> import torch, bnlab
+{example_imports}
     >>> bn = bnlab.{name}(3, virtual_batch_size=4)
     >>> bn(torch.randn({example_shape})).shape
     torch.Size([{example_shape}])
@@ -66,28 +63,14 @@ class _GhostBatchNorm(_NormBase):
     _sync_policy = "local"
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
-        virtual_batch_size: int = 32,
-        strict: bool = False,
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, *args: Any, virtual_batch_size: int = 32, strict: bool = False, **kwargs: Any
     ) -> None:
         vbs = virtual_batch_size
         if isinstance(vbs, bool) or not isinstance(vbs, int) or vbs < 2:
             raise ValueError(
                 f"{type(self).__name__}: virtual_batch_size must be an int >= 2, got {vbs!r}"
             )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats,
-            process_group=process_group, device=device, dtype=dtype,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)
         self.virtual_batch_size = vbs
         self.strict = bool(strict)
 
@@ -116,18 +99,15 @@ class _GhostBatchNorm(_NormBase):
 
 
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
-    _input_dims = (2, 3)
-    _input_layout = "(N, C) or (N, C, L)"
+    pass
 
 
 class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
-    _input_dims = (4,)
-    _input_layout = "(N, C, H, W)"
+    pass
 
 
 class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
-    _input_dims = (5,)
-    _input_layout = "(N, C, D, H, W)"
+    pass
 
 
-fill_docs(_DOC, {"1d": GhostBatchNorm1d, "2d": GhostBatchNorm2d, "3d": GhostBatchNorm3d})
+fill_docs(_DOC, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as F
 from .. import functional_variants as FV
 from .._base import _NormBase
+from .._docs import fill_docs
 from ..kernels.library import snapshot
-from ._docs import fill_docs
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -57,13 +56,10 @@ Args:
         linearly after the warm-up (keyword-only). Default: ``(35000, 20000)``.
 {factory_args}
 
-Shape:
-    - Input: {layout}
-    - Output: same shape and dtype as the input.
+{shape}
 
 Example::
-
-    >>> import torch, bnlab
+{example_imports}
     >>> bn = bnlab.{name}(3, warmup_steps=0, relax_steps=0)
     >>> y = bn(torch.randn({example_shape}))
     >>> bn.current_limits()
@@ -74,29 +70,18 @@ Example::
 class _BatchRenorm(_NormBase):
     #: bnlab.SyncBatchNorm.convert_sync_batchnorm refuses this layer (its statistics are local).
     _sync_policy = "refuse"
+    _needs_running_stats = "Batch Renorm corrects towards running statistics"
 
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
+        *args: Any,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         relax_steps: int | tuple[int, int] = (35_000, 20_000),
-        process_group: Any = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        if not track_running_stats:
-            raise ValueError(
-                f"{name}: Batch Renorm corrects towards running statistics and needs "
-                "track_running_stats=True, got track_running_stats=False"
-            )
         if not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max >= 1):
             raise ValueError(f"{name}: r_max must be a finite float >= 1, got {r_max!r}")
         if not (isinstance(d_max, (int, float)) and math.isfinite(d_max) and d_max >= 0):
@@ -113,10 +98,7 @@ class _BatchRenorm(_NormBase):
                 f"{name}: relax_steps must be an int >= 0 or a pair (r_steps, d_steps) of them, "
                 f"got {relax_steps!r}"
             )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats,
-            process_group=process_group, device=device, dtype=dtype,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
@@ -150,18 +132,15 @@ class _BatchRenorm(_NormBase):
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
-    _input_dims = (2, 3)
-    _input_layout = "(N, C) or (N, C, L)"
+    pass
 
 
 class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
-    _input_dims = (4,)
-    _input_layout = "(N, C, H, W)"
+    pass
 
 
 class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
-    _input_dims = (5,)
-    _input_layout = "(N, C, D, H, W)"
+    pass
 
 
-fill_docs(_DOC, {"1d": BatchRenorm1d, "2d": BatchRenorm2d, "3d": BatchRenorm3d})
+fill_docs(_DOC, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)
