@@ -13,14 +13,25 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert"]
 
-_TORCH_TO_BNLAB: dict[type[nn.Module], type[_NormBase]] = {
+#: torch's BN layers and bnlab's equivalents: the one table every converter reads
+#: (:func:`convert`, :meth:`bnlab.SyncBatchNorm.convert_sync_batchnorm`, :func:`bnlab.freeze`)
+TORCH_TO_BNLAB: dict[type[nn.Module], type[_NormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
 }
 _BNLAB_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
-    v: k for k, v in _TORCH_TO_BNLAB.items()
+    v: k for k, v in TORCH_TO_BNLAB.items()
 }
+#: the torch BN classes the converters know (``SyncBatchNorm`` takes any rank); any other
+#: subclass of torch's ``_BatchNorm`` has behaviour of its own that converting would drop
+TORCH_KNOWN: tuple[type[nn.Module], ...] = (*TORCH_TO_BNLAB, nn.SyncBatchNorm)
+
+
+def torch_rank_class(mod: nn.Module) -> type[nn.Module] | None:
+    """The ``torch.nn.BatchNorm1d/2d/3d`` that ``mod`` (torch's or bnlab's) is an instance of,
+    or ``None`` for a layer of any rank (``SyncBatchNorm``)."""
+    return next((cls for cls in TORCH_TO_BNLAB if isinstance(mod, cls)), None)
 
 
 def _same_device_dtype(src: nn.Module) -> dict:
@@ -89,7 +100,7 @@ def convert(
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    table = _TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH
+    table = TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH
 
     def convert_one(mod: nn.Module, qualname: str) -> nn.Module:
         target = table.get(type(mod))

@@ -15,6 +15,7 @@ from torch import nn
 from ._base import _NormBase
 from ._sync_ops import global_batch_stats, sync_batch_norm
 from ._tree import map_modules
+from .convert import TORCH_KNOWN
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
 
@@ -104,8 +105,7 @@ class SyncBatchNorm(_NormBase):
                 return mod
             if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 return mod
-            known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-            if type(mod) not in known:
+            if type(mod) not in TORCH_KNOWN:
                 raise ValueError(
                     f"convert_sync_batchnorm: layer {where} is a {type(mod).__name__}, a "
                     "torch BN subclass; converting would drop its behaviour. Rewrite it "

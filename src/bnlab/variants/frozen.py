@@ -21,6 +21,7 @@ from .._base import _NormBase
 from .._docs import fill_docs
 from .._tree import map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..convert import TORCH_KNOWN, TORCH_TO_BNLAB, torch_rank_class
 from ..fused import BatchNormAct2d
 
 __all__ = [
@@ -122,17 +123,9 @@ class FrozenBatchNormAct2d(BatchNormAct2d, _FrozenBase):
     """
 
 
-_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
-_PLAIN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
-_TORCH_KNOWN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_FROZEN = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
+           nn.BatchNorm3d: FrozenBatchNorm3d}  # fmt: skip
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _rank(mod: nn.Module) -> int | None:
-    for rank, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
-        if isinstance(mod, cls):
-            return rank
-    return None  # SyncBatchNorm: any rank
 
 
 def _bn_state(mod: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,7 +138,7 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
     if isinstance(mod, _FrozenBase) or not isinstance(mod, _BatchNorm):
         return mod
     name = type(mod).__name__
-    if not isinstance(mod, _NormBase) and type(mod) not in _TORCH_KNOWN:
+    if not isinstance(mod, _NormBase) and type(mod) not in TORCH_KNOWN:
         raise ValueError(
             f"freeze: layer {where} is a {name}, a torch BN subclass bnlab does not know; "
             "freezing it would drop its behaviour. Convert it first"
@@ -167,20 +160,21 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
         if act == "identity" and not mod.eval_is_affine():
             raise ValueError(f"freeze: layer {where} ({name}) does not evaluate as an affine "
                              "map (eval_is_affine() is False)")
-    rank = _rank(mod)
+    rank = torch_rank_class(mod)
     ref = mod.running_mean
     kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype}
     if mod.affine and getattr(mod, "bias", None) is None:
         kw["bias"] = False
     if act != "identity":
-        if rank != 2:
+        if rank is not nn.BatchNorm2d:
             raise ValueError(f"freeze: layer {where} ({name}) applies {act}: only 2d layers "
                              "with an activation can be frozen (FrozenBatchNormAct2d)")
         kw["alpha" if act == "elu" else "negative_slope"] = slope
         new = FrozenBatchNormAct2d(mod.num_features, mod.eps, mod.momentum, mod.affine, True,
                                    act=act, **kw)  # fmt: skip
     else:
-        new = _FROZEN[rank or 2](mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
+        new = _FROZEN[rank or nn.BatchNorm2d](mod.num_features, mod.eps, mod.momentum,
+                                              mod.affine, True, **kw)  # fmt: skip
         if rank is None:  # a synchronised layer takes any rank: so does its frozen form
             new._input_dims, new._input_layout = (2, 3, 4, 5), "(N, C, *)"
     new.load_state_dict(_bn_state(mod))
@@ -242,7 +236,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
                 kw.update(act=mod.act, negative_slope=mod.negative_slope)
                 cls: type[nn.Module] = BatchNormAct2d
             else:
-                cls = _PLAIN[_rank(mod) or 2]
+                cls = TORCH_TO_BNLAB[torch_rank_class(mod) or nn.BatchNorm2d]
             target = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
         target.load_state_dict(_bn_state(mod), strict=False)
         for p in (target.weight, target.bias):
