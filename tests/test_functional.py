@@ -56,3 +56,15 @@ def test_unbiased_and_factors() -> None:
     assert F.cumulative_factor(4) == 0.25
     torch.testing.assert_close(F.ema_update(torch.tensor(1.0), torch.tensor(3.0), 0.25),
                                torch.tensor(1.5))
+
+
+def test_moments_of_parts_merge_to_the_moments_of_the_whole():
+    x = torch.randn(10, 3, 4, dtype=torch.float64) * 5 + 2
+    parts = [F.moments(x[:1]), F.moments(x[1:7]), F.moments(x[7:])]
+    counts = torch.tensor([[float(p[0])] for p in parts], dtype=torch.float64)
+    mean, m2 = F.merge_moments(counts, torch.stack([p[1] for p in parts]),
+                               torch.stack([p[2] for p in parts]))  # fmt: skip
+    n, whole_mean, whole_m2 = F.moments(x)
+    assert n == 40
+    torch.testing.assert_close(mean, whole_mean)
+    torch.testing.assert_close(m2, whole_m2)

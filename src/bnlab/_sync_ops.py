@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from .functional import _per_channel as _pc
 from .kernels import _ops
 from .kernels import inplace as _inplace
 
@@ -20,10 +21,6 @@ def group_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
-
-
-def _pc(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 @torch.no_grad()
@@ -37,16 +34,14 @@ def global_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, in
     count is at most 1.
     """
     c = x.shape[1]
-    n = F.count_per_channel(x)
     dev = x.device
-    if n > 0:
+    if F.count_per_channel(x) > 0:
         # Local moments in the compute dtype (var_mean is numerically stable); merge in float64.
-        xc = x.to(F.compute_dtype(x.dtype))
-        var, mean = torch.var_mean(xc, dim=F.reduce_dims(x), correction=0)
-        var, mean = var.double(), mean.double()
+        n, mean, m2 = F.moments(x, F.compute_dtype(x.dtype))
     else:
-        var = mean = torch.zeros(c, dtype=torch.float64, device=dev)
-    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), mean, var * n])
+        n, mean = 0, torch.zeros(c, dtype=torch.float64, device=dev)
+        m2 = mean
+    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), mean, m2])
     parts = [torch.empty_like(local) for _ in range(group_size(group))]
     dist.all_gather(parts, local, group=group)
     g = torch.stack(parts)
@@ -57,8 +52,7 @@ def global_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, in
             "Expected more than 1 value per channel when training, got "
             f"{total} over all ranks (local input size {tuple(x.shape)})"
         )
-    gmean = (counts * means).sum(0) / total
-    gm2 = (m2 + counts * (means - gmean) ** 2).sum(0)
+    gmean, gm2 = F.merge_moments(counts, means, m2)
     cdt = F.compute_dtype(x.dtype)
     return gmean.to(cdt), (gm2 / total).clamp_min(0).to(cdt), total
 

@@ -28,6 +28,8 @@ __all__ = [
     "reduce_dims",
     "count_per_channel",
     "batch_stats",
+    "moments",
+    "merge_moments",
     "normalize",
     "batch_norm_train",
     "batch_norm_act_train",
@@ -62,6 +64,25 @@ def count_per_channel(x: Tensor) -> int:
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     """View a ``(C,)`` tensor so it broadcasts against ``x`` of shape ``(N, C, *)``."""
     return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def moments(x: Tensor, dtype: torch.dtype = torch.float64) -> tuple[int, Tensor, Tensor]:
+    """``(n, mean, M2)`` per channel of ``x`` ``(N, C, *)``: the count, the ``(C,)`` mean and
+    ``M2 = n * biased var`` in float64, from ``var_mean`` computed in ``dtype`` (float64 by
+    default; :func:`compute_dtype` where speed matters more). Summaries of parts of a batch
+    merge exactly with :func:`merge_moments`."""
+    var, mean = torch.var_mean(x.detach().to(dtype), dim=reduce_dims(x), correction=0)
+    n = count_per_channel(x)
+    return n, mean.double(), var.double() * n
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+    """Chan et al.'s exact merge of ``k`` summaries ``(n_i, mean_i, M2_i)``: ``counts``
+    ``(k, 1)``, ``means`` and ``m2`` ``(k, C)``; returns the whole's ``(mean, M2)`` with
+    ``M2 = sum(M2_i + n_i (mean_i - mean)^2)``. Exact for unequal (and zero) counts, without
+    the cancellation of sums of squares. The total count must be positive."""
+    mean = (counts * means).sum(0) / counts.sum()
+    return mean, (m2 + counts * (means - mean) ** 2).sum(0)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,21 +37,19 @@ Moments = tuple[int, Tensor, Tensor]  # count per channel, mean (C,), M2 (C,) in
 
 
 def batch_moments(x: Tensor) -> Moments:
-    """``(n, mean, M2)`` per channel of ``x`` ``(N, C, *)``, in float64 (M2 = n * biased var)."""
-    var, mean = torch.var_mean(x.detach().double(), dim=BF.reduce_dims(x), correction=0)
-    n = BF.count_per_channel(x)
-    return n, mean, var * n
+    """``(n, mean, M2)`` per channel of ``x`` ``(N, C, *)``, in float64 (M2 = n * biased var):
+    :func:`bnlab.functional.moments`."""
+    return BF.moments(x)
 
 
 def combine_moments(a: Moments | None, b: Moments) -> Moments:
-    """Chan et al.'s exact pairwise merge of two ``(n, mean, M2)`` summaries."""
+    """Chan et al.'s exact merge of two ``(n, mean, M2)`` summaries
+    (:func:`bnlab.functional.merge_moments`)."""
     if a is None or a[0] == 0:
         return b
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * (nb / n), m2a + m2b + delta.square() * (na * nb / n)
+    counts = torch.tensor([[float(a[0])], [float(b[0])]], dtype=torch.float64, device=b[1].device)
+    mean, m2 = BF.merge_moments(counts, torch.stack([a[1], b[1]]), torch.stack([a[2], b[2]]))
+    return a[0] + b[0], mean, m2
 
 
 def first_tensor(batch) -> Tensor:
