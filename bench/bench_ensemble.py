@@ -21,7 +21,7 @@ import time
 import torch
 
 import _timing
-from bnlab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp, seed_cnn
+from bnlab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp, small_cnn
 from bnlab.studies._fit import FitConfig, fit_seeds
 from bnlab.studies.beyond_images import SeqTransformer
 from bnlab.studies.depth import deep_mlp
@@ -38,10 +38,10 @@ CASES = {
     "mnist1d_cnn": ("beyond-images", lambda: mnist1d_cnn("bn"), SIGNAL, 100, "adam", 3e-3),
     "transformer (seed by seed)": ("beyond-images", lambda: SeqTransformer("bn"), SIGNAL, 100,
                                    "adam", 3e-3),
-    "seed_cnn batch 8": ("batch-size", lambda: seed_cnn("bn", "before"), IMAGE, 8, "adam", 1e-3),
-    "seed_cnn batch 64": ("learning-rate", lambda: seed_cnn("bn", "before"), IMAGE, 64, "sgd",
+    "small_cnn batch 8": ("batch-size", lambda: small_cnn("bn", "before"), IMAGE, 8, "adam", 1e-3),
+    "small_cnn batch 64": ("learning-rate", lambda: small_cnn("bn", "before"), IMAGE, 64, "sgd",
                           0.1),
-    "seed_cnn batch 128": ("running-stats", lambda: seed_cnn("bn"), IMAGE, 128, "adam", 1e-3),
+    "small_cnn batch 128": ("running-stats", lambda: small_cnn("bn"), IMAGE, 128, "adam", 1e-3),
     "regularization bn": ("regularization", lambda: make_model(True, None), IMAGE, 128, "adam",
                           1e-3),
 }

@@ -1,9 +1,9 @@
 """Inference latency: BN folded by bnlab vs unfolded eager vs torch.fx.experimental fuse.
 
 Claim: folding an evaluation-mode BN into the neighbouring convolution removes the BN's
-elementwise pass, so the folded model is faster at the same output. Measured on the seed CNN
-(BN after ReLU, as in the seed, and BN before ReLU), and a small ResNet for 28x28 inputs, at
-batch 1 and 64 (``bnlab.models.seed_cnn`` and ``small_resnet``, with torch's BN layers).
+elementwise pass, so the folded model is faster at the same output. Measured on the small CNN
+(BN after ReLU, as in the tutorial, and BN before ReLU), and a small ResNet for 28x28 inputs, at
+batch 1 and 64 (``bnlab.models.small_cnn`` and ``small_resnet``, with torch's BN layers).
 Every variant runs in the same process, interleaved in rounds; the numbers are medians of
 per-call times and ratios against the unfolded model of the same run.
 
@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from bnlab.commands.info import environment
-from bnlab.models import seed_cnn, small_resnet
+from bnlab.models import small_cnn, small_resnet
 from bnlab.tools import fold
 
 
@@ -108,8 +108,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     models = {
         # torch's BN layers, so that torch.fx's fuse (which knows only those) is a fair peer
-        "seed CNN (BN after ReLU)": _prepare(seed_cnn("torch-bn", "after")),
-        "seed CNN (BN before ReLU)": _prepare(seed_cnn("torch-bn", "before")),
+        "small CNN (BN after ReLU)": _prepare(small_cnn("torch-bn", "after")),
+        "small CNN (BN before ReLU)": _prepare(small_cnn("torch-bn", "before")),
         "small ResNet": _prepare(small_resnet("torch-bn")),
     }
     rows = bench(models, [int(b) for b in args.batches.split(",")], args.rounds)

@@ -1,13 +1,13 @@
-"""Epoch time of the seed's CNN on Fashion-MNIST: no BN vs torch's BN vs bnlab's BN.
+"""Epoch time of the small CNN on Fashion-MNIST: no BN vs torch's BN vs bnlab's BN.
 
 Claim checked: with bnlab's BN the BN overhead, (epoch time with BN - without) / without, is at
 most 10% (torch's BN: about 30% on 2 cores, see ``../shared/ANCHORS.md``).
 
-The seed's network (PyTorch port): Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool
+The tutorial's network (PyTorch port): Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool
 Flatten Linear(1600,10); Adam, batch 128, the 60000 training images, ``--threads`` threads.
 The three variants take turns epoch by epoch (``--epochs`` each); medians are reported.
 The images are read by ``bnlab.data.load_dataset`` (``--data-dir``, else bnlab's search path,
-which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.models.seed_cnn``.
+which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.models.small_cnn``.
 
     python bench/bench_seed_epoch.py [--epochs 3] [--threads 2] [--data-dir DIR]
 """
@@ -26,7 +26,7 @@ import _timing
 import bnlab
 from bnlab.commands.info import environment
 from bnlab.data import load_dataset
-from bnlab.models import seed_cnn
+from bnlab.models import small_cnn
 
 NORMS = {"none": "none", "torch": "torch-bn", "bnlab": "bn"}  # variant -> bnlab.norms name
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for v in variants:
         torch.manual_seed(0)
-        model = seed_cnn(NORMS[v])
+        model = small_cnn(NORMS[v])
         runs[v] = (model, torch.optim.Adam(model.parameters(), 1e-3))
     times: dict[str, list[float]] = {v: [] for v in variants}
     for e in range(args.epochs + 1):  # the first epoch of each variant is a warm-up

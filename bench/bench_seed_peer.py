@@ -1,8 +1,8 @@
-"""The seed's experiment side by side: Keras/TensorFlow (the seed's code) and ``bnlab run seed``.
+"""The small-CNN experiment side by side: Keras/TensorFlow (the tutorial's code) and bnlab.
 
-Runs, in one session on the same machine and the same local Fashion-MNIST files, the seed's
+Runs, in one session on the same machine and the same local Fashion-MNIST files, the tutorial's
 Keras CNN (``bench/seed_keras.py``, with and without BN) and bnlab's PyTorch version
-(``bnlab run seed --norms none,bn``), alternating, and prints seconds per epoch (median over
+(``bnlab run small-cnn --norms none,bn``), alternating, and prints seconds per epoch (median over
 epochs, the first epoch excluded when there are more than two) and validation accuracy.
 Not part of CI. TensorFlow lives in its own environment::
 
@@ -37,20 +37,20 @@ def run_keras(tf_python: str, norm: str, args) -> dict:
     if out.returncode:
         raise SystemExit(f"seed_keras.py failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"who": "keras (seed)", "norm": norm, "times": r["epoch_times"],
+    return {"who": "keras (tutorial)", "norm": norm, "times": r["epoch_times"],
             "val_acc": r["val_acc"], "version": r["framework"]}
 
 
 def run_bnlab(norm: str, args, out_dir: Path) -> dict:
     run = out_dir / f"bnlab-{norm}"
-    cmd = [sys.executable, "-m", "bnlab", "run", "seed", "--dataset", "fashion-mnist",
+    cmd = [sys.executable, "-m", "bnlab", "run", "small-cnn", "--dataset", "fashion-mnist",
            "--norms", norm, "--seeds", "1", "--epochs", str(args.epochs), "--threads",
            str(args.threads), "--data-dir", args.data_dir, "--train-subset",
            str(args.train_subset), "--out", str(run), "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
-        raise SystemExit(f"bnlab run seed failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"bnlab run small-cnn failed:\n{out.stderr[-3000:]}")
     epochs = [json.loads(line) for line in
               (run / "runs" / f"{norm}-s0" / "epochs.jsonl").read_text().splitlines()]
     import torch
@@ -73,7 +73,7 @@ def main() -> None:
         for norm in args.norms.split(","):
             results.append(run_keras(args.tf_python, norm, args))
             results.append(run_bnlab(norm, args, Path(tmp)))
-    print(f"\nseed CNN on Fashion-MNIST, {args.epochs} epochs, batch 128, Adam, "
+    print(f"\nsmall CNN on Fashion-MNIST, {args.epochs} epochs, batch 128, Adam, "
           f"{args.threads} threads, train subset {args.train_subset or 'all'}")
     print(f"{'who':14s} {'norm':5s} {'s/epoch':>8s} {'final val':>9s} {'best val':>9s}  version")
     for r in results:

@@ -1,7 +1,7 @@
 """bnlab against torch's BN in the stack users run: compiled, on torch's kernels, under autocast.
 
 One run, medians of alternating rounds, ratios bnlab / torch for a training step (forward,
-backward, Adam step) of the seed's CNN on Fashion-MNIST batches of 128 (``bnlab.models.seed_cnn``
+backward, Adam step) of the small CNN on Fashion-MNIST batches of 128 (``bnlab.models.small_cnn``
 with norm ``bn`` against ``torch-bn``):
 
 * ``compiled``: both models under ``torch.compile`` (inductor). Target <= 0.9: the native
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 import bnlab  # noqa: E402
 from bnlab.data import load_dataset  # noqa: E402
-from bnlab.models import seed_cnn  # noqa: E402
+from bnlab.models import small_cnn  # noqa: E402
 
 TARGETS = {"compiled": 0.9, "torch kernels": 1.1, "autocast bf16 BatchNorm2d": 1.1,
            "autocast bf16 BatchNormAct2d": 1.1}  # fmt: skip
@@ -53,7 +53,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool 
 
 
 class _FusedSeed(nn.Module):
-    """The seed's CNN with each BN + ReLU as one fused layer (norm before the activation)."""
+    """The small CNN with each BN + ReLU as one fused layer (norm before the activation)."""
 
     def __init__(self, fused: bool) -> None:
         super().__init__()
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     data = load_dataset("fashion-mnist", args.data_dir)
     x, y = data.x_train[:128], data.y_train[:128]
-    seed = {"bnlab": lambda _: seed_cnn(norm="bn"), "torch": lambda _: seed_cnn(norm="torch-bn")}
+    seed = {"bnlab": lambda _: small_cnn(norm="bn"), "torch": lambda _: small_cnn(norm="torch-bn")}
 
     def bnlab_or_torch(name):
         return seed[name](name)

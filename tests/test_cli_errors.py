@@ -50,8 +50,8 @@ def make():
 def not_a_module():
     return 42
 '''
-#: flags that make `bnlab run seed` tiny: one epoch on 32 examples, one normaliser
-TINY_SEED = "--epochs 1 --norms none --train-subset 32 --test-subset 32 --batch-size 16 --quiet"
+#: flags that make `bnlab run small-cnn` tiny: one epoch on 32 examples, one normaliser
+TINY_CNN = "--epochs 1 --norms none --train-subset 32 --test-subset 32 --batch-size 16 --quiet"
 
 
 @dataclass
@@ -208,7 +208,7 @@ def _run(c: Ctx) -> None:
 
 
 def _study(c: Ctx) -> None:
-    """``{t}/study``: a copy of a finished tiny ``bnlab run seed`` study."""
+    """``{t}/study``: a copy of a finished tiny ``bnlab run small-cnn`` study."""
     shutil.copytree(c.shared["study"], c.t / "study")
 
 
@@ -391,31 +391,31 @@ CASES = [
     Case("verify-fashion-as-mnist", "data verify mnist --data-dir {fashion}", 1,
          "holds fashion-mnist's files, not mnist's", None, "fashion"),
     Case("verify-unknown-name", "data verify nosuch", 2, "unknown dataset 'nosuch'"),
-    # --- bnlab run seed
-    Case("seed-seeds-zero", "run seed --out {t}/s --seeds 0 " + TINY_SEED, 2,
+    # --- bnlab run small-cnn
+    Case("cnn-seeds-zero", "run small-cnn --out {t}/s --seeds 0 " + TINY_CNN, 2,
          "--seeds must be >= 1, got 0", None, "fashion"),
-    Case("seed-unknown-norm", "run seed --out {t}/s --norms none,nosuch", 2,
+    Case("cnn-unknown-norm", "run small-cnn --out {t}/s --norms none,nosuch", 2,
          "unknown normaliser 'nosuch'", None, "fashion"),
-    Case("seed-no-norms", "run seed --out {t}/s --norms ,", 2,
+    Case("cnn-no-norms", "run small-cnn --out {t}/s --norms ,", 2,
          "--norms must name at least one normaliser", None, "fashion"),
-    Case("seed-lr-nan", "run seed --out {t}/s --lr nan", 2, "lr must be a positive finite",
+    Case("cnn-lr-nan", "run small-cnn --out {t}/s --lr nan", 2, "lr must be a positive finite",
          None, "fashion"),
-    Case("seed-out-is-file", "run seed --out {t}/plain " + TINY_SEED, 2, "plain",
+    Case("cnn-out-is-file", "run small-cnn --out {t}/plain " + TINY_CNN, 2, "plain",
          _plain_file, "fashion"),
-    Case("seed-out-under-file", "run seed --out {t}/plain/sub " + TINY_SEED, 2, "plain",
+    Case("cnn-out-under-file", "run small-cnn --out {t}/plain/sub " + TINY_CNN, 2, "plain",
          _plain_file, "fashion"),
-    Case("seed-out-holds-study", "run seed --out {t}/study " + TINY_SEED, 2,
+    Case("cnn-out-holds-study", "run small-cnn --out {t}/study " + TINY_CNN, 2,
          "already holds a study; pass --resume", _study, "study"),
-    Case("seed-resume-epochs", "run seed --out {t}/study --resume " +
-         TINY_SEED.replace("--epochs 1", "--epochs 3"), 2, "epochs (was 1, now 3)", _study,
+    Case("cnn-resume-epochs", "run small-cnn --out {t}/study --resume " +
+         TINY_CNN.replace("--epochs 1", "--epochs 3"), 2, "epochs (was 1, now 3)", _study,
          "study"),
-    Case("seed-resume-norms", "run seed --out {t}/study --resume " +
-         TINY_SEED.replace("--norms none", "--norms none,bn"), 2, "norms (was ['none'], now",
+    Case("cnn-resume-norms", "run small-cnn --out {t}/study --resume " +
+         TINY_CNN.replace("--norms none", "--norms none,bn"), 2, "norms (was ['none'], now",
          _study, "study"),
-    Case("seed-resume-lr", "run seed --out {t}/study --resume --lr 0.1 " + TINY_SEED, 2,
+    Case("cnn-resume-lr", "run small-cnn --out {t}/study --resume --lr 0.1 " + TINY_CNN, 2,
          "lr (was 0.001, now 0.1)", _study, "study"),
-    Case("seed-resume-batch", "run seed --out {t}/study --resume " +
-         TINY_SEED.replace("--batch-size 16", "--batch-size 8"), 2,
+    Case("cnn-resume-batch", "run small-cnn --out {t}/study --resume " +
+         TINY_CNN.replace("--batch-size 16", "--batch-size 8"), 2,
          "batch_size (was 16, now 8)", _study, "study"),
     # --- bnlab fold
     Case("fold-garbage", "fold {t}/ck.pt " + FACT, 2, "ck.pt: not a state-dict checkpoint "
@@ -489,7 +489,7 @@ CASES = [
 # ------------------------------------------------------------------------ shared artefacts
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """A tiny finished ``bnlab run seed`` study (Fashion-MNIST, 32 examples, one epoch) and
+    """A tiny finished ``bnlab run small-cnn`` study (Fashion-MNIST, 32 examples, one epoch) and
     its one run directory; built lazily, once, by the cases that need them."""
     made: dict = {}
 
@@ -498,7 +498,7 @@ def shared(tmp_path_factory):
             if not HAVE_FASHION:
                 pytest.skip("needs Debian's dataset-fashion-mnist")
             out = tmp_path_factory.mktemp("shared") / "study"
-            assert main(["run", "seed", "--out", str(out), *shlex.split(TINY_SEED)]) == 0
+            assert main(["run", "small-cnn", "--out", str(out), *shlex.split(TINY_CNN)]) == 0
             made["study"] = out
             made["run"] = out / "runs" / "none-s0"
         if key == "fashion" and not HAVE_FASHION:

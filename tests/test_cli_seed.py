@@ -13,21 +13,21 @@ from bnlab.train import TrainConfig, read_jsonl
 
 @pytest.fixture(scope="module")
 def seed_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "seed"
-    rc = main(["run", "seed", "--dataset", "fashion-mnist", "--epochs", "1", "--norms",
+    out = tmp_path_factory.mktemp("study") / "small-cnn"
+    rc = main(["run", "small-cnn", "--dataset", "fashion-mnist", "--epochs", "1", "--norms",
                "none,bn", "--seeds", "2", "--train-subset", "1024", "--test-subset", "500",
                "--threads", "2", "--out", str(out), "--quiet"])
     assert rc == 0
     return out
 
 
-def test_run_seed_writes_runs_and_report(seed_study, capsys):
+def test_run_small_cnn_writes_runs_and_report(seed_study, capsys):
     runs = sorted(p.name for p in (seed_study / "runs").iterdir())
     assert runs == ["bn-s0", "bn-s1", "none-s0", "none-s1"]
     for r in runs:
         cfg = TrainConfig.from_toml(seed_study / "runs" / r / "config.toml")
         assert (cfg.model, cfg.dataset, cfg.train_subset, cfg.epochs) == (
-            "seed_cnn", "fashion-mnist", 1024, 1)
+            "small_cnn", "fashion-mnist", 1024, 1)
         assert len(read_jsonl(seed_study / "runs" / r / "steps.jsonl")) == 8
     md = (seed_study / "report.md").read_text()
     assert "| none | 2 | 1 |" in md and "| bn | 2 | 1 |" in md
@@ -54,15 +54,19 @@ def test_report_is_regenerated_from_run_dirs_only(seed_study, tmp_path, capsys):
         (run / "epochs.jsonl").write_text(original)
 
 
-def test_existing_study_needs_resume(seed_study, capsys):
+def test_existing_study_needs_resume_also_under_the_old_name(seed_study, capsys):
+    # `bnlab run seed` is the old name of `bnlab run small-cnn`: it runs, with a one-line note
     args = ["run", "seed", "--dataset", "fashion-mnist", "--epochs", "1", "--norms", "none",
             "--train-subset", "1024", "--out", str(seed_study), "--quiet"]
     assert main(args) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("bnlab: note: `bnlab run seed` is now `bnlab run small-cnn`; the old name "
+                      "still works")
+    assert len(err) == 2 and "pass --resume" in err[1]
 
 
 def test_unknown_norm_fails_before_training(tmp_path, capsys):
-    rc = main(["run", "seed", "--dataset", "fashion-mnist", "--norms", "none,bogus",
+    rc = main(["run", "small-cnn", "--dataset", "fashion-mnist", "--norms", "none,bogus",
                "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2
     assert "unknown normaliser 'bogus'" in capsys.readouterr().err
@@ -103,15 +107,15 @@ def test_demo_defaults_and_full_flag():
 
 def test_resume_with_changed_settings_is_refused_naming_them(tmp_path):
     from bnlab.train.rundir import write_json
-    from bnlab.train.study import SeedStudy, run_seed_study
+    from bnlab.train.study import SmallCNNStudy, run_small_cnn_study
 
-    started = SeedStudy(dataset="fashion-mnist", epochs=2,
-                        norms=("none", "bn"), seeds=1, train_subset=256, test_subset=64)
+    started = SmallCNNStudy(dataset="fashion-mnist", epochs=2,
+                            norms=("none", "bn"), seeds=1, train_subset=256, test_subset=64)
     asked = {k: (list(v) if isinstance(v, tuple) else v) for k, v in started.__dict__.items()}
     write_json(tmp_path / "study.json", {"dataset": "fashion-mnist", "study": asked})
-    changed = SeedStudy(dataset="fashion-mnist", epochs=3, norms=("none", "bn", "gn"), seeds=1,
-                        train_subset=256, test_subset=64)
+    changed = SmallCNNStudy(dataset="fashion-mnist", epochs=3, norms=("none", "bn", "gn"),
+                            seeds=1, train_subset=256, test_subset=64)
     with pytest.raises(ValueError, match=r"epochs \(was 2, now 3\); norms \(was \['none', "
                                          r"'bn'\], now \['none', 'bn', 'gn'\]\)"):
-        run_seed_study(changed, tmp_path, resume=True)
+        run_small_cnn_study(changed, tmp_path, resume=True)
     assert not (tmp_path / "runs").exists()  # nothing trained

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bnlab.models import seed_cnn
+from bnlab.models import small_cnn
 from bnlab.studies.corruption_benchmark import ShiftConfig, format_table, main, run, train_source
 from bnlab.tools import corruptions as C
 
@@ -50,7 +50,7 @@ def test_random_corruptions_depend_on_seed_and_validate():
     torch.testing.assert_close(C.gaussian_blur(x, 3).sum(), x.sum(), rtol=1e-4, atol=0)
 
 
-def test_source_model_is_the_shared_seed_cnn_with_torch_bn_after_relu():
+def test_source_model_is_the_shared_small_cnn_with_torch_bn_after_relu():
     x = torch.rand(128, 1, 28, 28)
     y = torch.randint(0, 10, (128,))
     cfg = ShiftConfig(epochs=1, batch_size=64)
@@ -58,9 +58,9 @@ def test_source_model_is_the_shared_seed_cnn_with_torch_bn_after_relu():
     kinds = [type(m).__name__ for m in trained]
     assert kinds[:4] == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
     assert isinstance(trained[2], torch.nn.BatchNorm2d) and not trained.training
-    # same init as the shared model: training starts from seed_cnn("torch-bn") under the seed
+    # same init as the shared model: training starts from small_cnn("torch-bn") under the seed
     torch.manual_seed(cfg.seed)
-    fresh = seed_cnn("torch-bn")
+    fresh = small_cnn("torch-bn")
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in trained.parameters()]
     before = ShiftConfig(epochs=1, batch_size=64, placement="before", norm="bn")
     kinds = [type(m).__name__ for m in train_source(x, y, before)][:3]

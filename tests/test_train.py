@@ -149,7 +149,7 @@ def test_config_from_toml_and_overrides(tmp_path):
         TrainConfig(norm="bnx")
     with pytest.raises(ValueError, match=r"one of \['adam', 'sgd'\], got 'rmsprop'"):
         TrainConfig(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="model 'seed_cnn' does not take 'mnist1d' inputs; "
+    with pytest.raises(ValueError, match="model 'small_cnn' does not take 'mnist1d' inputs; "
                        "models for mnist1d: mnist1d_cnn, mnist1d_mlp"):
         TrainConfig(dataset="mnist1d")
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):

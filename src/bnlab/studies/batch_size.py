@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models import seed_cnn
+from ..models import small_cnn
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
 from ._fit import FitConfig, fit_seeds
@@ -58,7 +58,7 @@ def run(ctx: StudyContext) -> StudyResult:
                 cfg = FitConfig(steps=steps, batch_size=b, lr=s["lr"], optimizer="adam",
                                 class_sorted=sorted_)
                 trained = fit_seeds(
-                    lambda norm=norm, b=b, steps=steps: seed_cnn(
+                    lambda norm=norm, b=b, steps=steps: small_cnn(
                         norm, placement="before", norm_kwargs=norm_kwargs(norm, b, steps)),
                     ctx.seeds, data.x_train, data.y_train, data.x_test, data.y_test, cfg)
                 acc[key] = [res.final_test_acc for _, res in trained]
@@ -91,7 +91,7 @@ def run(ctx: StudyContext) -> StudyResult:
                       ylabel="test accuracy", logx=True)
     return StudyResult(
         verdict=head.verdict, evidence=evidence, comparisons=comparisons,
-        measured=f"Test accuracy of the seed CNN (norm before ReLU) with BN, Batch Renorm, Ghost "
+        measured=f"Test accuracy of the small CNN (norm before ReLU) with BN, Batch Renorm, Ghost "
                  f"BN, GroupNorm and LayerNorm at batch sizes {sizes}, same number of "
                  f"training examples, i.i.d. and class-sorted batches, {data.name}.",
         tables=[Table("Test accuracy by batch size", ["norm", "batches"] + [str(b) for b in sizes],
@@ -104,9 +104,9 @@ def run(ctx: StudyContext) -> StudyResult:
 
 STUDY = Study(
     name="batch-size",
-    claim="BN depends on the batch: small or non-i.i.d. batches hurt it (the seed: choose a "
+    claim="BN depends on the batch: small or non-i.i.d. batches hurt it (the tutorial: choose a "
           "suitable batch size); Batch Renorm, Ghost BN, GroupNorm and LayerNorm answer that.",
-    method="Seed CNN with the norm before ReLU, Adam 1e-3, a fixed number of training "
+    method="Small CNN with the norm before ReLU, Adam 1e-3, a fixed number of training "
            "examples per run, batch sizes from 2 up; i.i.d. and class-sorted batches.",
     presets={
         "quick": {"batch_sizes": "2,8,32,128", "examples": 4000, "lr": 1e-3,

@@ -4,7 +4,7 @@ Claim tested: re-estimating BN statistics on shifted test data (AdaBN) and adapt
 affine parameters by entropy minimisation (TENT) recover accuracy lost to input corruptions,
 as Schneider et al. 2020 and Wang et al. 2021 report for CIFAR-10-C and ImageNet-C.
 
-Protocol: train the seed CNN (:func:`bnlab.models.seed_cnn`, Conv-ReLU-BN-MaxPool x2, Linear;
+Protocol: train the small CNN (:func:`bnlab.models.small_cnn`, Conv-ReLU-BN-MaxPool x2, Linear;
 torch's BN after the ReLU unless ``norm``/``placement`` say otherwise) on Fashion-MNIST's
 training set (:func:`bnlab.data.load_dataset`); for each corruption and severity, corrupt
 the test set (seeded), and measure
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import load_dataset
-from ..models import seed_cnn
+from ..models import small_cnn
 from ..tools.adapt import Tent, adapt
 from ..tools.corruptions import CORRUPTIONS, corrupt
 
@@ -60,7 +60,7 @@ def _batches(x: Tensor, size: int) -> list[Tensor]:
 
 def train_source(x: Tensor, y: Tensor, cfg: ShiftConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    model = seed_cnn(cfg.norm, cfg.placement)
+    model = small_cnn(cfg.norm, cfg.placement)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -183,7 +183,7 @@ def write_shift_report(result: dict, out: Path) -> tuple[Path, Path]:
         f"({m['tent'] - m['source']:+.4f}); the better adaptation here is "
         f"{'AdaBN' if best == 'adabn' else 'TENT'}. On clean data: source "
         f"{clean['source']:.4f}, AdaBN {clean['adabn']:.4f}, TENT {clean['tent']:.4f}.",
-        f"**Evidence.** seed CNN (`{cfg['norm']}`, norm {cfg['placement']} the ReLU), "
+        f"**Evidence.** small CNN (`{cfg['norm']}`, norm {cfg['placement']} the ReLU), "
         f"{cfg['epochs']} epoch(s) on {cfg['train_size']} training images, batch "
         f"{cfg['batch_size']}, seed {cfg['seed']}; {cfg['test_size']} test images per "
         f"corruption and severity; TENT learning rate {cfg['tent_lr']}.",
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the Fashion-MNIST IDX files (default: bnlab's search path)")
     p.add_argument("--norm", default=ShiftConfig.norm,
-                   help="normaliser of the seed CNN (a bnlab.norms name; default torch's BN)")
+                   help="normaliser of the small CNN (a bnlab.norms name; default torch's BN)")
     p.add_argument("--placement", choices=("after", "before"), default=ShiftConfig.placement,
-                   help="BN after the ReLU (the seed's order) or before it")
+                   help="BN after the ReLU (the tutorial's order) or before it")
     for f in ("train_size", "test_size", "epochs", "batch_size", "seed"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(ShiftConfig, f))
     p.add_argument("--tent-lr", type=float, default=ShiftConfig.tent_lr)

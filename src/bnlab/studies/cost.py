@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from ..models import seed_cnn
+from ..models import small_cnn
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, judge
 
@@ -41,13 +41,13 @@ def _variants():
     from ..kernels import use_backend
 
     def none():
-        return seed_cnn("none", placement="before")
+        return small_cnn("none", placement="before")
 
     def torch_bn():
-        return seed_cnn("torch-bn", placement="before")
+        return small_cnn("torch-bn", placement="before")
 
     def bnlab_bn():
-        return seed_cnn("bn", placement="before")
+        return small_cnn("bn", placement="before")
 
     return {
         "no BN": (none, contextlib.nullcontext, False),
@@ -154,7 +154,7 @@ def run(ctx: StudyContext) -> StudyResult:
     return StudyResult(
         verdict=comparisons[0].verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Seconds per epoch (60k training images at batch {TRAIN_BATCH}, 10k test at "
-                 f"batch {EVAL_BATCH}) of the seed CNN, {s['threads']} threads, extrapolated "
+                 f"batch {EVAL_BATCH}) of the small CNN, {s['threads']} threads, extrapolated "
                  f"from medians of interleaved timed rounds.",
         tables=[Table("Time per epoch", ["variant", "train s/epoch", "train overhead",
                                          "inference s/epoch", "inference overhead"], rows)],
@@ -164,9 +164,9 @@ def run(ctx: StudyContext) -> StudyResult:
 
 STUDY = Study(
     name="cost",
-    claim="BN costs computation in training and inference (the seed's first drawback); more "
+    claim="BN costs computation in training and inference (the tutorial's first drawback); more "
           "efficient BN layers are the first future direction.",
-    method="The seed CNN (BN before ReLU) trained and evaluated without BN, with torch's BN, "
+    method="The small CNN (BN before ReLU) trained and evaluated without BN, with torch's BN, "
            "bnlab's BN on both kernel backends, bnlab's fused BN+ReLU, and with BN folded "
            "into the convolutions for inference; medians over interleaved rounds.",
     presets={

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..models import seed_cnn
+from ..models import small_cnn
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
 from ._fit import FitConfig, fit_seeds
@@ -61,7 +61,7 @@ def run(ctx: StudyContext) -> StudyResult:
         for lr in lrs:
             cfg = FitConfig(steps=s["steps"], batch_size=s["batch_size"], lr=lr,
                             optimizer="sgd", momentum=0.9, eval_every=s["eval_every"])
-            trained = fit_seeds(lambda norm=norm: seed_cnn(norm, placement="before"),
+            trained = fit_seeds(lambda norm=norm: small_cnn(norm, placement="before"),
                                 ctx.seeds, data.x_train, data.y_train, data.x_test,
                                 data.y_test, cfg)
             results[norm][lr] = [res for _, res in trained]
@@ -101,7 +101,7 @@ def run(ctx: StudyContext) -> StudyResult:
                     xlabel="learning rate (SGD, momentum 0.9)", ylabel="accuracy", logx=True)
     return StudyResult(
         verdict=head.verdict, evidence=evidence, comparisons=comparisons,
-        measured=f"Final accuracy and steps to {target:.0%} over a learning-rate grid, seed CNN "
+        measured=f"Final accuracy and steps to {target:.0%} over a learning-rate grid, small CNN "
                  f"(BN before ReLU), {data.name}.",
         tables=[Table("Accuracy and steps to target per learning rate (steps: mean over seeds, "
                       "- when a seed never reached it)",
@@ -115,7 +115,7 @@ STUDY = Study(
     name="learning-rate",
     claim="BN speeds up training: it allows much larger learning rates and reaches a given "
           "accuracy in fewer steps (Ioffe & Szegedy: 5x/30x rates, 14x fewer steps).",
-    method="Seed CNN with BN before ReLU vs without BN, SGD momentum 0.9, a log grid of "
+    method="Small CNN with BN before ReLU vs without BN, SGD momentum 0.9, a log grid of "
            "learning rates; the largest rate at which every seed trains, and the fewest "
            "steps to a target test accuracy at each model's best rate.",
     presets={

@@ -33,13 +33,14 @@ class TrainConfig:
     """Everything that decides what a training run computes.
 
     Attributes:
-        model: a name from :func:`bnlab.models.model_names`.
+        model: a name from :func:`bnlab.models.model_names` (an old name, e.g. ``seed_cnn``,
+            becomes the name now, with a note).
         norm: a normaliser name from :func:`bnlab.norms.norm_names`.
-        placement: ``"after"`` or ``"before"`` the activation (``seed_cnn`` only).
+        placement: ``"after"`` or ``"before"`` the activation (``small_cnn`` only).
         dataset: ``mnist``, ``fashion-mnist`` or ``mnist1d``.
         data_dir: searched first for the dataset files (empty: discovery only).
         train_subset, test_subset: use the first N examples (0: all).
-        epochs, batch_size: the seed's are 10 and 128.
+        epochs, batch_size: the tutorial's are 10 and 128.
         optimizer: ``adam`` or ``sgd``; ``lr``, ``momentum`` (SGD), ``weight_decay``.
         schedule: ``constant``, ``cosine`` (per step, to 0 at the end) or ``step``
             (multiply by ``gamma`` every ``step_epochs`` epochs).
@@ -54,7 +55,7 @@ class TrainConfig:
         sync_bn: convert BN layers to :class:`bnlab.SyncBatchNorm` (needs nproc_per_node > 1).
     """
 
-    model: str = "seed_cnn"
+    model: str = "small_cnn"
     norm: str = "bn"
     placement: str = "after"
     dataset: str = "fashion-mnist"
@@ -121,9 +122,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: threads must be at most {_MAX_THREADS} (0: torch's "
                              f"default), got {self.threads}")
         # Fail on a typo now, not after the data has loaded.
-        from ..models import model_names
+        from ..models import canonical_model, model_names
         from ..norms import norm_names
 
+        object.__setattr__(self, "model", canonical_model(self.model))
         if self.model not in model_names():
             raise ValueError(
                 f"TrainConfig: unknown model {self.model!r}; valid names: "

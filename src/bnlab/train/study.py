@@ -1,4 +1,4 @@
-"""``bnlab run seed``: the seed's experiment, one run per normaliser and seed, then a report.
+"""``bnlab run small-cnn``: a small CNN once per normaliser and seed, then a report.
 
 ::
 
@@ -21,11 +21,11 @@ from .loop import train
 from .progress import Progress
 from .rundir import make_out_dir, read_json, write_json
 
-__all__ = ["SeedStudy", "run_seed_study", "default_out"]
+__all__ = ["SmallCNNStudy", "run_small_cnn_study", "default_out"]
 
 
 @dataclass(frozen=True)
-class SeedStudy:
+class SmallCNNStudy:
     dataset: str = "auto"
     epochs: int = 10
     norms: tuple[str, ...] = ("none", "bn", "bn-window", "bn-running")
@@ -46,7 +46,7 @@ class SeedStudy:
         if not self.norms:
             raise ValueError("--norms must name at least one normaliser, e.g. none,bn")
         return [
-            TrainConfig(model="seed_cnn", norm=n, placement=self.placement, dataset=dataset,
+            TrainConfig(model="small_cnn", norm=n, placement=self.placement, dataset=dataset,
                         data_dir=self.data_dir, train_subset=self.train_subset,
                         test_subset=self.test_subset, epochs=self.epochs,
                         batch_size=self.batch_size, lr=self.lr, seed=s, threads=self.threads,
@@ -56,11 +56,12 @@ class SeedStudy:
 
 
 def default_out(dataset: str) -> Path:
-    return Path("runs") / f"seed-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"small-cnn-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_seed_study(study: SeedStudy, out: str | Path | None = None, *, resume: bool = False,
-                   progress: Progress | None = None) -> dict[str, Any]:
+def run_small_cnn_study(study: SmallCNNStudy, out: str | Path | None = None, *,
+                        resume: bool = False, progress: Progress | None = None
+                        ) -> dict[str, Any]:
     """Train every (normaliser, seed) of ``study`` and write the report. Returns paths and
     summaries. Runs already complete are skipped with ``resume``; an interrupted one continues.
     """
@@ -89,12 +90,12 @@ def run_seed_study(study: SeedStudy, out: str | Path | None = None, *, resume: b
     make_out_dir(out)
     data = load_dataset(dataset, study.data_dir or None)
     n_train = study.train_subset or len(data.x_train)
-    info = {"title": f"The seed's CNN on {dataset}: with and without normalisation",
-            "kind": "seed", "dataset": dataset, "epochs": study.epochs,
+    info = {"title": f"A small CNN on {dataset}: with and without normalisation",
+            "kind": "small-cnn", "dataset": dataset, "epochs": study.epochs,
             "norms": list(study.norms), "seeds": study.seeds, "train_examples": n_train,
             "study": asked}
     write_json(out / "study.json", info)
-    progress.message(f"bnlab run seed: {dataset} ({n_train} training examples), "
+    progress.message(f"bnlab run small-cnn: {dataset} ({n_train} training examples), "
                      f"{study.epochs} epochs, normalisers {', '.join(study.norms)}, "
                      f"{study.seeds} seed(s) -> {out}")
     summaries = []

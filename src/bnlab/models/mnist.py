@@ -1,4 +1,5 @@
-"""The seed's CNN and Ioffe & Szegedy's MNIST MLP, with the normaliser as a parameter.
+"""Networks for 28x28 images (MNIST, Fashion-MNIST), with the normaliser as a parameter: a
+small CNN (the Keras tutorial's network this project started from) and Ioffe & Szegedy's MLP.
 
 Every normaliser is built by :func:`bnlab.norms.make_norm`, so ``norm="none"``, ``"bn"``,
 ``"bn-window"``, ``"bn-running"``, ``"gn"``, ... all give the same network around a different
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..norms import make_norm
 
-__all__ = ["seed_cnn", "ioffe_mlp", "Placement"]
+__all__ = ["small_cnn", "ioffe_mlp", "Placement"]
 
 Placement = Literal["after", "before"]
 
@@ -22,7 +23,7 @@ Placement = Literal["after", "before"]
 def _check_placement(placement: str) -> None:
     if placement not in ("after", "before"):
         raise ValueError(
-            f"placement must be 'after' (activation, then norm: the seed's order) or 'before' "
+            f"placement must be 'after' (activation, then norm: the tutorial's order) or 'before' "
             f"(norm, then activation), got {placement!r}"
         )
 
@@ -31,14 +32,14 @@ def _conv_block(
     cin: int, cout: int, norm: str, placement: str, norm_kwargs: dict[str, Any]
 ) -> list[nn.Module]:
     conv = nn.Conv2d(cin, cout, 3)
-    # A fresh layer per block: the seed's bug was one BN instance shared by both blocks.
+    # A fresh layer per block: the tutorial's bug was one BN instance shared by both blocks.
     layer = make_norm(norm, cout, dim=2, **norm_kwargs)
     if placement == "after":
         return [conv, nn.ReLU(), layer, nn.MaxPool2d(2)]
     return [conv, layer, nn.ReLU(), nn.MaxPool2d(2)]
 
 
-def seed_cnn(
+def small_cnn(
     norm: str = "bn",
     placement: Placement = "after",
     *,
@@ -47,22 +48,22 @@ def seed_cnn(
     image_size: int = 28,
     norm_kwargs: dict[str, Any] | None = None,
 ) -> nn.Sequential:
-    """The seed's Keras CNN in PyTorch, with its BN-reuse bug fixed.
+    """A small CNN: the Keras tutorial's network in PyTorch, with its BN-reuse bug fixed.
 
     ``Conv2d(32, 3x3) - ReLU - norm - MaxPool(2) - Conv2d(64, 3x3) - ReLU - norm - MaxPool(2) -
     Flatten - Linear(10)``: two separate normalisation layers (32 and 64 channels). With
     ``placement="before"`` each norm comes between the convolution and the ReLU, as in Ioffe &
-    Szegedy. The output is logits; the seed's softmax lives in the cross-entropy loss.
+    Szegedy. The output is logits; the tutorial's softmax lives in the cross-entropy loss.
 
     Args:
         norm: a name registered in :mod:`bnlab.norms` (``"none"`` for no normalisation).
-        placement: ``"after"`` (the seed's order) or ``"before"`` the activation.
+        placement: ``"after"`` (the tutorial's order) or ``"before"`` the activation.
         in_channels, num_classes, image_size: input channels, classes and square image side.
         norm_kwargs: extra keyword arguments for every normalisation layer (e.g. momentum).
 
     Example::
 
-        >>> model = seed_cnn("bn-window")
+        >>> model = small_cnn("bn-window")
         >>> model(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
@@ -70,7 +71,7 @@ def seed_cnn(
     kw = dict(norm_kwargs or {})
     side = ((image_size - 2) // 2 - 2) // 2
     if side < 1:
-        raise ValueError(f"seed_cnn: image_size must be at least 10, got {image_size}")
+        raise ValueError(f"small_cnn: image_size must be at least 10, got {image_size}")
     return nn.Sequential(
         *_conv_block(in_channels, 32, norm, placement, kw),
         *_conv_block(32, 64, norm, placement, kw),
