@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train one model. Settings come from --config (TOML, keys "
                                    "of bnlab.train.TrainConfig), then the flags, then --set.")
     p.add_argument("--config", help="TOML file of TrainConfig keys")
-    p.add_argument("--model", help="seed_cnn, ioffe_mlp, mnist1d_mlp, mnist1d_cnn, small_resnet")
+    p.add_argument("--model", help="small_cnn, ioffe_mlp, mnist1d_mlp, mnist1d_cnn, small_resnet")
     p.add_argument("--norm", help="normaliser name, e.g. none, bn, bn-window")
     p.add_argument("--dataset", help="mnist, fashion-mnist or mnist1d")
     p.add_argument("--epochs", type=int)
