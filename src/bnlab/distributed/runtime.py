@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._base import _NormBase
 from ..sync import SyncBatchNorm
+from ..tools import bn_layers  # (name, layer) pairs, as everywhere in bnlab
 
 __all__ = [
     "DistInfo",
@@ -95,12 +95,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.M
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
-def bn_layers(model: nn.Module) -> list[nn.Module]:
-    """Every torch or bnlab BN layer in ``model`` that keeps running statistics."""
-    kinds = (nn.modules.batchnorm._BatchNorm, _NormBase)
-    return [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
-
-
 @torch.no_grad()
 def sync_running_stats(model: nn.Module, group=None) -> int:
     """Average every BN layer's floating-point running buffers over the ranks, in place.
@@ -115,7 +109,7 @@ def sync_running_stats(model: nn.Module, group=None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 0
     world = dist.get_world_size(group)
-    layers = bn_layers(model)
+    layers = [m for _, m in bn_layers(model) if m.track_running_stats]
     for layer in layers:
         for name, buf in layer.named_buffers(recurse=False):
             if buf is None:

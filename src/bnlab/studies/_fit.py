@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..train.loop import evaluate as _train_evaluate
+from ..train.loop import EvalResult, evaluate, make_optimizer
 
 __all__ = ["FitConfig", "FitResult", "fit", "fit_seeds", "evaluate", "batches"]
 
@@ -69,21 +69,6 @@ def batches(n: int, cfg: FitConfig, labels: Tensor | None = None):
                 yield perm[start : start + cfg.batch_size]
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode (the trainer's evaluation)."""
-    loss, acc = _train_evaluate(model, x, y, batch_size)
-    return acc, loss
-
-
-def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
-
-
 def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
         cfg: FitConfig, *, on_step: Callable[[int, nn.Module], None] | None = None,
         eval_train: int = 2000) -> FitResult:
@@ -93,7 +78,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_te
     loss stops training and marks the run as diverged.
     """
     torch.manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model.parameters(), cfg)
     res = FitResult()
     stream = batches(len(x_train), cfg, y_train)
     model.train()
@@ -113,9 +98,10 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_te
         if on_step is not None:
             on_step(step, model)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            acc, tl = evaluate(model, x_test, y_test)
+            ev = evaluate(model, x_test, y_test)
+            tl = ev.loss
             res.steps.append(step)
-            res.test_acc.append(acc)
+            res.test_acc.append(ev.accuracy)
             res.test_loss.append(tl)
             res.train_loss.append(running / max(count, 1))
             running, count = 0.0, 0
@@ -124,10 +110,10 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_te
                 break
     res.seconds = time.perf_counter() - t0
     if res.diverged:
-        _finish_diverged(res, step, evaluate(model, x_test, y_test)[0])
+        _finish_diverged(res, step, evaluate(model, x_test, y_test).accuracy)
         return res
     res.final_test_acc = res.test_acc[-1]
-    res.final_train_acc = evaluate(model, x_train[:eval_train], y_train[:eval_train])[0]
+    res.final_train_acc = evaluate(model, x_train[:eval_train], y_train[:eval_train]).accuracy
     return res
 
 
@@ -183,8 +169,8 @@ def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Ten
     return list(zip(models, results, strict=True))
 
 
-def _evaluate_pack(pk, x: Tensor, y: Tensor, batch_size: int = 1000) -> list[tuple[float, float]]:
-    """Accuracy and mean cross-entropy of every member on the same ``x`` (eval mode)."""
+def _evaluate_pack(pk, x: Tensor, y: Tensor, batch_size: int = 1000) -> list[EvalResult]:
+    """:func:`evaluate` for every member on the same ``x``, in one pass of the pack."""
     was = pk.model.training
     pk.model.eval()
     s = len(pk)
@@ -199,8 +185,8 @@ def _evaluate_pack(pk, x: Tensor, y: Tensor, batch_size: int = 1000) -> list[tup
                 correct += (out.argmax(2) == yb).sum(1)
     finally:
         pk.model.train(was)
-    return [(c / len(x), ls / len(x)) for c, ls in zip(correct.tolist(), loss_sum.tolist(),
-                                                         strict=True)]
+    return [EvalResult(loss=ls / len(x), accuracy=c / len(x))
+            for c, ls in zip(correct.tolist(), loss_sum.tolist(), strict=True)]
 
 
 def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
@@ -213,7 +199,7 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
     results = [FitResult() for _ in range(s)]
     active = list(range(s))  # the member index of each position in the pack
     running, count = [0.0] * s, [0] * s
-    opt = make_optimizer(pk.model, cfg)
+    opt = make_optimizer(pk.model.parameters(), cfg)
     pk.model.train()
 
     def drop(positions: list[int]) -> None:
@@ -225,7 +211,7 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
             return
         pk.sync(keep)
         new = Pack([members[k] for k in active])
-        new_opt = make_optimizer(new.model, cfg)
+        new_opt = make_optimizer(new.model.parameters(), cfg)
         pk.optimizer_state_for(keep, opt, new, new_opt)
         pk, opt = new, new_opt
         pk.model.train()
@@ -236,7 +222,7 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
             k = active[j]
             res = results[k]
             res.seconds = time.perf_counter() - t0
-            _finish_diverged(res, step, evaluate(members[k], x_test, y_test)[0])
+            _finish_diverged(res, step, evaluate(members[k], x_test, y_test).accuracy)
 
     t0 = time.perf_counter()
     step = 0
@@ -277,11 +263,12 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
                 on_step(k, step, members[k])
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             bad = []
-            for j, (k, (acc, tl)) in enumerate(zip(active, _evaluate_pack(pk, x_test, y_test),
-                                                   strict=True)):
+            for j, (k, ev) in enumerate(zip(active, _evaluate_pack(pk, x_test, y_test),
+                                            strict=True)):
+                tl = ev.loss
                 res = results[k]
                 res.steps.append(step)
-                res.test_acc.append(acc)
+                res.test_acc.append(ev.accuracy)
                 res.test_loss.append(tl)
                 res.train_loss.append(running[k] / max(count[k], 1))
                 running[k], count[k] = 0.0, 0
@@ -299,5 +286,5 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
             res = results[k]
             res.seconds = elapsed
             res.final_test_acc = res.test_acc[-1]
-            res.final_train_acc = train_acc[j][0]
+            res.final_train_acc = train_acc[j].accuracy
     return results

@@ -75,7 +75,7 @@ def run(ctx: StudyContext) -> StudyResult:
             if name.startswith("precise"):
                 loader = (data.x_train[i : i + 500] for i in range(0, len(data.x_train), 500))
                 recalibrate(model, loader)
-            ev[name].append(evaluate(model, data.x_test, data.y_test)[0])
+            ev[name].append(evaluate(model, data.x_test, data.y_test).accuracy)
             bs[name].append(batch_stat_accuracy(model, data.x_test, data.y_test))
         ctx.log(f"running-stats {name}: eval {fmt_ms(ev[name], 4)} batch-stats "
                 f"{fmt_ms(bs[name], 4)}")

@@ -1,7 +1,7 @@
 """Training runs: a frozen config, a deterministic resumable trainer and run directories."""
 
 from .config import TrainConfig, lr_at, parse_overrides
-from .loop import RunExistsError, build, evaluate, train
+from .loop import EvalResult, RunExistsError, build, evaluate, train
 from .progress import PlainProgress, Progress, make_progress
 from .rundir import is_run_dir, load_checkpoint, read_json, read_jsonl, run_environment
 
@@ -12,6 +12,7 @@ __all__ = [
     "RunExistsError",
     "build",
     "evaluate",
+    "EvalResult",
     "train",
     "PlainProgress",
     "Progress",

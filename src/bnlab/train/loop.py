@@ -16,8 +16,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,8 @@ from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
 from .replicas import Local
 
-__all__ = ["train", "train_step", "evaluate", "build", "build_net", "make_optimizer",
-           "RunExistsError"]
+__all__ = ["train", "train_step", "evaluate", "EvalResult", "build", "build_net",
+           "make_optimizer", "RunExistsError"]
 
 
 class RunExistsError(FileExistsError):
@@ -41,7 +42,7 @@ class RunExistsError(FileExistsError):
 def build(config: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model (initialised from ``config.seed``) and its optimizer."""
     model = build_net(config)
-    return model, make_optimizer(config, model.parameters())
+    return model, make_optimizer(model.parameters(), config)
 
 
 def build_net(config: TrainConfig) -> nn.Module:
@@ -53,18 +54,36 @@ def build_net(config: TrainConfig) -> nn.Module:
     return build_model(config.model, config.norm, **kwargs)
 
 
-def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+class OptimizerConfig(Protocol):
+    """What :func:`make_optimizer` reads: a :class:`TrainConfig` or a study's fit config."""
+
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+def make_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """``config.optimizer`` (``"sgd"`` or ``"adam"``) over ``params``, torch's argument order;
+    the trainer's and the studies' optimizer."""
     if config.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(
-            params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
-    return opt
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` measures, by name (no tuple order to get wrong)."""
+
+    loss: float  # mean cross-entropy
+    accuracy: float  # fraction of correct predictions
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
@@ -78,7 +97,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
             correct += int((out.argmax(1) == target).sum())
     finally:
         model.train(was_training)
-    return loss_sum / len(x), correct / len(x)
+    return EvalResult(loss=loss_sum / len(x), accuracy=correct / len(x))
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -221,7 +240,7 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
         rd.write_json(run_dir / "environment.json", env)
 
     ddp, model = ctx.wrap(build_net(config), config.sync_bn)
-    opt = make_optimizer(config, ddp.parameters())
+    opt = make_optimizer(ddp.parameters(), config)
     n = len(data.x_train)
     steps_per_epoch = -(-n // config.batch_size)
     epoch0, skip, step = 0, 0, 0
@@ -308,8 +327,8 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
             ctx.sync_stats(model)
             val_loss, val_acc = math.nan, math.nan
             if ctx.is_main:  # the other ranks wait in their next collective
-                val_loss, val_acc = evaluate(model, data.x_test, data.y_test,
-                                             config.eval_batch_size)
+                ev = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+                val_loss, val_acc = ev.loss, ev.accuracy
             record = {
                 "epoch": epoch, "train_loss": acc["loss_sum"] / acc["seen"],
                 "train_acc": acc["correct"] / acc["seen"], "val_loss": val_loss,
