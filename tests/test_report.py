@@ -54,3 +54,26 @@ def test_table_rows_mean_and_sd():
     assert rows[1]["final val acc %"] == "95.00" and rows[1]["seeds"] == 1
     assert rows[0]["s / epoch"] == "2.0 ± 0.0"
 
+
+
+def test_one_page_writer_gives_named_paths_and_the_same_text_in_both_files(tmp_path):
+    from bnlab.report.page import Figure, Heading, ReportPaths, Table, Text, write_page
+
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 16
+    paths = write_page(tmp_path / "r", "Study `toy`", [
+        Text("**Claim:** toys `help`"), Text("**Verdict:** yes.", "answer"), Heading("Numbers"),
+        Table(["measure", "mean", "mean"], [["**headline** a", 1, 2]]),
+        Figure("a plot", "report-files/a.png", png)])
+    assert paths == ReportPaths(tmp_path / "r" / "report.md", tmp_path / "r" / "report.html")
+    md, page = paths.markdown.read_text(), paths.html.read_text()
+    assert md.startswith("# Study `toy`\n\n**Claim:** toys `help`\n")
+    assert "| measure | mean | mean |\n|---|---|---|\n| **headline** a | 1 | 2 |" in md
+    assert "![a plot](report-files/a.png)" in md
+    assert (tmp_path / "r" / "report-files" / "a.png").read_bytes() == png
+    assert "<title>Study toy</title>" in page and "<h1>Study <code>toy</code></h1>" in page
+    assert '<p class="answer"><b>Verdict:</b> yes.</p>' in page
+    assert "<td><b>headline</b> a</td>" in page and 'id="fig-a"' in page
+    # a figure already in the folder (a study's) is read, not written
+    again = write_page(tmp_path / "r", "t", [Figure("same", "report-files/a.png")])
+    assert "data:image/png;base64," in again.html.read_text()
+    assert not list((tmp_path / "r").rglob("*.tmp*"))  # written through a rename, nothing left

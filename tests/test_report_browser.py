@@ -68,8 +68,7 @@ def report(tmp_path_factory):
         for seed in (0, 1):
             cfg = TrainConfig(norm=norm, seed=seed, epochs=3, batch_size=64, threads=1)
             train(cfg, root / "runs" / f"{norm}-s{seed}", dataset=data)
-    html, _ = write_report([root])
-    return html
+    return write_report([root]).html
 
 
 def test_report_html_is_self_contained(report):

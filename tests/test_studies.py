@@ -193,7 +193,7 @@ def test_run_study_writes_run_directory_and_derived_report(tmp_path: Path) -> No
     assert results["verdict"] == "supported" and results["numbers"]["scores"][2] == 0.62
     assert "torch" in json.loads((out / "environment.json").read_text())
     md = (out / "report.md").read_text()
-    assert "**Claim (from the seed):** toys help" in md and "| 1 | 5 |" in md
+    assert "**Claim (from the tutorial):** toys help" in md and "| 1 | 5 |" in md
     # reports are regenerated from the directory alone
     (out / "report.md").unlink()
     assert main(["study", "report", str(out)]) == 0
@@ -379,10 +379,10 @@ def _together_and_alone(build, shape, cfg, seeds=(0, 1, 2), scale=1.0):
             fit_seeds(build, list(seeds), *data, cfg, together=False))
 
 
-def _seed_cnn_window():
-    from bnlab.models import seed_cnn
+def _small_cnn_window():
+    from bnlab.models import small_cnn
 
-    return seed_cnn("bn-window", norm_kwargs={"window_size": 3})
+    return small_cnn("bn-window", norm_kwargs={"window_size": 3})
 
 
 def _together_cases():
@@ -400,12 +400,12 @@ def _together_cases():
         "mnist1d_cnn": (lambda: mnist1d_cnn("bn"), (40,), sgd),
         "ioffe_mlp": (lambda: ioffe_mlp("bn"), (1, 28, 28), sgd),
         "deep_mlp": (lambda: deep_mlp(5, "tanh", True), (1, 28, 28), sgd),
-        "seed_cnn window, Adam, class-sorted": (_seed_cnn_window, (1, 28, 28), adam),
+        "small_cnn window, Adam, class-sorted": (_small_cnn_window, (1, 28, 28), adam),
     }
 
 
 @pytest.mark.parametrize("case", ["mnist1d_mlp", "mnist1d_cnn", "ioffe_mlp", "deep_mlp",
-                                  "seed_cnn window, Adam, class-sorted"])
+                                  "small_cnn window, Adam, class-sorted"])
 def test_seeds_trained_together_equal_each_seed_trained_alone(case: str) -> None:
     import torch
 

@@ -8,8 +8,8 @@ import argparse
 def _run(args: argparse.Namespace) -> int:
     from ..report import write_report
 
-    html, md = write_report(args.run_dirs, args.out)  # a mistake: cli.main, one line
-    print(f"report: {html}\n        {md}")
+    paths = write_report(args.run_dirs, args.out)  # a mistake: cli.main, one line
+    print(f"report: {paths.html}\n        {paths.markdown}")
     return 0
 
 

@@ -59,14 +59,10 @@ def run_small_cnn(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: bnlab run small-cnn ... --out {out} --resume",
               file=sys.stderr)
         return 130
-    md = result["report_md"].read_text()
-    table = md.split("## Accuracy", 1)[1].split("\n## ", 1)[0].strip()
-    answer = next((line for line in md.splitlines() if line.startswith("**Answer.**")), "")
-    print()
-    print(table)
-    print()
-    print(answer.replace("**Answer.** ", ""))
-    print(f"\nreport: {result['report_html']}\n        {result['report_md']}")
+    from ..report.page import md_table
+
+    print(f"\n{md_table(result['table'])}\n\n{' '.join(result['answer'])}")
+    print(f"\nreport: {result['report'].html}\n        {result['report'].markdown}")
     return 0
 
 

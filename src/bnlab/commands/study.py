@@ -69,14 +69,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..studies._report import write_report
+    from ..studies._report import write_study_report
 
     for d in args.run_dirs:
         if not (Path(d) / "results.json").is_file():
             raise ValueError(f"{d}: not a study run directory (no results.json; made by "
                              "`bnlab study run`)")
-        md, html = write_report(Path(d))
-        print(f"wrote {md} and {html}")
+        paths = write_study_report(Path(d))
+        print(f"wrote {paths.markdown} and {paths.html}")
     return 0
 
 

@@ -1,47 +1,95 @@
-"""The building blocks every bnlab report shares: a markdown table, figures embedded as
-base64 PNG, and one self-contained HTML page (no external file, script or font).
+"""The one report writer: ``report.md`` and a self-contained ``report.html`` (no external
+file, script or font) from a title and a list of blocks (:class:`Heading`, :class:`Text`,
+:class:`Table`, :class:`Figure`).
 
-:func:`write_page` writes ``report.md`` (figures as ``report-files/<stem>.png``) and
-``report.html`` from a title, paragraphs, tables and figures, for reports that are not
-training studies (e.g. ``bench/bench_shift.py``); :mod:`bnlab.report.render` uses the same
-pieces for ``bnlab report``.
+The run experiment's report (:mod:`bnlab.report.render`), the studies' reports
+(:mod:`bnlab.studies._report`) and the corruption benchmark's report all go through
+:func:`write_page`, which writes every file atomically and returns :class:`ReportPaths`.
+Text is markdown-ish: ``**bold**`` and backticks become ``<b>`` and ``<code>`` in the HTML.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..train.rundir import atomic_write_bytes, atomic_write_text, make_out_dir
 
-__all__ = ["md_table", "html_table", "code", "figures_html", "html_page", "write_page"]
+__all__ = ["ReportPaths", "Heading", "Text", "Table", "Figure", "Block", "md_table",
+           "html_table", "code", "html_page", "write_page"]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_page` wrote a report."""
+
+    markdown: Path
+    html: Path
+
+
+@dataclass(frozen=True)
+class Heading:
+    """A section heading (``##``)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph; ``style`` is ``""``, ``"answer"`` (set off), ``"meta"`` or ``"note"``
+    (smaller, grey)."""
+
+    text: str
+    style: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: column headers and rows of cells (shown with ``str``)."""
+
+    headers: list[str]
+    rows: list[list[Any]]
+
+    @classmethod
+    def from_dicts(cls, rows: list[dict[str, Any]]) -> Table:
+        """The first row's keys as headers, each row's values as cells."""
+        if not rows:
+            raise ValueError("Table.from_dicts: a table needs at least one row")
+        return cls(list(rows[0]), [list(r.values()) for r in rows])
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG figure at ``file`` (relative to the report's folder). With ``png`` the file is
+    written; without it, it must already be there (a study's figure)."""
+
+    caption: str
+    file: str
+    png: bytes | None = None
+
+
+Block = Heading | Text | Table | Figure
 
 _CSS = """body { font-family: sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
 th { background: #eee; } td:first-child { text-align: left; font-weight: bold; }
 .answer { background: #f3f7ff; border-left: 4px solid #36c; padding: 0.6em 1em; }
-figure { margin: 1.5em 0; } img.plot { max-width: 100%; }
+figure { margin: 1.5em 0; } img.plot { max-width: 100%; } code { background: #f4f4f4; }
 figcaption, .note, .meta { color: #555; font-size: 0.9em; }
 """
 
 
-def md_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table with the first row's keys as the header."""
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+def md_table(table: Table) -> str:
+    """``table`` as a markdown table."""
+    lines = ["| " + " | ".join(table.headers) + " |", "|" + "---|" * len(table.headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table.rows]
     return "\n".join(lines)
-
-
-def html_table(rows: list[dict[str, Any]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r.values()) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def code(text: str) -> str:
@@ -50,62 +98,69 @@ def code(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def figures_html(figs: dict[str, tuple[str, bytes]]) -> str:
-    """``{stem: (caption, PNG bytes)}`` as ``<figure>`` elements with the PNGs inlined."""
-    e = html.escape
-    return "".join(
-        f'<figure><img class="plot" id="fig-{stem}" alt="{e(caption)}" '
-        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{e(caption)}</figcaption></figure>"
-        for stem, (caption, png) in figs.items()
-    )
+def _inline(text: str) -> str:
+    """Markdown-ish ``text`` as HTML: escaped, backticks as <code>, ``**x**`` as <b>."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", code(html.escape(text, quote=False)))
+
+
+def html_table(table: Table) -> str:
+    head = "".join(f"<th>{_inline(str(h))}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>"
+                   for row in table.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def html_page(title: str, body: str) -> str:
     """A complete HTML document around ``body`` (already HTML) with the reports' style."""
-    e = html.escape
+    plain = html.escape(title.replace("`", ""))
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{plain}</title>
 <style>
 {_CSS}</style></head><body>
-<h1>{e(title)}</h1>
+<h1>{_inline(title)}</h1>
 {body}
 </body></html>
 """
 
 
-def write_page(out_dir: str | Path, title: str, paragraphs: list[str],
-               tables: dict[str, list[dict[str, Any]]],
-               figs: dict[str, tuple[str, bytes]], footer: str = "") -> tuple[Path, Path]:
-    """Write ``report.md``, ``report.html`` and ``report-files/<stem>.png`` into ``out_dir``.
+def _markdown(block: Block) -> list[str]:
+    if isinstance(block, Heading):
+        return [f"## {block.text}", ""]
+    if isinstance(block, Text):
+        return [block.text, ""]
+    if isinstance(block, Table):
+        return [md_table(block), ""]
+    return [f"![{block.caption}]({block.file})", "", f"*{block.caption}*", ""]
 
-    ``paragraphs`` are markdown-ish text (backticks become ``<code>``), ``tables`` map a
-    section heading to rows (dicts with the same keys), ``figs`` map a file stem to
-    ``(caption, PNG bytes)``. Returns ``(html_path, md_path)``.
-    """
-    if not all(tables.values()):
-        raise ValueError("write_page: every table needs at least one row")
-    out = Path(out_dir)
-    files = make_out_dir(make_out_dir(out, "--out") / "report-files", "--out")
-    for stem, (_, png) in figs.items():
-        atomic_write_bytes(files / f"{stem}.png", png)  # never a 0-byte PNG on a full disk
+
+def _html(block: Block, out: Path) -> str:
+    if isinstance(block, Heading):
+        return f"<h2>{_inline(block.text)}</h2>"
+    if isinstance(block, Text):
+        style = f' class="{block.style}"' if block.style else ""
+        return f"<p{style}>{_inline(block.text)}</p>"
+    if isinstance(block, Table):
+        return html_table(block)
+    png = block.png if block.png is not None else (out / block.file).read_bytes()
+    caption = html.escape(block.caption)
+    return (f'<figure><img class="plot" id="fig-{html.escape(Path(block.file).stem)}" '
+            f'alt="{caption}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def write_page(out_dir: str | Path, title: str, blocks: Sequence[Block]) -> ReportPaths:
+    """Write ``report.md`` and ``report.html`` (figures inlined) into ``out_dir``, and each
+    :class:`Figure` that carries its PNG to its file; every file atomically (a full disk
+    leaves no partial or 0-byte file)."""
+    out = make_out_dir(Path(out_dir), "--out")
+    for b in blocks:
+        if isinstance(b, Figure) and b.png is not None:
+            make_out_dir((out / b.file).parent, "--out")
+            atomic_write_bytes(out / b.file, b.png)
     md = [f"# {title}", ""]
-    for p in paragraphs:
-        md += [p, ""]
-    for heading, rows in tables.items():
-        md += [f"## {heading}", "", md_table(rows), ""]
-    for stem, (caption, _) in figs.items():
-        md += [f"## {caption}", "", f"![{caption}](report-files/{stem}.png)", ""]
-    if footer:
-        md += [footer, ""]
-    md_path = out / "report.md"
-    atomic_write_text(md_path, "\n".join(md))
-    e = html.escape
-    body = "".join(f"<p>{code(e(p))}</p>\n" for p in paragraphs)
-    body += "".join(f"<h2>{e(h)}</h2>\n{html_table(rows)}\n" for h, rows in tables.items())
-    body += figures_html(figs)
-    if footer:
-        body += f'\n<p class="note">{code(e(footer))}</p>'
-    html_path = out / "report.html"
-    atomic_write_text(html_path, html_page(title, body))
-    return html_path, md_path
+    for b in blocks:
+        md += _markdown(b)
+    paths = ReportPaths(out / "report.md", out / "report.html")
+    atomic_write_text(paths.markdown, "\n".join(md))
+    atomic_write_text(paths.html, html_page(title, "\n".join(_html(b, out) for b in blocks)))
+    return paths

@@ -1,8 +1,10 @@
-"""The report's figures, drawn with matplotlib's Agg backend and returned as PNG bytes."""
+"""The reports' figures, drawn with matplotlib's Agg backend: the run report's
+(:func:`figures`, PNG bytes) and the studies' line plots (:func:`line_plot`, a PNG file)."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib
 
@@ -10,19 +12,46 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..train.rundir import atomic_write_bytes  # noqa: E402
 from .collect import Group, mean_sd  # noqa: E402
 
-__all__ = ["figures", "png"]
+__all__ = ["figures", "png", "line_plot"]
 
 _TITLES = {"train_loss": "training loss", "val_loss": "validation loss",
            "train_acc": "training accuracy", "val_acc": "validation accuracy"}
 
 
-def png(fig) -> bytes:
+def png(fig, dpi: int = 90) -> bytes:
+    """``fig`` as PNG bytes (the figure is closed)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def line_plot(path: Path, series: dict[str, tuple[list, list, list | None]], *, title: str,
+              xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> str:
+    """Plot ``{label: (x, mean, std or None)}`` with shaded spread into the PNG file ``path``
+    (written atomically); returns the file name."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (x, m, s) in series.items():
+        ax.plot(x, m, marker="o", markersize=3, label=label)
+        if s is not None:
+            lo = [a - b for a, b in zip(m, s, strict=True)]
+            hi = [a + b for a, b in zip(m, s, strict=True)]
+            ax.fill_between(x, lo, hi, alpha=0.2)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(path, png(fig, dpi=100))
+    return Path(path).name
 
 
 _STYLES = ["-", "--", "-.", ":"]

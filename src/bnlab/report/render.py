@@ -1,22 +1,22 @@
 """Turn run directories into ``report.md`` and a self-contained ``report.html``.
 
 Every number and sentence is computed from the runs' files; nothing is typed in.
+:func:`run_report` gathers them (:class:`RunReport`: the table and the answer as data, for
+``bnlab run`` to print); :func:`write_report` writes them with :func:`bnlab.report.page.write_page`.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import os
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from ..train.rundir import atomic_write_bytes, atomic_write_text, make_out_dir
 from .collect import Group, group_runs, load_runs, mean_sd, study_info
-from .page import code, figures_html, html_page, html_table, md_table
+from .page import Block, Figure, Heading, ReportPaths, Table, Text, write_page
 from .plots import figures
 
-__all__ = ["table_rows", "verdict", "write_report"]
+__all__ = ["table_rows", "verdict", "RunReport", "run_report", "write_report"]
 
 BASELINE = "none"
 BN_NAMES = ("bn", "torch-bn")
@@ -130,44 +130,47 @@ _NOTE = ("Training loss and accuracy are averaged over each epoch's mini-batches
          "Accuracies are in percent, mean ± sample standard deviation over seeds.")
 
 
+@dataclass(frozen=True)
+class RunReport:
+    """A report on run directories, as data: ``table`` (one row per normaliser) and
+    ``answer`` (the computed sentences) are what ``bnlab run`` prints."""
+
+    title: str
+    table: Table
+    answer: list[str]
+    blocks: list[Block]
+
+    def write(self, out_dir: str | os.PathLike) -> ReportPaths:
+        return write_page(out_dir, self.title, self.blocks)
+
+
+def run_report(paths: list[str | os.PathLike]) -> RunReport:
+    """The report on ``paths``: run directories or folders holding them (a ``bnlab run``
+    output)."""
+    runs = load_runs(paths)
+    info = study_info(paths)
+    groups = group_runs(runs, info.get("norms"))
+    table = Table.from_dicts(table_rows(groups))
+    answer = verdict(groups)
+    h = _header(groups, info)
+    blocks: list[Block] = [
+        Text(h["claim"]), Text("**Answer.** " + " ".join(answer), "answer"),
+        Text(f"**Evidence.** {h['evidence']}", "meta"),
+        Text(f"**Machine.** {h['machine']}", "meta"),
+        Heading("Accuracy"), table, Text(_NOTE, "note"),
+    ]
+    blocks += [Figure(caption, f"report-files/{stem}.png", png)
+               for stem, (caption, png) in figures(groups).items()]
+    blocks.append(Text("Regenerate with `bnlab report "
+                       + " ".join(str(p) for p in paths) + "`.", "note"))
+    return RunReport(h["title"], table, answer, blocks)
+
+
 def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike | None = None
-                 ) -> tuple[Path, Path]:
+                 ) -> ReportPaths:
     """Regenerate ``report.md``, ``report.html`` and ``report-files/*.png`` from run dirs.
 
     ``paths`` are run directories or folders holding them (a ``bnlab run`` output); the report
     goes to ``out_dir`` (default: the first path).
     """
-    runs = load_runs(paths)
-    info = study_info(paths)
-    groups = group_runs(runs, info.get("norms"))
-    out = Path(out_dir or paths[0])
-    files = make_out_dir(make_out_dir(out, "--out") / "report-files", "--out")
-    figs = figures(groups)
-    for stem, (_, png) in figs.items():
-        atomic_write_bytes(files / f"{stem}.png", png)  # never a 0-byte PNG on a full disk
-    rows = table_rows(groups)
-    sentences = verdict(groups)
-    h = _header(groups, info)
-
-    md = [f"# {h['title']}", "", h["claim"], "", "**Answer.** " + " ".join(sentences), "",
-          f"**Evidence.** {h['evidence']}", "", f"**Machine.** {h['machine']}", "",
-          "## Accuracy", "", md_table(rows), "", _NOTE, ""]
-    for stem, (caption, _) in figs.items():
-        md += [f"## {caption}", "", f"![{caption}](report-files/{stem}.png)", ""]
-    md += ["Regenerate with `bnlab report " + " ".join(str(p) for p in paths) + "`.", ""]
-    md_path = out / "report.md"
-    atomic_write_text(md_path, "\n".join(md))
-
-    e = html.escape
-    body = f"""<p>{code(e(h['claim']))}</p>
-<div class="answer"><p>{"</p><p>".join(code(e(s)) for s in sentences)}</p></div>
-<p class="meta"><b>Evidence.</b> {e(h['evidence'])}</p>
-<p class="meta"><b>Machine.</b> {e(h['machine'])}</p>
-<h2>Accuracy</h2>
-{html_table(rows)}
-<p class="note">{e(_NOTE)}</p>
-{figures_html(figs)}"""
-    page = html_page(h["title"], body)
-    html_path = out / "report.html"
-    atomic_write_text(html_path, page)
-    return html_path, md_path
+    return run_report(paths).write(out_dir or paths[0])

@@ -210,7 +210,7 @@ def run_study(study: Study, preset: Preset, seeds: int | None, out: Path,
               log: Callable[[str], None] = print) -> Path:
     """Run ``study`` with ``preset`` and write its run directory; returns the directory."""
     from ..train.rundir import run_environment, write_json
-    from ._report import write_report
+    from ._report import write_study_report
 
     if preset not in study.presets:
         raise ValueError(
@@ -247,6 +247,6 @@ def run_study(study: Study, preset: Preset, seeds: int | None, out: Path,
         "comparisons": [c.as_dict() for c in result.comparisons],
     }
     write_json(out / "results.json", payload)
-    write_report(out)
+    write_study_report(out)
     log(f"{study.name}: {result.verdict} - {result.evidence} ({elapsed:.0f} s)")
     return out

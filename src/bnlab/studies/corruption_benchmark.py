@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..data import load_dataset
 from ..models import small_cnn
+from ..report.page import ReportPaths
 from ..tools.adapt import Tent, adapt
 from ..tools.corruptions import CORRUPTIONS, corrupt
 
@@ -140,9 +141,9 @@ def table_rows(result: dict) -> list[dict[str, str]]:
 
 def format_table(result: dict) -> str:
     """A markdown table of accuracies, one row per corruption and severity, plus the mean."""
-    from ..report.page import md_table
+    from ..report.page import Table, md_table
 
-    return md_table(table_rows(result))
+    return md_table(Table.from_dicts(table_rows(result)))
 
 
 def plot(result: dict) -> bytes:
@@ -166,10 +167,10 @@ def plot(result: dict) -> bytes:
     return png(fig)
 
 
-def write_shift_report(result: dict, out: Path) -> tuple[Path, Path]:
+def write_shift_report(result: dict, out: Path) -> ReportPaths:
     """``OUT/report.md`` and a self-contained ``OUT/report.html`` (table and figure), from
     ``result`` only (as :func:`run` returns it or ``shift.json`` holds it)."""
-    from ..report.page import write_page
+    from ..report.page import Figure, Heading, Table, Text, write_page
 
     cfg, m = result["config"], result["mean_over_corruptions"]
     clean = result["rows"][0]
@@ -190,11 +191,14 @@ def write_shift_report(result: dict, out: Path) -> tuple[Path, Path]:
         f"**Machine.** torch {result['torch']} with {result['threads']} threads; "
         f"{result['seconds']:.0f} s in all.",
     ]
-    figs = {"shift": ("Test accuracy against corruption severity", plot(result))}
-    return write_page(out, "Fashion-MNIST corruptions: source vs AdaBN vs TENT", paragraphs,
-                      {"Accuracy": table_rows(result)}, figs,
-                      footer="Regenerate from shift.json with "
-                             "`python bench/bench_shift.py --report-from OUT/shift.json`.")
+    return write_page(out, "Fashion-MNIST corruptions: source vs AdaBN vs TENT", [
+        *(Text(p) for p in paragraphs),
+        Heading("Accuracy"), Table.from_dicts(table_rows(result)),
+        Figure("Test accuracy against corruption severity", "report-files/shift.png",
+               plot(result)),
+        Text("Regenerate from shift.json with "
+             "`python bench/bench_shift.py --report-from OUT/shift.json`.", "note"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg, args.data_dir, log=lambda *a: print(*a, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shift.json").write_text(json.dumps(result, indent=2))
-    html_path, md_path = write_shift_report(result, args.out)
+    paths = write_shift_report(result, args.out)
     print(format_table(result))
-    print(f"wrote {args.out}/shift.json, {md_path.name}, {html_path.name}, report-files/")
+    print(f"wrote {args.out}/shift.json, {paths.markdown.name}, {paths.html.name}, report-files/")
     return 0

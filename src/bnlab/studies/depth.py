@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ..norms import make_norm
+from ..report.plots import line_plot
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
 from ._fit import FitConfig, fit_seeds
-from ._plots import line_plot
 
 ACTS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..models import ioffe_mlp
+from ..report.plots import line_plot
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge
 from ._fit import FitConfig, fit_seeds
-from ._plots import line_plot
 
 PERCENTILES = (0.15, 0.5, 0.85)
 

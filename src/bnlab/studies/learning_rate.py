@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from ..models import small_cnn
+from ..report.plots import line_plot
 from . import _data
 from ._base import Comparison, Study, StudyContext, StudyResult, Table, fmt_ms, judge, mean_std
 from ._fit import FitConfig, fit_seeds
-from ._plots import line_plot
 
 NORMS = ("none", "bn")
 

@@ -62,10 +62,12 @@ def default_out(dataset: str) -> Path:
 def run_small_cnn_study(study: SmallCNNStudy, out: str | Path | None = None, *,
                         resume: bool = False, progress: Progress | None = None
                         ) -> dict[str, Any]:
-    """Train every (normaliser, seed) of ``study`` and write the report. Returns paths and
-    summaries. Runs already complete are skipped with ``resume``; an interrupted one continues.
+    """Train every (normaliser, seed) of ``study`` and write the report. Returns ``out``,
+    ``report`` (:class:`bnlab.report.ReportPaths`), ``table`` and ``answer`` (the report's
+    table and sentences, as data) and ``summaries``. Runs already complete are skipped with
+    ``resume``; an interrupted one continues.
     """
-    from ..report import write_report
+    from ..report import run_report
 
     progress = progress or Progress()
     dataset = resolve_dataset(study.dataset, study.data_dir or None)
@@ -109,5 +111,6 @@ def run_small_cnn_study(study: SmallCNNStudy, out: str | Path | None = None, *,
             summaries.append(train(c, run_dir, dataset=data, resume=resume, progress=progress))
     finally:
         progress.close()
-    html, md = write_report([out])
-    return {"out": out, "report_html": html, "report_md": md, "summaries": summaries}
+    report = run_report([out])
+    return {"out": out, "report": report.write(out), "table": report.table,
+            "answer": report.answer, "summaries": summaries}
