@@ -100,8 +100,6 @@ def test_old_model_name_still_builds_with_a_one_line_note(capsys):
     assert "seed_cnn" not in models.model_names()
 
 
-@pytest.mark.xfail(strict=True, reason="bnlab.train.loop.build_net passes placement only to the "
-                   "old model name 'seed_cnn'; it should test for 'small_cnn'")
 def test_placement_reaches_the_small_cnn_through_the_config():
     from bnlab.train import TrainConfig
     from bnlab.train.loop import build_net

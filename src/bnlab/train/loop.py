@@ -49,7 +49,7 @@ def build_net(config: TrainConfig) -> nn.Module:
     """The model of ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
     kwargs: dict[str, Any] = {}
-    if config.model == "seed_cnn":
+    if config.model == "small_cnn":
         kwargs["placement"] = config.placement
     return build_model(config.model, config.norm, **kwargs)
 
