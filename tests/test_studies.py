@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,13 @@ def test_verdict_rule_states_its_numbers_and_its_edges() -> None:
               min_effect=0.05)
     assert (c.mean_with, c.mean_without, c.se) == (pytest.approx(0.9), pytest.approx(0.8), 0.0)
     assert c.diff == pytest.approx(0.1) and c.low == c.high == c.diff and c.verdict == "supported"
-    # no spread: the minimum effect alone decides, in both directions
-    assert judge("acc", [0.84], [0.8], min_effect=0.05).verdict == "not shown"
-    assert judge("acc", [0.74], [0.8], min_effect=0.05).verdict == "contradicted"
+    # no spread between equal seeds: the minimum effect alone decides, in both directions
+    assert judge("acc", [0.84, 0.84], [0.8, 0.8], min_effect=0.05).verdict == "not shown"
+    assert judge("acc", [0.74, 0.74], [0.8, 0.8], min_effect=0.05).verdict == "contradicted"
+    # one seed has no standard deviation (nan, bnlab's one convention): no verdict, however
+    # large the difference
+    c = judge("acc", [0.5], [0.8], min_effect=0.05)
+    assert math.isnan(c.se) and c.verdict == "not shown"
     # lower is better flips the sign of the difference, not the rule
     c = judge("gap", [0.10, 0.11], [0.01, 0.02], higher_is_better=False)
     assert c.verdict == "contradicted" and c.diff == pytest.approx(-0.09)

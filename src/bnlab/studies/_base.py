@@ -11,12 +11,13 @@ predicts.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from ..report.collect import mean_sd
 
 Preset = Literal["quick", "full"]
 Verdict = Literal["supported", "contradicted", "not shown"]
@@ -72,14 +73,16 @@ class Study:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    """Mean and sample standard deviation: bnlab's one convention (``report.mean_sd``), so
+    the sd of a single value is ``nan`` (undefined), never 0: one seed cannot show a spread,
+    and the verdict rule then says "not shown" rather than trusting a zero error."""
+    return mean_sd([float(v) for v in values])
 
 
 def fmt_ms(values: Sequence[float], digits: int = 3) -> str:
     m, s = mean_std(values)
+    if math.isnan(s):
+        return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -140,7 +143,8 @@ def judge(measure: str, with_: Sequence[float], without: Sequence[float], *,
     * ``contradicted`` when ``diff < -max(2 se, min_effect)``: the same, the other way;
     * ``not shown`` otherwise (inside the seed-to-seed noise, or too small to matter).
 
-    ``min_effect`` is in the measure's units and is the only guard with a single seed.
+    ``min_effect`` is in the measure's units. A side with a single value has no standard
+    deviation (``nan``), so its verdict is "not shown": one seed cannot support a claim.
     """
     if min_effect < 0 or not math.isfinite(min_effect):
         raise ValueError(f"judge: min_effect must be a finite number >= 0, got {min_effect!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..models import ioffe_mlp
@@ -92,8 +94,8 @@ def run(ctx: StudyContext) -> StudyResult:
     series = {}
     for k, v in runs.items():
         curves = torch.tensor([r.test_acc for r in v if len(r.test_acc) == len(steps)])
-        series[f"{k}"] = (steps, curves.mean(0).tolist(),
-                          (curves.std(0) if len(curves) > 1 else torch.zeros(len(steps))).tolist())
+        sd = curves.std(0) if len(curves) > 1 else torch.full((len(steps),), math.nan)
+        series[f"{k}"] = (steps, curves.mean(0).tolist(), sd.tolist())
     figs = [("Test accuracy against training steps (mean ± std over seeds)",
              line_plot(ctx.figure_path("accuracy"), series, title="Test accuracy",
                        xlabel="step", ylabel="accuracy"))]
