@@ -348,3 +348,4 @@ def test_native_backward_from_output_equals_tensor_ops(dtype, shape, layout, act
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for a, r in zip(got, ref, strict=True):
         assert ((a - r).abs().max() / r.abs().max().clamp_min(1)) < tol
+

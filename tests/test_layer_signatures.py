@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from torch import nn
 
 import bnlab
 
@@ -57,3 +58,24 @@ def test_input_ranks_come_from_the_torch_class():
     assert bnlab.BatchRenorm3d._input_dims == (5,)
     assert bnlab.BatchNormAct2d._input_dims == (4,)
     assert bnlab.SyncBatchNorm._input_dims == (2, 3, 4, 5)
+
+
+def test_a_users_variant_on_the_public_base_class():
+    """bnlab.NormBase is the documented base: a user's variant overriding one hook trains,
+    updates its running statistics, is a torch BN and freezes/folds like the others."""
+
+    class ShiftedBN2d(bnlab.NormBase, nn.BatchNorm2d):
+        _input_dims = (4,)
+        _input_layout = "(N, C, H, W)"
+
+        def _activation(self):
+            return ("leaky_relu", 0.2)
+
+    layer = ShiftedBN2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    y = layer(x)
+    ref = nn.functional.leaky_relu(nn.functional.batch_norm(x, None, None, training=True), 0.2)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert int(layer.num_batches_tracked) == 1
+    assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    assert type(bnlab.freeze(nn.Sequential(layer))[0]).__name__ == "FrozenBatchNormAct2d"

@@ -8,7 +8,7 @@ between torch and bnlab layers (:func:`bnlab.convert`).
 from __future__ import annotations
 
 from . import functional, keras, kernels, tools, variants
-from ._base import NonFiniteStatisticsError
+from ._base import NonFiniteStatisticsError, NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 from .fused import BatchNormAct2d
@@ -24,6 +24,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct2d",
     "NonFiniteStatisticsError",
+    "NormBase",
     "convert",
     "functional",
     "kernels",

@@ -1,11 +1,19 @@
-"""The base class every bnlab normalisation layer derives from.
+"""The base class every bnlab normalisation layer derives from, public as ``bnlab.NormBase``.
 
 It owns parameters, buffers, argument checking, ``reset_*``, ``extra_repr``, state-dict
-versioning and the running-statistics update. Variants override one hook:
+versioning, synchronisation and the running-statistics update, and ``forward`` (which a
+variant never overrides). A variant (a user's own included) subclasses it, or a layer built
+on it such as ``bnlab.BatchNorm2d`` (which also gives it torch's ``nn.BatchNorm2d`` for
+``isinstance`` checks), and overrides the hooks it needs:
 
-* :meth:`_NormBase._batch_forward` - how a batch is normalised in training (Ghost BN splits
-  it, Batch Renorm corrects it, SyncBN all-reduces its statistics);
-* :meth:`_NormBase._eval_forward` - how running statistics normalise in evaluation.
+* ``_batch_forward(x) -> (y, mean, biased_var, count)`` - how a training batch is normalised
+  (Ghost BN splits it, Batch Renorm corrects it);
+* ``_eval_forward(x)`` - how running statistics normalise in evaluation;
+* ``_activation() -> (act, slope)`` - an activation after the affine map;
+* ``eval_is_affine()`` - whether ``fold``/``freeze`` may treat evaluation as an affine map;
+* ``_saves_output()`` - whether training keeps only its output (in-place activated BN);
+* ``_sync_policy`` (class attribute) - ``"sync"``, ``"local"`` or ``"refuse"`` when a
+  ``process_group`` is given.
 """
 
 from __future__ import annotations
@@ -528,3 +536,7 @@ def _can_read(flag: Tensor, forced: bool) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(flag):
         return False
     return forced or flag.is_cpu
+
+
+#: The documented base class for bnlab layers and users' own variants (see the module text).
+NormBase = _NormBase
