@@ -466,11 +466,11 @@ class _NormBase(_BatchNorm):
         update = _kernels._ops.RunningUpdate(
             rm, rv, factor, F.bessel_factor(F.count_per_channel(x))
         )
-        if self._saves_output():
+        out = None
+        if self._saves_output():  # None for a |weight| too small to divide by: fused, below
             out = _inplace.train_inplace(x, self.weight, self.bias, self.eps, spec[0], spec[1],
                                          update)  # fmt: skip
-            if out is None:  # a |weight| too small to divide by: the fused path below
-                return None
+        if out is not None:
             y = out[0]
         else:
             y = _kernels.api.batch_norm_act_train_update(
