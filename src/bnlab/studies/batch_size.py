@@ -111,7 +111,11 @@ STUDY = Study(
     presets={
         "quick": {"batch_sizes": "2,8,32,128", "examples": 4000, "lr": 1e-3,
                   "train": 12000, "test": 1000},
-        "full": {"batch_sizes": "2,4,8,16,32,64,128,256", "examples": 60000, "lr": 1e-3,
+        # full was 8 sizes x 60k examples each: 30k steps at batch 2 alone, many hours on 2
+        # cores. Seven sizes from 2 to 128 over 10k examples (5k steps at batch 2) keep the
+        # claim's contrast, the smallest against the largest batch at equal examples, drawn
+        # from all 60k training images and scored on all 10k test images.
+        "full": {"batch_sizes": "2,4,8,16,32,64,128", "examples": 10000, "lr": 1e-3,
                  "train": 0, "test": 0},
     },
     run=run,
