@@ -1,6 +1,6 @@
 """Seeds trained together: time of S seeds packed into one network against one seed alone.
 
-Claim checked: the studies' runner (``bnlab.studies._fit.fit_seeds``) trains the five seeds of
+Claim checked: the studies' runner (``bnlab.lab.studies._fit.fit_seeds``) trains the five seeds of
 one configuration at once for about the time of 2.5 seeds alone on the MLP and MNIST-1D
 studies' networks (issue 16). For each study's network and training settings (optimiser,
 batch size) it times ``fit_seeds`` with seeds ``0..S-1`` packed against seed 0 alone, in
@@ -21,11 +21,11 @@ import time
 import torch
 
 import _timing
-from bnlab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp, small_cnn
-from bnlab.studies._fit import FitConfig, fit_seeds
-from bnlab.studies.beyond_images import SeqTransformer
-from bnlab.studies.depth import deep_mlp
-from bnlab.studies.regularization import make_model
+from bnlab.lab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp, small_cnn
+from bnlab.lab.studies._fit import FitConfig, fit_seeds
+from bnlab.lab.studies.beyond_images import SeqTransformer
+from bnlab.lab.studies.depth import deep_mlp
+from bnlab.lab.studies.regularization import make_model
 
 IMAGE, SIGNAL = (1, 28, 28), (40,)
 

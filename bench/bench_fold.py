@@ -3,7 +3,7 @@
 Claim: folding an evaluation-mode BN into the neighbouring convolution removes the BN's
 elementwise pass, so the folded model is faster at the same output. Measured on the small CNN
 (BN after ReLU, as in the tutorial, and BN before ReLU), and a small ResNet for 28x28 inputs, at
-batch 1 and 64 (``bnlab.models.small_cnn`` and ``small_resnet``, with torch's BN layers).
+batch 1 and 64 (``bnlab.lab.models.small_cnn`` and ``small_resnet``, with torch's BN layers).
 Every variant runs in the same process, interleaved in rounds; the numbers are medians of
 per-call times and ratios against the unfolded model of the same run.
 
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from bnlab.commands.info import environment
-from bnlab.models import small_cnn, small_resnet
+from bnlab.lab.commands.info import environment
+from bnlab.lab.models import small_cnn, small_resnet
 from bnlab.tools import fold
 
 

@@ -6,8 +6,8 @@ most 10% (torch's BN: about 30% on 2 cores, see ``../shared/ANCHORS.md``).
 The tutorial's network (PyTorch port): Conv(1,32,3) ReLU BN MaxPool Conv(32,64,3) ReLU BN MaxPool
 Flatten Linear(1600,10); Adam, batch 128, the 60000 training images, ``--threads`` threads.
 The three variants take turns epoch by epoch (``--epochs`` each); medians are reported.
-The images are read by ``bnlab.data.load_dataset`` (``--data-dir``, else bnlab's search path,
-which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.models.small_cnn``.
+The images are read by ``bnlab.lab.data.load_dataset`` (``--data-dir``, else bnlab's search path,
+which includes Debian's ``dataset-fashion-mnist``); the network is ``bnlab.lab.models.small_cnn``.
 
     python bench/bench_seed_epoch.py [--epochs 3] [--threads 2] [--data-dir DIR]
 """
@@ -24,9 +24,9 @@ from torch import nn
 
 import _timing
 import bnlab
-from bnlab.commands.info import environment
-from bnlab.data import load_dataset
-from bnlab.models import small_cnn
+from bnlab.lab.commands.info import environment
+from bnlab.lab.data import load_dataset
+from bnlab.lab.models import small_cnn
 
 NORMS = {"none": "none", "torch": "torch-bn", "bnlab": "bn"}  # variant -> bnlab.norms name
 

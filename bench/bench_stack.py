@@ -1,8 +1,8 @@
 """bnlab against torch's BN in the stack users run: compiled, on torch's kernels, under autocast.
 
 One run, medians of alternating rounds, ratios bnlab / torch for a training step (forward,
-backward, Adam step) of the small CNN on Fashion-MNIST batches of 128 (``bnlab.models.small_cnn``
-with norm ``bn`` against ``torch-bn``):
+backward, Adam step) of the small CNN on Fashion-MNIST batches of 128
+(``bnlab.lab.models.small_cnn`` with norm ``bn`` against ``torch-bn``):
 
 * ``compiled``: both models under ``torch.compile`` (inductor). Target <= 0.9: the native
   kernels run inside the compiled graph as the ``bnlab::train_forward`` op.
@@ -31,8 +31,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 import bnlab  # noqa: E402
-from bnlab.data import load_dataset  # noqa: E402
-from bnlab.models import small_cnn  # noqa: E402
+from bnlab.lab.data import load_dataset  # noqa: E402
+from bnlab.lab.models import small_cnn  # noqa: E402
 
 TARGETS = {"compiled": 0.9, "torch kernels": 1.1, "autocast bf16 BatchNorm2d": 1.1,
            "autocast bf16 BatchNormAct2d": 1.1}  # fmt: skip

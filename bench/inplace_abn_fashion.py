@@ -1,7 +1,7 @@
 """A network a user would train: small_resnet with leaky ReLU on Fashion-MNIST, eager BN
 against in-place activated BN, several seeds.
 
-Both nets are ``bnlab.models.small_resnet(act="leaky_relu")``: one with torch's
+Both nets are ``bnlab.lab.models.small_resnet(act="leaky_relu")``: one with torch's
 ``nn.BatchNorm2d`` followed by ``nn.LeakyReLU`` (``norm="torch-bn"``), one with
 ``bnlab.BatchNormAct2d(inplace=True)`` (``bn_act="inplace"``). Same initial weights per seed
 (the state dicts have the same keys), same batches (Adam, lr 1e-3, batch 128). Each run is a
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import _timing
-from bnlab.data.datasets import batch_order, load_dataset
-from bnlab.models import small_resnet
+from bnlab.lab.data.datasets import batch_order, load_dataset
+from bnlab.lab.models import small_resnet
 
 NETS = {"eager": {"norm": "torch-bn"}, "inplace": {"bn_act": "inplace"}}
 

@@ -28,7 +28,7 @@ FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-uby
 
 
 def _idx_module():
-    spec = importlib.util.spec_from_file_location("bnlab_idx", ROOT / "src/bnlab/data/idx.py")
+    spec = importlib.util.spec_from_file_location("bnlab_idx", ROOT / "src/bnlab/lab/data/idx.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

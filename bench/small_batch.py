@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.data import Dataset, load_dataset
+from bnlab.lab.data import Dataset, load_dataset
 
 BATCHES = (2, 4, 8, 32)
 NORMS = ("bn", "renorm", "ghost", "gn")

@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from bnlab.cli import main
+from bnlab.lab.cli import main
 
 
 def test_info_prints_versions(capsys) -> None:

@@ -3,7 +3,7 @@
 The table below is the CLI's contract for bad input (issue 15). Each row is one mistake or
 fault: an id, the command line (``{t}`` is the case's own temporary directory), an optional
 setup that damages or prepares files there, the expected exit code, and a phrase the one-line
-message must contain. Every case runs in-process through ``bnlab.cli.main``; a few also run in a
+message must contain. Every case runs in-process through ``bnlab.lab.cli.main``; a few also run in a
 real subprocess to show that no traceback reaches a terminal.
 
 The tests run as root here, where ``chmod`` stops nothing (root writes into a read-only
@@ -30,9 +30,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab.cli import main
-from bnlab.data import write_idx
-from bnlab.train.rundir import lock_run_dir
+from bnlab.lab.cli import main
+from bnlab.lab.data import write_idx
+from bnlab.lab.train.rundir import lock_run_dir
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 HAVE_FASHION = all((FASHION / f"{n}.gz").is_file() for n in (
@@ -520,7 +520,7 @@ def _run_case(case: Case, tmp_path: Path, shared, capsys, monkeypatch
         if case.setup is not None:
             case.setup(c)
         capsys.readouterr()
-        monkeypatch.setattr("bnlab.train.loop.build_net", _no_training)
+        monkeypatch.setattr("bnlab.lab.train.loop.build_net", _no_training)
         try:
             rc = main(c.fmt(case.argv))
         except SystemExit as e:  # argparse's own errors
@@ -589,7 +589,7 @@ def test_no_traceback_reaches_a_terminal(case_id, tmp_path, shared):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from bnlab.train.rundir import RunLockedError
+    from bnlab.lab.train.rundir import RunLockedError
 
     with lock_run_dir(tmp_path), pytest.raises(RunLockedError, match="being written"):
         main(["--debug", "train", "--out", str(tmp_path), "--set", "epochs=1",

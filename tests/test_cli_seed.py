@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bnlab.cli import main
-from bnlab.report import write_report
-from bnlab.train import TrainConfig, read_jsonl
+from bnlab.lab.cli import main
+from bnlab.lab.report import write_report
+from bnlab.lab.train import TrainConfig, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_data_commands(capsys):
 
 
 def test_demo_defaults_and_full_flag():
-    from bnlab.cli import build_parser
+    from bnlab.lab.cli import build_parser
 
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.epochs, args.seeds, args.train_subset) == (
@@ -106,8 +106,8 @@ def test_demo_defaults_and_full_flag():
 
 
 def test_resume_with_changed_settings_is_refused_naming_them(tmp_path):
-    from bnlab.train.rundir import write_json
-    from bnlab.train.study import SmallCNNStudy, run_small_cnn_study
+    from bnlab.lab.train.rundir import write_json
+    from bnlab.lab.train.study import SmallCNNStudy, run_small_cnn_study
 
     started = SmallCNNStudy(dataset="fashion-mnist", epochs=2,
                             norms=("none", "bn"), seeds=1, train_subset=256, test_subset=64)

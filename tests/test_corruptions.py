@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from bnlab.models import small_cnn
-from bnlab.studies.corruption_benchmark import ShiftConfig, format_table, main, run, train_source
+from bnlab.lab.models import small_cnn
+from bnlab.lab.studies.corruption_benchmark import (
+    ShiftConfig,
+    format_table,
+    main,
+    run,
+    train_source,
+)
 from bnlab.tools import corruptions as C
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.data import (
+from bnlab.lab.data import (
     DataNotFoundError,
     DownloadError,
     IDXError,
@@ -24,7 +24,7 @@ from bnlab.data import (
     verify,
     write_idx,
 )
-from bnlab.data.idx import read_idx_bytes
+from bnlab.lab.data.idx import read_idx_bytes
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ def test_an_incomplete_data_dir_is_an_error_not_a_fallback(isolated, monkeypatch
 
 
 def test_idx_files_of_another_element_type_are_refused(isolated, monkeypatch):
-    from bnlab.data import load_dataset
+    from bnlab.lab.data import load_dataset
 
     files = _tiny_spec(monkeypatch, "mnist")
     d = isolated / "floats"

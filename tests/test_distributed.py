@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from bnlab.distributed import launch, torchrun_command
+from bnlab.lab.distributed import launch, torchrun_command
 from tests._dist_util import env
 
 
@@ -39,7 +39,7 @@ def test_torchrun_training_ranks_agree(tmp_path, sync_bn):
 
 
 def test_torchrun_command_and_bad_nproc():
-    cmd = torchrun_command(3, "bnlab.distributed.worker", ["--steps", "1"])
+    cmd = torchrun_command(3, "bnlab.lab.distributed.worker", ["--steps", "1"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[-2:] == ["--steps", "1"]
     with pytest.raises(ValueError, match="nproc_per_node must be a positive int, got 0"):
@@ -64,7 +64,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path):
         args[args.index("--steps") + 1] = "1000"
         args[args.index("--timeout") + 1] = "20"
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bnlab.distributed.worker", *args], env=e,
+            [sys.executable, "-m", "bnlab.lab.distributed.worker", *args], env=e,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     try:
@@ -85,7 +85,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path):
                 p.wait()
     print(f"rank 0 exited {took:.1f} s after rank 1 was killed")
     assert procs[0].returncode == 1
-    assert "bnlab.distributed.worker: rank 0 stopped" in err
+    assert "bnlab.lab.distributed.worker: rank 0 stopped" in err
     assert took < 45, took
     assert not (tmp_path / "summary.json").exists()
 

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from bnlab.cli import main
-from bnlab.commands.fold import load_folded
+from bnlab.lab.cli import main
+from bnlab.lab.commands.fold import load_folded
 
 FACTORY = '''
 import torch

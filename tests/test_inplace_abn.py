@@ -310,7 +310,7 @@ def test_fold_and_freeze_in_eval():
 
 
 def test_models_train_with_inplace_leaky_resnet():
-    from bnlab.models import small_resnet
+    from bnlab.lab.models import small_resnet
 
     model = small_resnet(act="leaky_relu", bn_act="inplace")
     n_inplace = sum(getattr(m, "inplace", False) for m in model.modules()

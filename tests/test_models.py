@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 import bnlab
-from bnlab.models import build_model, ioffe_mlp, mnist1d_cnn, mnist1d_mlp, small_cnn, small_resnet
+from bnlab.lab.models import (
+    build_model,
+    ioffe_mlp,
+    mnist1d_cnn,
+    mnist1d_mlp,
+    small_cnn,
+    small_resnet,
+)
 
 
 def test_small_cnn_layout_matches_the_tutorial():
@@ -86,8 +93,8 @@ def test_small_resnet():
 
 
 def test_old_model_name_still_builds_with_a_one_line_note(capsys):
-    import bnlab.models as models
-    from bnlab.train import TrainConfig
+    import bnlab.lab.models as models
+    from bnlab.lab.train import TrainConfig
 
     models._noted.discard("seed_cnn")
     assert models.seed_cnn is small_cnn  # the old import keeps working
@@ -101,8 +108,8 @@ def test_old_model_name_still_builds_with_a_one_line_note(capsys):
 
 
 def test_placement_reaches_the_small_cnn_through_the_config():
-    from bnlab.train import TrainConfig
-    from bnlab.train.loop import build_net
+    from bnlab.lab.train import TrainConfig
+    from bnlab.lab.train.loop import build_net
 
     net = build_net(TrainConfig(model="small_cnn", norm="bn", placement="before"))
     assert [type(x).__name__ for x in net][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]

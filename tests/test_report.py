@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnlab.report import Group, Run, table_rows, verdict
-from bnlab.train import TrainConfig
+from bnlab.lab.report import Group, Run, table_rows, verdict
+from bnlab.lab.train import TrainConfig
 
 
 def _run(norm: str, seed: int, val: list[float], train: list[float] | None = None,
@@ -57,7 +57,7 @@ def test_table_rows_mean_and_sd():
 
 
 def test_one_page_writer_gives_named_paths_and_the_same_text_in_both_files(tmp_path):
-    from bnlab.report.page import Figure, Heading, ReportPaths, Table, Text, write_page
+    from bnlab.lab.report.page import Figure, Heading, ReportPaths, Table, Text, write_page
 
     png = b"\x89PNG\r\n\x1a\n" + b"0" * 16
     paths = write_page(tmp_path / "r", "Study `toy`", [

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bnlab.data import Dataset
-from bnlab.report import write_report
-from bnlab.train import TrainConfig, train
+from bnlab.lab.data import Dataset
+from bnlab.lab.report import write_report
+from bnlab.lab.train import TrainConfig, train
 
 WINDOW = (1100, 4200)
 PROBE = """<script>

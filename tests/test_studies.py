@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.cli import main
-from bnlab.studies import (
+from bnlab.lab.cli import main
+from bnlab.lab.studies import (
     Study,
     StudyResult,
     compare,
@@ -18,7 +18,7 @@ from bnlab.studies import (
     run_study,
     study_names,
 )
-from bnlab.studies._base import Table
+from bnlab.lab.studies._base import Table
 
 
 def test_verdict_rule_needs_an_effect_beyond_noise() -> None:
@@ -96,7 +96,7 @@ def _regularization(w, wo):
 
 
 def _running_stats(w, wo):
-    from bnlab.studies.running_stats import CONFIGS
+    from bnlab.lab.studies.running_stats import CONFIGS
 
     ev = {c: [0.8] * 5 for c in CONFIGS}
     bs = {c: [0.8] * 5 for c in CONFIGS}
@@ -380,7 +380,7 @@ def _toy_data(shape: tuple[int, ...], scale: float = 1.0):
 
 
 def _together_and_alone(build, shape, cfg, seeds=(0, 1, 2), scale=1.0):
-    from bnlab.studies._fit import fit_seeds
+    from bnlab.lab.studies._fit import fit_seeds
 
     data = _toy_data(shape, scale)
     return (fit_seeds(build, list(seeds), *data, cfg),
@@ -388,15 +388,15 @@ def _together_and_alone(build, shape, cfg, seeds=(0, 1, 2), scale=1.0):
 
 
 def _small_cnn_window():
-    from bnlab.models import small_cnn
+    from bnlab.lab.models import small_cnn
 
     return small_cnn("bn-window", norm_kwargs={"window_size": 3})
 
 
 def _together_cases():
-    from bnlab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp
-    from bnlab.studies._fit import FitConfig
-    from bnlab.studies.depth import deep_mlp
+    from bnlab.lab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp
+    from bnlab.lab.studies._fit import FitConfig
+    from bnlab.lab.studies.depth import deep_mlp
 
     sgd = FitConfig(steps=20, batch_size=16, lr=0.05, optimizer="sgd", eval_every=5)
     # Adam only where no bias feeds a BN: such a bias has no gradient but float noise, which
@@ -435,8 +435,8 @@ def test_seeds_trained_together_equal_each_seed_trained_alone(case: str) -> None
 
 
 def test_seeds_together_stop_where_each_alone_diverges() -> None:
-    from bnlab.models import mnist1d_mlp
-    from bnlab.studies._fit import FitConfig
+    from bnlab.lab.models import mnist1d_mlp
+    from bnlab.lab.studies._fit import FitConfig
 
     cfg = FitConfig(steps=30, batch_size=16, lr=4.0, optimizer="sgd", eval_every=5)
     together, alone = _together_and_alone(lambda: mnist1d_mlp("none"), (40,), cfg,
@@ -456,9 +456,9 @@ def test_seeds_together_stop_where_each_alone_diverges() -> None:
 def test_networks_with_dropout_train_seed_by_seed() -> None:
     import torch
 
-    from bnlab.studies._fit import FitConfig
-    from bnlab.studies._pack import NotPackable, Pack
-    from bnlab.studies.regularization import make_model
+    from bnlab.lab.studies._fit import FitConfig
+    from bnlab.lab.studies._pack import NotPackable, Pack
+    from bnlab.lab.studies.regularization import make_model
 
     with pytest.raises(NotPackable, match="Dropout"):
         Pack([make_model(True, "head") for _ in range(2)])

@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from bnlab.data import Dataset
-from bnlab.train import RunExistsError, TrainConfig, lr_at, parse_overrides, read_jsonl, train
-from bnlab.train.rundir import load_checkpoint, read_json
+from bnlab.lab.data import Dataset
+from bnlab.lab.train import RunExistsError, TrainConfig, lr_at, parse_overrides, read_jsonl, train
+from bnlab.lab.train.rundir import load_checkpoint, read_json
 
 
 def _synthetic(n_train=160, n_test=64, seed=0) -> Dataset:
@@ -184,7 +184,7 @@ def test_nonfinite_and_out_of_range_settings_are_refused(key, value, message):
 def test_second_writer_is_refused_naming_the_directory_and_pid(tmp_path):
     import os
 
-    from bnlab.train.rundir import RunLockedError, lock_run_dir
+    from bnlab.lab.train.rundir import RunLockedError, lock_run_dir
 
     with lock_run_dir(tmp_path):  # another run holds the directory
         with pytest.raises(RunLockedError, match=rf"{tmp_path} is being written by another "
@@ -195,7 +195,7 @@ def test_second_writer_is_refused_naming_the_directory_and_pid(tmp_path):
 
 
 def test_bit_flipped_checkpoint_is_refused_on_resume(tmp_path):
-    from bnlab.train.rundir import CheckpointError
+    from bnlab.lab.train.rundir import CheckpointError
 
     cfg = _cfg(epochs=1)
     train(cfg, tmp_path, dataset=_synthetic())
@@ -229,7 +229,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tm
     import shutil
     import subprocess
 
-    from bnlab.train.rundir import save_checkpoint
+    from bnlab.lab.train.rundir import save_checkpoint
 
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")

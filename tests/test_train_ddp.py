@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from bnlab.train import TrainConfig, read_jsonl
-from bnlab.train.ddp import launch_train
-from bnlab.train.replicas import Local, Replicas
+from bnlab.lab.train import TrainConfig, read_jsonl
+from bnlab.lab.train.ddp import launch_train
+from bnlab.lab.train.replicas import Local, Replicas
 from tests._dist_util import env
 
 BASE = dict(model="mnist1d_mlp", dataset="mnist1d", epochs=1, batch_size=64, train_subset=512,
@@ -94,7 +94,7 @@ def test_config_checks():
         TrainConfig(sync_bn=True)
     with pytest.raises(ValueError, match="nproc_per_node must be >= 1, got 0"):
         TrainConfig(nproc_per_node=0)
-    from bnlab.train import train
+    from bnlab.lab.train import train
 
     with pytest.raises(ValueError, match="nproc_per_node=2 but this process is one of 1"):
         train(TrainConfig(**BASE, nproc_per_node=2), "/nonexistent/never-written")

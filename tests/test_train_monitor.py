@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from bnlab.cli import main
-from bnlab.data import Dataset
-from bnlab.train import TrainConfig, parse_overrides, read_jsonl, train
-from bnlab.train.rundir import load_checkpoint
+from bnlab.lab.cli import main
+from bnlab.lab.data import Dataset
+from bnlab.lab.train import TrainConfig, parse_overrides, read_jsonl, train
+from bnlab.lab.train.rundir import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""``python -m bnlab`` is the ``bnlab`` command."""
+"""``python -m bnlab`` is the ``bnlab`` command (which lives in the lab, :mod:`bnlab.lab`)."""
 
 import sys
 
-from .cli import main
+from bnlab.lab.cli import main
 
 sys.exit(main())

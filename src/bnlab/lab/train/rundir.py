@@ -1,0 +1,288 @@
+"""The files of a run directory, each written atomically (temporary file, then ``os.replace``).
+
+::
+
+    RUN_DIR/
+      config.toml        the resolved TrainConfig (loads back with TrainConfig.from_toml)
+      environment.json   versions, threads, git revision, machine
+      steps.jsonl        one record per optimisation step: step, epoch, loss, acc, lr, time
+      epochs.jsonl       one record per epoch: train/val loss and accuracy, lr, times
+      summary.json       final and best accuracy, status, time per epoch
+      checkpoint.pt      model, optimizer, position and RNG state (torch.save)
+      checkpoint.pt.sha256  the checkpoint's SHA-256, written with it, checked before use
+      .lock              held (flock) by the run writing the directory; names its pid
+
+A crash never leaves a half-written file under one of these names, a damaged checkpoint is
+refused rather than resumed from, and two runs never write one directory at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "make_out_dir",
+    "write_json",
+    "read_json",
+    "read_jsonl",
+    "write_jsonl",
+    "save_checkpoint",
+    "load_checkpoint",
+    "run_environment",
+    "git_revision",
+    "is_run_dir",
+    "lock_run_dir",
+    "RunLockedError",
+    "CheckpointError",
+]
+
+CHECKPOINT = "checkpoint.pt"
+DIGEST = CHECKPOINT + ".sha256"
+LOCK = ".lock"
+#: what :func:`save_checkpoint`'s caller (the training loop) stores and resuming reads
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step_in_epoch", "step",
+                   "accumulators", "config")
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the run directory."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is damaged or not a bnlab checkpoint."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the run directory's exclusive lock for the ``with`` block.
+
+    Raises :class:`RunLockedError`, naming the directory and the holder's pid, when another
+    process holds it. The lock (``flock``) goes away with its process, so a crashed run never
+    leaves the directory locked.
+    """
+    path = Path(run_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(
+                f"{run_dir} is being written by another bnlab run (pid {holder}); wait for it "
+                "to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` through a temporary file and ``os.replace``; on any failure (a full
+    disk) the temporary file is removed, ``path`` keeps its previous content (or stays absent:
+    never a 0-byte or half-written file) and the error names ``path``."""
+    path = Path(path)
+    tmp = _tmp(path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.strerror is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror} (writing {path.name}; nothing was written "
+                      "under that name)", str(path)) from e
+    finally:
+        with contextlib.suppress(OSError):  # also when tmp's directory is not one
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def make_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create directory ``path`` (and its parents) for ``option``; a file in the way is a
+    one-line error naming it, not ``[Errno 17] File exists``."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"is under {p}, which is a file"
+            raise NotADirectoryError(f"{option} {path} {where}; {option} must be a directory")
+        if p.is_dir():
+            break
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] when it is absent); a damaged line is an error
+    naming the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e}); was the file cut short "
+                                 "or edited?") from e
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` atomically, and its SHA-256 beside it."""
+    path = Path(run_dir) / CHECKPOINT
+    tmp = _tmp(path)
+    # Serialised in memory first: torch.save straight to a full disk fails with an opaque
+    # "unexpected pos" RuntimeError; a plain write fails with ENOSPC and the file's name.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (writing {path.name}; the previous checkpoint "
+                      "is kept)", str(path)) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(Path(run_dir) / DIGEST, f"{digest}  {CHECKPOINT}\n")
+    return path
+
+
+def load_checkpoint(run_dir: str | os.PathLike, keys: tuple[str, ...] = ()
+                    ) -> dict[str, Any] | None:
+    """The checkpoint of ``run_dir``, loaded with ``weights_only=True``, or None if absent.
+
+    Raises :class:`CheckpointError`, naming the file, when its SHA-256 differs from the one
+    recorded when it was written (a damaged file is never resumed from), it does not load, or
+    it is not a dict holding every one of ``keys`` (the training loop passes
+    :data:`CHECKPOINT_KEYS`: a foreign file is refused before any data is loaded).
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    digest_file = Path(run_dir) / DIGEST
+    if digest_file.exists():  # runs written before digests existed have none
+        want = digest_file.read_text(encoding="utf-8").split()[0]
+        got = _sha256(path)
+        if got != want:
+            raise CheckpointError(
+                f"{path}: SHA-256 {got[:16]}... differs from {want[:16]}... recorded in "
+                f"{digest_file.name} when it was written; the file is damaged, refusing to "
+                "resume from it (move it away to start the run again)"
+            )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; move it away to "
+                              "start the run again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        from bnlab.tools._factory import load_error
+
+        raise CheckpointError(f"{path}: not a readable bnlab checkpoint ({load_error(e)})") from e
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        got = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a bnlab training checkpoint: expected keys "
+                              f"{', '.join(keys)}; missing {', '.join(missing)} "
+                              f"(got {got})")
+    return state
+
+
+def git_revision() -> str | None:
+    """``<commit>`` (``+dirty`` if there are local changes) of the checkout bnlab runs from."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty.strip() else "")
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def run_environment() -> dict[str, Any]:
+    """What :func:`bnlab.lab.commands.info.environment` reports, plus git revision and CPUs."""
+    from ..commands.info import environment
+
+    env = environment()
+    env.update({
+        "git_revision": git_revision(),
+        "cpu_count": os.cpu_count(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        # Other processes slow a run down: the load when it started explains odd timings.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    })
+    return env
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.toml").is_file()
