@@ -458,6 +458,12 @@ CASES = [
     Case("lint-unknown-module", "lint nosuch_pkg:make", 2, "cannot import 'nosuch_pkg'"),
     Case("lint-wrong-shape", "lint {t}/factory.py:make --example-shape 2,3,6,6", 2,
          "--example-shape (2, 3, 6, 6) does not fit", _factory),
+    Case("lint-no-callable", "lint make", 2, "must look like 'module:callable'"),
+    Case("lint-missing-script", "lint {t}/nosuch.py", 2, "nosuch.py' does not exist"),
+    Case("lint-script-with-shape", "lint {t}/factory.py --example-shape 2,1,6,6", 2,
+         "need a model", _factory),
+    Case("lint-script-not-python", "lint {t}/broken.py", 2, "broken.py is not valid Python",
+         lambda c: (c.t / "broken.py").write_text("def f(:\n")),
     # --- bnlab report
     Case("report-missing", "report {t}/nosuch", 2, "nosuch: no such run directory"),
     Case("report-no-runs", "report {t}", 2, "no run directories"),

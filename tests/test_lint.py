@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab
-from bnlab.tools import Finding, lint
+from bnlab.tools import Finding, lint, lint_source
 
 
 def _codes(findings):
@@ -122,3 +122,70 @@ def test_lint_leaves_model_untouched():
     assert model.training and not model[1].training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+# --- BN011: torch's converter in the source (it leaves nothing to see in the model) -------
+
+_TORCH_CALLS = {
+    "import torch\nm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)\n": 2,
+    "from torch import nn\n\nm = nn.SyncBatchNorm.convert_sync_batchnorm(m, None)\n": 3,
+    "import torch.nn as tnn\nm = tnn.SyncBatchNorm.convert_sync_batchnorm(m)\n": 2,
+    "from torch.nn import SyncBatchNorm as S\nm = S.convert_sync_batchnorm(m)\n": 2,
+    "from torch.nn.modules.batchnorm import SyncBatchNorm\n"
+    "def f(m):\n    return SyncBatchNorm.convert_sync_batchnorm(m)\n": 3,
+}
+
+
+def test_bn011_torch_sync_converter_found_however_imported():
+    for source, line in _TORCH_CALLS.items():
+        found = lint_source(source, "train.py")
+        assert [(f.code, f.severity, f.module) for f in found] == \
+            [("BN011", "warning", f"train.py:{line}")], source
+        assert "bnlab.SyncBatchNorm.convert_sync_batchnorm" in found[0].fix
+
+
+def test_bn011_not_raised_for_bnlab_converter_or_other_names():
+    for source in (
+        "import bnlab\nm = bnlab.SyncBatchNorm.convert_sync_batchnorm(m)\n",
+        "from bnlab import SyncBatchNorm\nm = SyncBatchNorm.convert_sync_batchnorm(m)\n",
+        "from torch import nn\nx = nn.SyncBatchNorm(8)\n",  # building one is fine
+        "m = SyncBatchNorm.convert_sync_batchnorm(m)\n",  # unknown origin: not guessed
+    ):
+        assert lint_source(source) == [], source
+
+
+def test_bn011_what_it_warns_about_is_real():
+    """torch's converter really does drop a window and a fused activation (the reason for
+    the rule), while bnlab's keeps them."""
+    model = nn.Sequential(bnlab.BatchNorm2d(4, running="window", window_size=3),
+                          bnlab.BatchNormAct2d(4, act="relu"))
+    by_torch = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in by_torch] == [nn.SyncBatchNorm, nn.SyncBatchNorm]
+    model = nn.Sequential(bnlab.BatchNorm2d(4, running="window", window_size=3),
+                          bnlab.BatchNormAct2d(4, act="relu"))
+    by_bnlab = bnlab.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert by_bnlab[0].running == "window" and by_bnlab[1].act == "relu"
+
+
+def test_lint_source_bad_input():
+    import pytest
+
+    with pytest.raises(ValueError, match="train.py is not valid Python"):
+        lint_source("def f(:\n", "train.py")
+    with pytest.raises(TypeError, match="source must be a str"):
+        lint_source(b"import torch")
+
+
+def test_cli_lint_reads_the_factory_source_and_scripts(tmp_path, capsys):
+    from bnlab.lab.cli import main
+
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nimport bnlab\n\n\ndef make():\n"
+                      "    m = torch.nn.Sequential(bnlab.BatchNorm2d(4))\n"
+                      "    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)\n")
+    assert main(["lint", str(script)]) == 0  # warnings only
+    out = capsys.readouterr().out
+    assert "BN011" in out and f"{script}:7" in out and "1 finding(s), 0 error(s)" in out
+    assert main(["lint", f"{script}:make"]) == 0
+    out = capsys.readouterr().out
+    assert f"{script}:7" in out

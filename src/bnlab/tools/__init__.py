@@ -9,7 +9,7 @@ from __future__ import annotations
 from ._graph import BN_TYPES, bn_layers, is_bn
 from .adapt import Tent, adapt, entropy
 from .fold import FoldReport, fold, fold_bn_next_weights, fold_conv_bn, fold_conv_bn_weights
-from .lint import Finding, lint
+from .lint import Finding, lint, lint_source
 from .monitor import Monitor
 from .recalibrate import recalibrate
 
@@ -28,5 +28,6 @@ __all__ = [
     "fold_conv_bn_weights",
     "is_bn",
     "lint",
+    "lint_source",
     "recalibrate",
 ]

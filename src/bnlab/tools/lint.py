@@ -20,11 +20,18 @@ BN007  warning   weight decay on BN parameters in the optimizer
 BN008  warning   BN layers in mixed train/eval modes
 BN009  warning   eps too small for a float16 layer (subnormal; flushed to zero on some hardware)
 BN010  warning   BN parameters frozen but running statistics still updating
+BN011  warning   (source) a call of torch's ``nn.SyncBatchNorm.convert_sync_batchnorm``, which
+                 turns bnlab layers into plain torch SyncBatchNorm and drops their behaviour
 =====  ========  ==============================================================================
+
+BN011 cannot be seen in a model: after torch's converter has run, a window-mode or fused layer
+is an ordinary ``torch.nn.SyncBatchNorm`` with the same state. ``lint_source`` reads Python
+source (the file a model comes from, or a training script) for it; ``bnlab lint`` runs both.
 """
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -34,7 +41,7 @@ from torch import nn
 
 from ._graph import analyse, bn_layers
 
-__all__ = ["Finding", "lint", "RULES", "MIN_BATCH"]
+__all__ = ["Finding", "lint", "lint_source", "RULES", "MIN_BATCH"]
 
 Severity = Literal["error", "warning"]
 
@@ -72,6 +79,11 @@ RULES: dict[str, tuple[str, str]] = {
     "BN009": ("eps is added to the variance in float16, where values below 6.1e-05 are "
               "subnormal and may be flushed to zero: a dead channel then divides by zero",
               "keep BN layers in float32 (autocast does) or use eps >= 1e-3"),
+    "BN011": ("torch's converter builds a plain torch.nn.SyncBatchNorm from every _BatchNorm, "
+              "bnlab's layers included: a window, a fused activation, Batch Renorm or Ghost BN "
+              "is silently lost (the state dict still loads)",
+              "use bnlab.SyncBatchNorm.convert_sync_batchnorm(model): it converts torch and "
+              "bnlab layers and keeps bnlab's behaviour"),
     "BN010": ("a frozen layer (no gradient for gamma/beta) still updates its running statistics "
               "in train mode, so 'frozen' features drift while fine-tuning",
               "call .eval() on frozen BN layers after each model.train()"),
@@ -239,3 +251,65 @@ def lint(model: nn.Module, example_input=None, optimizer=None) -> list[Finding]:
                                 "weight and bias are frozen but the layer is in train mode "
                                 "and updates its running statistics"))
     return sorted(out, key=lambda f: (f.severity != "error", f.code, f.module))
+
+
+#: what torch's converter is called by, fully qualified
+_TORCH_CONVERTERS = {
+    "torch.nn.SyncBatchNorm.convert_sync_batchnorm",
+    "torch.nn.modules.batchnorm.SyncBatchNorm.convert_sync_batchnorm",
+}
+
+
+def _qualified(node: ast.expr, names: dict[str, str]) -> str | None:
+    """``a.b.c`` with ``a`` replaced by what the source imported it as; None otherwise."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id not in names:
+        return None
+    return ".".join([names[node.id], *reversed(parts)])
+
+
+def lint_source(source: str, filename: str = "<source>") -> list[Finding]:
+    """Check Python source for BN mistakes a model cannot show (BN011).
+
+    Reads the source (nothing runs): a call of torch's
+    ``SyncBatchNorm.convert_sync_batchnorm``, however it was imported (``torch.nn``, ``nn``,
+    ``from torch.nn import SyncBatchNorm``), is reported with its line; bnlab's converter is
+    not.
+
+    Example::
+
+        >>> src = "from torch import nn\nmodel = nn.SyncBatchNorm.convert_sync_batchnorm(m)\n"
+        >>> [(f.code, f.module) for f in lint_source(src, "train.py")]
+        [('BN011', 'train.py:2')]
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"lint_source: source must be a str of Python code, got "
+                        f"{type(source).__name__}")
+    try:
+        tree = ast.parse(source, filename=filename)
+    except SyntaxError as e:
+        raise ValueError(f"lint_source: {filename} is not valid Python (line {e.lineno}: "
+                         f"{e.msg})") from e
+    names: dict[str, str] = {}  # local name -> module or object it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    names[a.asname] = a.name
+                else:
+                    root = a.name.split(".")[0]
+                    names[root] = root
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            target = _qualified(node.func, names)
+            if target in _TORCH_CONVERTERS:
+                out.append(_finding("BN011", "warning", f"{filename}:{node.lineno}",
+                                    "calls torch.nn.SyncBatchNorm.convert_sync_batchnorm"))
+    return sorted(out, key=lambda f: int(f.module.rsplit(":", 1)[1]))

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomli_w
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 __all__ = ["TrainConfig", "parse_overrides", "lr_at"]
 
