@@ -468,3 +468,49 @@ def test_networks_with_dropout_train_seed_by_seed() -> None:
     for (m_t, _), (m_a, _) in zip(together, alone, strict=True):
         for a, t in zip(m_a.state_dict().values(), m_t.state_dict().values(), strict=True):
             assert torch.equal(a, t)
+
+
+def test_fit_is_the_plain_training_loop() -> None:
+    """A model trained alone goes through the studies' one loop (a pack of one); it must
+    equal the textbook loop over the same seeded batches."""
+    import torch
+    from torch import nn
+
+    from bnlab.lab.models import mnist1d_mlp
+    from bnlab.lab.studies._fit import FitConfig, batches, fit
+
+    x, y, xt, yt = _toy_data((40,), 1.0)
+    cfg = FitConfig(steps=15, batch_size=16, lr=1e-3, optimizer="adam", eval_every=5, seed=3)
+    torch.manual_seed(3)
+    model = mnist1d_mlp("bn")
+    ref = mnist1d_mlp("bn")
+    ref.load_state_dict(model.state_dict())
+    res = fit(model, x, y, xt, yt, cfg)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    stream, losses = batches(len(x), cfg, y), []
+    ref.train()
+    for _ in range(cfg.steps):
+        idx = next(stream)
+        loss = nn.functional.cross_entropy(ref(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for (key, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+    assert res.steps == [5, 10, 15] and not res.diverged
+    assert res.train_loss == pytest.approx([sum(losses[i:i + 5]) / 5 for i in (0, 5, 10)],
+                                           rel=1e-5)
+
+
+def test_fit_without_test_data_evaluates_nothing_on_it() -> None:
+    import math
+
+    from bnlab.lab.models import mnist1d_mlp
+    from bnlab.lab.studies._fit import FitConfig, fit
+
+    x, y, _, _ = _toy_data((40,), 1.0)
+    res = fit(mnist1d_mlp("bn"), x, y, None, None,
+              FitConfig(steps=4, batch_size=16, lr=0.05, eval_every=2), eval_train=0)
+    assert res.steps == [] and math.isnan(res.final_test_acc)
+    assert math.isnan(res.final_train_acc) and not res.diverged

@@ -1,8 +1,16 @@
-"""A small, deterministic step-based training loop for the studies.
+"""The studies' training loop: step-based, deterministic, one seed or many at once.
 
 Studies need curves against steps (accuracy after k steps, steps to a target), divergence
-detection and cheap probes, which the epoch-based run trainer does not give; this loop is
-the minimum for that and nothing more.
+detection and cheap probes, and train many seeds of one configuration. One loop,
+:func:`_train_members`, does that for a group of members: a :class:`~._pack.Pack` of seeds
+trained together, or one model on its own (:class:`_Solo`). :func:`fit` (one model, also the
+shift benchmark's source model) and :func:`fit_seeds` (the studies) are its two entry points.
+
+The run trainer (:mod:`bnlab.lab.train.loop`) is the other loop and stays apart: it is
+epoch-based and writes a run directory (checkpoints, exact resume, DDP ranks), none of which
+an in-memory study of hundreds of short runs wants; both build optimisers with
+:func:`~bnlab.lab.train.loop.make_optimizer` and evaluate with
+:func:`~bnlab.lab.train.loop.evaluate`.
 """
 
 from __future__ import annotations
@@ -69,52 +77,20 @@ def batches(n: int, cfg: FitConfig, labels: Tensor | None = None):
                 yield perm[start : start + cfg.batch_size]
 
 
-def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
-        cfg: FitConfig, *, on_step: Callable[[int, nn.Module], None] | None = None,
+def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None,
+        y_test: Tensor | None, cfg: FitConfig, *,
+        on_step: Callable[[int, nn.Module], None] | None = None,
         eval_train: int = 2000) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps; evaluate every ``cfg.eval_every`` steps.
 
     ``on_step(step, model)`` runs after each optimiser step (probes, monitors). A non-finite
-    loss stops training and marks the run as diverged.
+    loss stops training and marks the run as diverged. Without test data (``x_test=None``)
+    nothing is evaluated on it; ``eval_train=0`` skips the final training-set accuracy.
     """
-    torch.manual_seed(cfg.seed)
-    opt = make_optimizer(model.parameters(), cfg)
-    res = FitResult()
-    stream = batches(len(x_train), cfg, y_train)
-    model.train()
-    t0 = time.perf_counter()
-    running, count = 0.0, 0
-    for step in range(1, cfg.steps + 1):
-        idx = next(stream)
-        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-        if not torch.isfinite(loss):
-            res.diverged = True
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.item()
-        count += 1
-        if on_step is not None:
-            on_step(step, model)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            ev = evaluate(model, x_test, y_test)
-            tl = ev.loss
-            res.steps.append(step)
-            res.test_acc.append(ev.accuracy)
-            res.test_loss.append(tl)
-            res.train_loss.append(running / max(count, 1))
-            running, count = 0.0, 0
-            if not math.isfinite(tl):
-                res.diverged = True
-                break
-    res.seconds = time.perf_counter() - t0
-    if res.diverged:
-        _finish_diverged(res, step, evaluate(model, x_test, y_test).accuracy)
-        return res
-    res.final_test_acc = res.test_acc[-1]
-    res.final_train_acc = evaluate(model, x_train[:eval_train], y_train[:eval_train]).accuracy
-    return res
+    torch.manual_seed(cfg.seed)  # dropout's masks, as every run of this seed draws them
+    probe = None if on_step is None else (lambda k, step, m: on_step(step, m))
+    return _train_members(_Solo(model), [cfg.seed], x_train, y_train, x_test, y_test, cfg,
+                          probe, lambda step: True, eval_train)[0]
 
 
 def _finish_diverged(res: FitResult, step: int, acc: float) -> None:
@@ -127,6 +103,32 @@ def _finish_diverged(res: FitResult, step: int, acc: float) -> None:
 
 
 Probe = Callable[[int, int, nn.Module], None]  # (member index, step, member model)
+
+
+class _Solo:
+    """One model behind the interface of a :class:`~._pack.Pack` of one member, so that a
+    model that trains alone goes through the same loop as seeds trained together."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.members = [model]
+
+    def __len__(self) -> int:
+        return 1
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.model(x[0]).unsqueeze(0)
+
+    def save_buffers(self) -> list[Tensor]:
+        return [b.clone() for b in self.model.buffers()]
+
+    def restore_buffers(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for b, v in zip(self.model.buffers(), saved, strict=True):
+                b.copy_(v)
+
+    def sync(self, which: Sequence[int] | None = None) -> None:
+        """The member is the model: nothing to copy."""
 
 
 def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Tensor,
@@ -164,8 +166,8 @@ def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Ten
             out.append((model, fit(model, x_train, y_train, x_test, y_test,
                                    replace(cfg, seed=seed), on_step=probe, eval_train=eval_train)))
         return out
-    results = _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
-                          eval_train)
+    results = _train_members(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step,
+                             probe_at, eval_train)
     return list(zip(models, results, strict=True))
 
 
@@ -189,8 +191,11 @@ def _evaluate_pack(pk, x: Tensor, y: Tensor, batch_size: int = 1000) -> list[Eva
             for c, ls in zip(correct.tolist(), loss_sum.tolist(), strict=True)]
 
 
-def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
-                eval_train) -> list[FitResult]:
+def _train_members(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe_at,
+                   eval_train) -> list[FitResult]:
+    """The loop: the members of ``pk`` (a Pack, or a _Solo) train on their own batch streams
+    (seed ``seeds[k]``) with one optimiser; a member whose loss turns non-finite stops there
+    and the others train on without it."""
     from ._pack import Pack
 
     s = len(pk)
@@ -222,7 +227,8 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
             k = active[j]
             res = results[k]
             res.seconds = time.perf_counter() - t0
-            _finish_diverged(res, step, evaluate(members[k], x_test, y_test).accuracy)
+            acc = math.nan if x_test is None else evaluate(members[k], x_test, y_test).accuracy
+            _finish_diverged(res, step, acc)
 
     t0 = time.perf_counter()
     step = 0
@@ -261,7 +267,8 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
             pk.sync()
             for k in active:
                 on_step(k, step, members[k])
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        if x_test is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                   or step == cfg.steps):
             bad = []
             for j, (k, ev) in enumerate(zip(active, _evaluate_pack(pk, x_test, y_test),
                                             strict=True)):
@@ -281,10 +288,10 @@ def _fit_packed(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, probe
     if active:
         pk.sync()
         n = min(eval_train, len(x_train))
-        train_acc = _evaluate_pack(pk, x_train[:n], y_train[:n])
+        train_acc = _evaluate_pack(pk, x_train[:n], y_train[:n]) if n > 0 else None
         for j, k in enumerate(active):
             res = results[k]
             res.seconds = elapsed
-            res.final_test_acc = res.test_acc[-1]
-            res.final_train_acc = train_acc[j].accuracy
+            res.final_test_acc = res.test_acc[-1] if res.test_acc else math.nan
+            res.final_train_acc = math.nan if train_acc is None else train_acc[j].accuracy
     return results

@@ -61,20 +61,16 @@ def _batches(x: Tensor, size: int) -> list[Tensor]:
 
 
 def train_source(x: Tensor, y: Tensor, cfg: ShiftConfig) -> nn.Module:
+    """The source model: the studies' training loop (:func:`._fit.fit`), ``cfg.epochs`` passes
+    over ``x`` in seeded order; returned in evaluation mode."""
+    from ._fit import FitConfig, fit
+
     torch.manual_seed(cfg.seed)
     model = small_cnn(cfg.norm, cfg.placement)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=g)
-        for idx in order.split(cfg.batch_size):
-            if len(idx) < 2:
-                continue
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    steps = cfg.epochs * max(1, len(x) // cfg.batch_size)
+    fit(model, x, y, None, None, FitConfig(steps=steps, batch_size=min(cfg.batch_size, len(x)),
+                                           lr=cfg.lr, optimizer="adam", seed=cfg.seed),
+        eval_train=0)
     return model.eval()
 
 
