@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..train.loop import EvalResult, evaluate, make_optimizer
+from ..train.loop import EvalResult, evaluate, make_optimizer, train_step
 
 __all__ = ["FitConfig", "FitResult", "fit", "fit_seeds", "evaluate", "batches"]
 
@@ -238,12 +238,9 @@ def _train_members(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, pr
         idx = torch.stack([next(streams[k]) for k in active])
         while True:
             saved = pk.save_buffers()
-            out = pk(x_train[idx])
-            losses = nn.functional.cross_entropy(
-                out.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1)
-            losses = losses.mean(1)
-            values = losses.tolist()
-            bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
+            done = train_step(pk, opt, x_train[idx], y_train[idx], packed=True,
+                              skip_nonfinite=True)
+            bad = done.nonfinite
             if not bad:
                 break
             # as alone: a non-finite loss stops that member after its forward pass; the
@@ -257,9 +254,7 @@ def _train_members(pk, seeds, x_train, y_train, x_test, y_test, cfg, on_step, pr
                 break
         if not active:
             break
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
+        values = done.losses
         for j, k in enumerate(active):
             running[k] += values[j]
             count[k] += 1

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
 from .replicas import Local
 
-__all__ = ["train", "train_step", "evaluate", "EvalResult", "build", "build_net",
+__all__ = ["train", "train_step", "StepResult", "evaluate", "EvalResult", "build", "build_net",
            "make_optimizer", "RunExistsError"]
 
 
@@ -100,19 +100,54 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return EvalResult(loss=loss_sum / len(x), accuracy=correct / len(x))
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               lr: float) -> tuple[float, int]:
-    """One optimisation step at learning rate ``lr``; returns the batch loss and hits."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    device = next(model.parameters()).device
-    x, y = x.to(device), y.to(device)
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimisation step measured, per member (one for a plain network)."""
+
+    losses: list[float]  # mean cross-entropy of each member's batch
+    hits: list[int]  # correct predictions in each member's batch
+    nonfinite: list[int] = field(default_factory=list)  # members whose loss was not finite
+
+
+def train_step(model: Any, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               lr: float | None = None, *, packed: bool = False,
+               skip_nonfinite: bool = False) -> StepResult:
+    """One optimisation step: the step every training loop of the lab takes (the trainer's,
+    and the studies' for one seed or many).
+
+    ``model`` is a network (``x``: ``(B, ...)``, logits ``(B, classes)``) or, with ``packed``,
+    ``S`` members trained at once (``x``: ``(S, B, ...)``, logits ``(S, B, classes)``, e.g. a
+    :class:`bnlab.lab.studies._pack.Pack`): each member's loss is the mean cross-entropy of its
+    own batch and their sum is minimised (members share no parameters, so each gets its own
+    gradient). ``lr`` sets the learning rate first (None: as it is). With
+    ``skip_nonfinite``, a member whose loss is not finite stops the step before the backward
+    pass: the result lists it in ``nonfinite`` and nothing was updated but what the forward
+    pass updates (running statistics).
+    """
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if not packed:
+        device = next(model.parameters()).device
+        x, y = x.to(device), y.to(device)
     out = model(x)
-    loss = nn.functional.cross_entropy(out, y)
+    if packed:
+        s = out.shape[0]
+        losses = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(),
+                                             reduction="none").view(s, -1).mean(1)
+        hits = (out.argmax(2) == y).sum(1)
+    else:
+        losses = nn.functional.cross_entropy(out, y).unsqueeze(0)
+        hits = (out.argmax(1) == y).sum().unsqueeze(0)
+    values = losses.tolist()
+    if skip_nonfinite:
+        bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            return StepResult(values, hits.tolist(), bad)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    losses.sum().backward()
     opt.step()
-    return loss.item(), int((out.argmax(1) == y).sum())
+    return StepResult(values, hits.tolist())
 
 
 class _StopFlag:
@@ -297,10 +332,11 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
                 idx = ctx.shard(batches[i])
                 batch = (ddp, opt, data.x_train[idx], data.y_train[idx], lr)
                 if config.monitor and ctx.is_main and should_record(config.monitor_every, step):
-                    (lv, correct), rows = monitored(model, step, epoch, train_step, *batch)
+                    done, rows = monitored(model, step, epoch, train_step, *batch)
                     mon_pending.extend(rows)
                 else:
-                    lv, correct = train_step(*batch)
+                    done = train_step(*batch)
+                lv, correct = done.losses[0], done.hits[0]
                 # global loss and hits; any rank's Ctrl-C stops every rank at this step
                 loss_sum, correct, seen, stop = ctx.reduce(
                     [lv * len(idx), correct, len(idx), float(flag.set)])
