@@ -22,7 +22,8 @@ QUICK = sorted(p.parent for p in (DOCS / "quick").glob("*/results.json"))
 
 
 def test_every_study_has_a_committed_run():
-    assert {json.loads((d / "config.json").read_text())["study"] for d in RUNS} == set(study_names())
+    studies = {json.loads((d / "config.json").read_text())["study"] for d in RUNS}
+    assert studies == set(study_names())
 
 
 @pytest.mark.parametrize("run", RUNS + QUICK, ids=lambda d: str(d.relative_to(DOCS)))
