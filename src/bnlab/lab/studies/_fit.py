@@ -133,17 +133,20 @@ class _Solo:
 
 def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Tensor,
               y_train: Tensor, x_test: Tensor, y_test: Tensor, cfg: FitConfig, *,
-              together: bool = True, on_step: Probe | None = None,
+              together: bool | Literal["auto"] = "auto", on_step: Probe | None = None,
               probe_at: Callable[[int], bool] = lambda step: False,
               eval_train: int = 2000) -> list[tuple[nn.Module, FitResult]]:
     """Train one model per seed; returns ``(model, result)`` per seed, in order.
 
     Member ``k`` is ``build()`` after ``torch.manual_seed(seeds[k])``, trained by :func:`fit`
-    with ``cfg.seed = seeds[k]`` (its own data order). With ``together`` (the default) the
-    members train at once as one packed network (:mod:`._pack`); each equals the same seed
-    trained alone up to float rounding (the packed kernels sum in another order). A network
-    that cannot be packed exactly (dropout, attention) trains seed by seed. ``on_step(k, step,
-    model)`` runs after the optimiser steps for which ``probe_at(step)`` is true.
+    with ``cfg.seed = seeds[k]`` (its own data order). With ``together=True`` the members
+    train at once as one packed network (:mod:`._pack`); each equals the same seed trained
+    alone up to float rounding (the packed kernels sum in another order). A network that
+    cannot be packed exactly (dropout, attention) trains seed by seed. ``"auto"`` (the
+    default) packs where it pays: not networks with 2-D convolutions, whose grouped
+    convolutions make five packed seeds cost 5.4-5.75x one seed on a CPU against 5x seed by
+    seed (``bench/bench_ensemble.py``). ``on_step(k, step, model)`` runs after the optimiser
+    steps for which ``probe_at(step)`` is true.
     """
     from ._pack import NotPackable, Pack
 
@@ -151,6 +154,8 @@ def fit_seeds(build: Callable[[], nn.Module], seeds: Sequence[int], x_train: Ten
     for seed in seeds:
         torch.manual_seed(seed)
         models.append(build())
+    if together == "auto":
+        together = not any(isinstance(m, nn.Conv2d) for m in models[0].modules())
     pk = None
     if together and len(models) > 1:
         try:
