@@ -1,6 +1,6 @@
 """bnlab: Batch Normalization for PyTorch that is correct, fast, inspectable and honest.
 
-Drop-in layers (``bnlab.BatchNorm1d/2d/3d``) with the seed's statistics modes, a functional
+Drop-in layers (``bnlab.BatchNorm1d/2d/3d``) with the tutorial's statistics modes, a functional
 core (:mod:`bnlab.functional`), conversions from Keras' conventions (:mod:`bnlab.keras`) and
 between torch and bnlab layers (:func:`bnlab.convert`).
 """

@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d`` with the seed's statistics modes."""
+"""Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d`` with the tutorial's statistics modes."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ Running statistics (``running=``):
 * ``"ema"`` (default): ``running = (1 - momentum) * running + momentum * batch``, PyTorch's
   convention; ``momentum=None`` is a cumulative average (factor ``1/num_batches_tracked``).
 * ``"cumulative"``: the plain average of every batch statistic seen; ``momentum`` is ignored.
-* ``"window"``: the seed's sliding window: ``running_mean`` is the mean of the last
+* ``"window"``: the tutorial's sliding window: ``running_mean`` is the mean of the last
   ``window_size`` batch means and ``running_var`` the mean of their unbiased variances (over
   the batches seen so far while fewer than ``window_size``). The ring buffers ``window_mean``
   and ``window_var`` (shape ``(window_size, C)``) are in the state dict.
@@ -52,7 +52,7 @@ Args:
     bias: with ``affine=True``, also learn ``bias`` (torch 2.13's keyword). Default: ``True``.
     running: ``"ema"``, ``"cumulative"`` or ``"window"`` (keyword-only). Default: ``"ema"``.
     window_size: ``k`` for ``running="window"`` (keyword-only).
-    normalize_with: ``"batch"`` (default) or ``"running"``, the seed's literal step 5
+    normalize_with: ``"batch"`` (default) or ``"running"``, the tutorial's literal step 5
         (keyword-only).
     nonfinite: ``"skip"`` (default) or ``"raise"`` for a batch with NaN/Inf (keyword-only).
     device, dtype: factory arguments for the parameters and buffers.
@@ -77,7 +77,7 @@ Example::
     per-channel affine map within a step: the gradient loses the centring and scaling
     projection that makes BN's training stable, activations can drift from zero mean and unit
     variance between updates, and training is usually slower or less stable than with the
-    default ``"batch"``. It exists to measure the seed's description, not as a recommendation.
+    default ``"batch"``. It exists to measure the tutorial's description, not as a recommendation.
 """
 
 

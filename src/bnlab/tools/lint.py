@@ -10,7 +10,7 @@ model's modes are restored and no statistics change.
 code   severity  mistake
 =====  ========  ==============================================================================
 BN000  warning   the forward with ``example_input`` failed (the error is in the message)
-BN001  error     one BN instance called at several places (the seed's own bug)
+BN001  error     one BN instance called at several places (the tutorial's own bug)
 BN002  warning   bias in the Conv/Linear right before BN (cancelled by the mean subtraction)
 BN003  warning   Dropout right before BN (variance shift between training and evaluation)
 BN004  warn/err  training batch too small for stable statistics (error: 1 value per channel)

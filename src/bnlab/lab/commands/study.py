@@ -127,7 +127,7 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="run the studies that measure the seed's claims")
+    p = sub.add_parser("study", help="run the studies that measure the tutorial's claims")
     ss = p.add_subparsers(dest="study_command", metavar="SUBCOMMAND", required=True)
     ss.add_parser("list", help="list the studies and their claims").set_defaults(func=_list)
     r = ss.add_parser("run", help="run studies (NAME... or 'all')")

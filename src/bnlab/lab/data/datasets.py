@@ -2,7 +2,7 @@
 
 ``load_dataset("fashion-mnist")`` reads the four IDX files found by
 :func:`bnlab.lab.data.find_files` and returns images as float32 ``(N, 1, 28, 28)`` in ``[0, 1]``
-(the seed divides by 255 too) and labels as int64 ``(N,)``. ``load_dataset("mnist1d")``
+(the tutorial divides by 255 too) and labels as int64 ``(N,)``. ``load_dataset("mnist1d")``
 generates MNIST-1D with the ``mnist1d`` package's own generator (no pickle cache, no network):
 float32 ``(N, 40)`` sequences, 4000 train / 1000 test.
 """

@@ -23,7 +23,7 @@ CONFIGS = {
 
 
 def make_model(bn: bool, dropout: str | None, p: float = 0.5) -> nn.Sequential:
-    """The seed CNN with optional BN (after ReLU, the seed's order) and dropout.
+    """The small CNN with optional BN (after ReLU, the tutorial's order) and dropout.
 
     ``dropout="head"`` drops before the classifier (after the last BN: no variance shift);
     ``"before-bn"`` drops right before each BN, the placement that shifts the variance BN
@@ -87,7 +87,7 @@ def run(ctx: StudyContext) -> StudyResult:
     rows = [[n, fmt_ms(acc[n], 4), fmt_ms(gap[n], 4)] for n in CONFIGS]
     return StudyResult(
         verdict=head.verdict, evidence=evidence, comparisons=comparisons,
-        measured=f"Test accuracy and train-test gap of the seed CNN with BN, dropout, L2 and "
+        measured=f"Test accuracy and train-test gap of the small CNN with BN, dropout, L2 and "
                  f"combinations, {data.name} subset of {len(data.x_train)} (overfitting regime).",
         tables=[Table("Accuracy and generalisation gap", ["config", "test acc",
                                                           "train acc - test acc"], rows)],
@@ -98,8 +98,8 @@ def run(ctx: StudyContext) -> StudyResult:
 STUDY = Study(
     name="regularization",
     claim="BN is a kind of regulariser that improves generalisation, and BN and dropout "
-          "complement each other (the seed's FAQ).",
-    method="Seed CNN (Adam 1e-3, batch 128) on a small training subset so that it overfits; "
+          "complement each other (the tutorial's FAQ).",
+    method="Small CNN (Adam 1e-3, batch 128) on a small training subset so that it overfits; "
            "none, BN, dropout 0.5 before the classifier, L2 5e-4, BN+dropout, BN+L2, and "
            "dropout placed right before each BN; train (full subset) and test accuracy.",
     presets={

@@ -55,7 +55,7 @@ def decide(numbers: dict) -> list[Comparison]:
         judge("evaluation accuracy, exact population statistics vs EMA 0.1",
               ev["precise (recalibrated ema 0.1)"], ev["ema m=0.1"], with_label="precise",
               without_label="EMA 0.1"),
-        judge("evaluation accuracy, the seed's window k=10 vs EMA 0.1", ev["window k=10"],
+        judge("evaluation accuracy, the tutorial's window k=10 vs EMA 0.1", ev["window k=10"],
               ev["ema m=0.1"], with_label="window k=10", without_label="EMA 0.1"),
     ]
 
@@ -89,13 +89,13 @@ def run(ctx: StudyContext) -> StudyResult:
     evidence = (
         f"{comparisons[0].sentence()}; evaluation accuracy ranges from "
         f"{mean_std(ev[worst])[0]:.3f} ({worst}) to {mean_std(ev[best])[0]:.3f} ({best}); "
-        f"{comparisons[1].sentence()}; {comparisons[2].sentence()}; the seed's step 5 "
+        f"{comparisons[1].sentence()}; {comparisons[2].sentence()}; the tutorial's step 5 "
         f"(normalising training batches with running statistics) {step5:.3f}"
     )
     return StudyResult(
         verdict=comparisons[0].verdict, evidence=evidence, comparisons=comparisons,
         measured=f"Evaluation accuracy (running statistics) and batch-statistics accuracy of the "
-                 f"seed CNN on {data.name} for each way of keeping running statistics.",
+                 f"small CNN on {data.name} for each way of keeping running statistics.",
         tables=[Table("Evaluation with running statistics vs with test-batch statistics",
                       ["running statistics", "eval acc", "batch-stat acc", "eval - batch"],
                       rows)],
@@ -107,8 +107,8 @@ STUDY = Study(
     name="running-stats",
     claim="Running statistics kept as a moving average, or as a sliding window of the last k "
           "batches, are what normalises later passes; how they are kept matters.",
-    method="Seed CNN (BN after ReLU, Adam 1e-3, batch 128); EMA momentum 0.01/0.1/0.5, "
-           "window k=1/10/100, cumulative average, the seed's literal step 5, and exact "
+    method="Small CNN (BN after ReLU, Adam 1e-3, batch 128); EMA momentum 0.01/0.1/0.5, "
+           "window k=1/10/100, cumulative average, the tutorial's literal step 5, and exact "
            "population statistics after training (bnlab.tools.recalibrate).",
     presets={
         "quick": {"steps": 300, "train": 12000, "test": 2000},

@@ -52,7 +52,7 @@ def run(ctx: StudyContext) -> StudyResult:
     fig.write_bytes(shift.plot(per_seed[0]))
     return StudyResult(
         verdict=adabn.verdict, evidence=evidence, comparisons=comparisons,
-        measured="Accuracy of a seed CNN trained on clean Fashion-MNIST, on test images with "
+        measured="Accuracy of the small CNN trained on clean Fashion-MNIST, on test images with "
                  "Gaussian noise, blur, contrast, brightness and pixel dropout (severities), "
                  "as is, after AdaBN and with TENT.",
         tables=[Table("Accuracy under corruption (mean ± std over seeds)",
@@ -65,8 +65,8 @@ def run(ctx: StudyContext) -> StudyResult:
 STUDY = Study(
     name="shift",
     claim="BN is sensitive to the data distribution: when it shifts, performance drops and "
-          "the statistics need re-estimating (the seed's 'data sensitivity').",
-    method="bnlab.lab.studies.corruption_benchmark: seed CNN trained on clean Fashion-MNIST; "
+          "the statistics need re-estimating (the tutorial's 'data sensitivity').",
+    method="bnlab.lab.studies.corruption_benchmark: the small CNN trained on clean Fashion-MNIST; "
            "five corruptions at each severity; source model, AdaBN (exact target statistics) "
            "and TENT (entropy minimisation of the BN affine parameters, online).",
     presets={
