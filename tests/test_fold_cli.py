@@ -7,7 +7,7 @@ import json
 import torch
 
 from bnlab.lab.cli import main
-from bnlab.lab.commands.fold import load_folded
+from bnlab.tools import load_folded
 
 FACTORY = '''
 import torch
@@ -69,3 +69,28 @@ def test_lint_cli_exit_codes_and_json(tmp_path, capsys):
     assert main(["lint", f"{factory}:make", "--example-shape", "2,1,8,8"]) == 0
     assert "BN004 warning" in capsys.readouterr().out
     assert main(["lint", f"{factory}:make", "--example-shape", "2,x"]) == 2
+
+
+def test_load_folded_refuses_what_it_cannot_rebuild(tmp_path):
+    import pytest
+    from torch import nn
+
+    from bnlab.tools import fold
+    from bnlab.tools.fold import folded_checkpoint
+
+    spec = f"{_factory(tmp_path)}:make"
+    from bnlab.tools._factory import build_model
+
+    folded = fold(build_model(spec).eval(), torch.randn(2, 1, 8, 8))
+    path = tmp_path / "f.pt"
+    torch.save(folded_checkpoint(folded, spec, (2, 1, 8, 8)), path)
+    assert torch.load(path, weights_only=True)["example_shape"] == [2, 1, 8, 8]
+    # the factory given at load time builds a model whose BN sits elsewhere
+    with pytest.raises(ValueError, match="folds differently"):
+        load_folded(path, lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(ValueError, match="not a bnlab.folded.v1 file"):
+        load_folded(plain)
+    with pytest.raises(ValueError, match="folded must be a model returned by fold"):
+        folded_checkpoint(nn.Linear(2, 2), spec)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from ._graph import BN_TYPES, bn_layers, is_bn
 from .adapt import Tent, adapt, entropy
-from .fold import FoldReport, fold, fold_bn_next_weights, fold_conv_bn, fold_conv_bn_weights
+from .fold import (
+    FoldReport,
+    fold,
+    fold_bn_next_weights,
+    fold_conv_bn,
+    fold_conv_bn_weights,
+    load_folded,
+)
 from .lint import Finding, lint, lint_source
 from .monitor import Monitor
 from .recalibrate import recalibrate
@@ -29,5 +36,6 @@ __all__ = [
     "is_bn",
     "lint",
     "lint_source",
+    "load_folded",
     "recalibrate",
 ]

@@ -17,13 +17,19 @@ In evaluation a BN layer is a per-channel affine map :math:`y = s \odot x + t` w
 :func:`fold` finds the pairs with :mod:`torch.fx` (so branches and functional calls work) or,
 for models fx cannot trace, with ``nn.Sequential`` order, replaces each folded BN by
 ``nn.Identity`` in a deep copy and reports what it did and what it could not do.
+
+A folded model is saved as a ``bnlab.folded.v1`` file (what ``bnlab fold`` writes, readable
+with ``torch.load(weights_only=True)``): :func:`folded_checkpoint` builds its contents and
+:func:`load_folded` rebuilds the module from it.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +38,12 @@ from .._base import _NormBase
 from ._graph import BNSite, analyse, bn_layers
 
 __all__ = [
+    "FOLDED_FORMAT",
     "FoldReport",
     "bn_scale_shift",
     "fold",
+    "folded_checkpoint",
+    "load_folded",
     "fold_bn_next_weights",
     "fold_conv_bn",
     "fold_conv_bn_weights",
@@ -356,4 +365,54 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
             "fold: " + "; ".join(f"{n}: {w}" for n, w in report.not_folded),
             UserWarning, stacklevel=2,
         )
+    return folded
+
+
+FOLDED_FORMAT = "bnlab.folded.v1"
+
+
+def example_input(shape: Sequence[int] | None) -> Tensor | None:
+    """The seeded example input of ``shape`` that ``bnlab fold`` checks the fold with."""
+    if shape is None:
+        return None
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def folded_checkpoint(folded: nn.Module, factory: str,
+                      example_shape: Sequence[int] | None = None) -> dict:
+    """The contents of a ``bnlab.folded.v1`` file for ``folded`` (a :func:`fold` result).
+
+    ``factory`` names the callable that builds the unfolded architecture
+    (``package.module:callable`` or ``file.py:callable``); ``example_shape`` is the shape of
+    the example input the fold was checked with, if any. Save it with ``torch.save``.
+    """
+    report = getattr(folded, "fold_report", None)
+    if not isinstance(report, FoldReport):
+        raise ValueError(f"folded_checkpoint: folded must be a model returned by fold(), got "
+                         f"{type(folded).__name__} without a fold_report")
+    return {"format": FOLDED_FORMAT, "model": factory,
+            "example_shape": None if example_shape is None else list(example_shape),
+            "state_dict": folded.state_dict(), "report": report.to_dict()}
+
+
+def load_folded(path: str | Path, factory: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild a model from a ``bnlab.folded.v1`` file (written by ``bnlab fold``).
+
+    The architecture comes from ``factory`` or, without it, from the factory named in the
+    file; it is folded the same way and then takes the saved weights. Raises ``ValueError``
+    when the file is not such a file or the factory's model folds differently.
+    """
+    from ._factory import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FOLDED_FORMAT:
+        raise ValueError(f"{path}: not a {FOLDED_FORMAT} file (write one with `bnlab fold`)")
+    model = (factory() if factory is not None else build_model(ckpt["model"])).eval()
+    shape = ckpt["example_shape"]
+    folded = fold(model, example_input(None if shape is None else tuple(shape)), warn=False)
+    saved = [tuple(r) for r in ckpt["report"]["folded"]]
+    if folded.fold_report.folded != saved:
+        raise ValueError(f"{path}: the factory's model folds differently from the saved one "
+                         f"({folded.fold_report.folded} vs {saved}); was the model changed?")
+    folded.load_state_dict(ckpt["state_dict"])
     return folded

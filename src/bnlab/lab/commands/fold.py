@@ -1,7 +1,7 @@
 """``bnlab fold CHECKPOINT --model module:callable``: fold BN layers of a trained model.
 
-Writes ``{"format": "bnlab.folded.v1", "model", "example_shape", "state_dict", "report"}``
-(readable with ``torch.load(weights_only=True)``); :func:`load_folded` rebuilds the module.
+Writes a ``bnlab.folded.v1`` file (:func:`bnlab.tools.fold.folded_checkpoint`, readable with
+``torch.load(weights_only=True)``); :func:`bnlab.tools.load_folded` rebuilds the module.
 """
 
 from __future__ import annotations
@@ -9,37 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
-
-FORMAT = "bnlab.folded.v1"
-
-
-def _example(shape):
-    return None if shape is None else torch.randn(*shape, generator=torch.Generator()
-                                                  .manual_seed(0))
-
-
-def load_folded(path: str | Path, factory: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """Rebuild a model written by ``bnlab fold``: the factory's model, folded, with the weights."""
-    from bnlab.tools import fold
-    from bnlab.tools._factory import build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (write one with `bnlab fold`)")
-    model = (factory() if factory is not None else build_model(ckpt["model"])).eval()
-    shape = ckpt["example_shape"]
-    folded = fold(model, _example(None if shape is None else tuple(shape)), warn=False)
-    saved = [tuple(r) for r in ckpt["report"]["folded"]]
-    if folded.fold_report.folded != saved:
-        raise ValueError(f"{path}: the factory's model folds differently from the saved one "
-                         f"({folded.fold_report.folded} vs {saved}); was the model changed?")
-    folded.load_state_dict(ckpt["state_dict"])
-    return folded
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -48,6 +20,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from bnlab.tools import fold
     from bnlab.tools._factory import build_model, load_into, parse_shape
+    from bnlab.tools.fold import example_input, folded_checkpoint
 
     from ..train.rundir import atomic_write_bytes
 
@@ -61,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says what was not folded
         try:
-            folded = fold(model, _example(shape))
+            folded = fold(model, example_input(shape))
         except RuntimeError as e:
             if shape is None:
                 raise
@@ -69,9 +42,7 @@ def _run(args: argparse.Namespace) -> int:
                              f"{args.model}: {e}") from e
     report = folded.fold_report
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "model": args.model,
-                "example_shape": None if shape is None else list(shape),
-                "state_dict": folded.state_dict(), "report": report.to_dict()}, buf)
+    torch.save(folded_checkpoint(folded, args.model, shape), buf)
     atomic_write_bytes(out, buf.getvalue())  # a full disk leaves no partial file
     if args.json:
         print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
