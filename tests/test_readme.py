@@ -1,4 +1,4 @@
-"""Every Python example in the README runs as written.
+"""Every Python example in the README runs as written; every command line in it parses.
 
 The README's examples are fragments of a user's program: they use the user's model, data
 loaders, process group or Keras layer. Each example gets those objects here (small, but real
@@ -157,3 +157,51 @@ def test_readme_distributed_example(tmp_path, monkeypatch) -> None:
     # the ranks saw different data; sync_running_stats made their statistics agree
     assert r0["mean"] == pytest.approx(r1["mean"], abs=1e-6)
     assert any(abs(m) > 1e-3 for m in r0["mean"])
+
+
+def shell_lines() -> list[str]:
+    """The README's shell command lines (continuations joined, comments dropped)."""
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def test_readme_bnlab_commands_parse() -> None:
+    """Every ``bnlab ...`` line of the README is accepted by bnlab's own argument parser
+    (parsed, not run: the long ones train for minutes)."""
+    import shlex
+
+    from bnlab.lab.cli import build_parser
+
+    commands = [ln for ln in shell_lines() if ln.startswith("bnlab ")]
+    assert len(commands) >= 20
+    parser = build_parser()
+    for line in commands:
+        argv = [a for a in shlex.split(line)[1:] if a != "..."]  # "..." elides repeated flags
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse's way of refusing
+            raise AssertionError(f"README command refused by the parser: {line}") from e
+        assert callable(getattr(args, "func", None)), line
+
+
+def test_readme_bench_commands_name_real_scripts_and_flags() -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    root = README.parent
+    commands = [shlex.split(ln) for ln in shell_lines()
+                if re.match(r"(\.venv/bin/)?python3? bench/", ln)]
+    assert len(commands) >= 4
+    for argv in commands:
+        script = root / argv[1]
+        assert script.is_file(), argv
+        help_text = subprocess.run([sys.executable, str(script), "--help"], cwd=root,
+                                   capture_output=True, text=True, timeout=120).stdout
+        for flag in (a for a in argv[2:] if a.startswith("--")):
+            assert flag in help_text, f"{argv[1]} has no {flag} (README: {' '.join(argv)})"
