@@ -9,7 +9,17 @@ the values). A ratio of S means no gain; networks that cannot be packed (the tra
 attention) train seed by seed and show about S. Packing is forced here; the studies' default
 (``together="auto"``) trains 2-D CNNs seed by seed, because their packed ratio is above S.
 
-    python bench/bench_ensemble.py [--seeds 5] [--steps 60] [--rounds 3] [--threads 1]
+Each timing is a whole ``fit_seeds`` call: building and packing the members, ``--steps``
+training steps and the final evaluations. The default, 300 steps, is the shortest run any
+study makes (``depth``, quick preset); the studies' runs are 300 to 50,000 steps long, and
+the fixed costs weigh more the shorter the run (``--steps 60`` shows it).
+
+Threads: the studies run with torch's default (every core; 2 here), where the packed
+network's larger products use both cores and one seed's small ones barely do; ``--threads 1``
+shows the ratio without that help. The result goes to ``bench/results/
+bench_ensemble_threads<N>.json``.
+
+    python bench/bench_ensemble.py [--seeds 5] [--steps 300] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -51,12 +61,14 @@ CASES = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's default, as the studies run)")
     p.add_argument("--only", default=None, help="comma-separated case names")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     rows = {}
     names = args.only.split(",") if args.only else list(CASES)
@@ -81,7 +93,7 @@ def main() -> None:
         rows[name] = {"study": study, "together_s": t, "alone_s": a, "ratio": t / a}
         print(f"{name:28s} {study:15s} {args.seeds} seeds together {t:7.2f} s, 1 seed alone "
               f"{a:6.2f} s: ratio {t / a:.2f} (seed by seed: {args.seeds})", flush=True)
-    out = _timing.RESULTS / "bench_ensemble.json"
+    out = _timing.RESULTS / f"bench_ensemble_threads{torch.get_num_threads()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": _timing.machine(), "seeds": args.seeds,
                                "steps": args.steps, "rows": rows}, indent=2) + "\n")
