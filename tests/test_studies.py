@@ -405,6 +405,7 @@ def _together_cases():
                      class_sorted=True)
     return {
         "mnist1d_mlp": (lambda: mnist1d_mlp("bn"), (40,), sgd),
+        "mnist1d_mlp LayerNorm": (lambda: mnist1d_mlp("ln"), (40,), sgd),
         "mnist1d_cnn": (lambda: mnist1d_cnn("bn"), (40,), sgd),
         "ioffe_mlp": (lambda: ioffe_mlp("bn"), (1, 28, 28), sgd),
         "deep_mlp": (lambda: deep_mlp(5, "tanh", True), (1, 28, 28), sgd),
@@ -412,7 +413,8 @@ def _together_cases():
     }
 
 
-@pytest.mark.parametrize("case", ["mnist1d_mlp", "mnist1d_cnn", "ioffe_mlp", "deep_mlp",
+@pytest.mark.parametrize("case", ["mnist1d_mlp", "mnist1d_mlp LayerNorm", "mnist1d_cnn",
+                                  "ioffe_mlp", "deep_mlp",
                                   "small_cnn window, Adam, class-sorted"])
 def test_seeds_trained_together_equal_each_seed_trained_alone(case: str) -> None:
     import torch
@@ -432,6 +434,22 @@ def test_seeds_trained_together_equal_each_seed_trained_alone(case: str) -> None
     # the members differ: each has its own initialisation and data order
     w = [m.state_dict() for m, _ in together]
     assert not torch.equal(next(iter(w[0].values())), next(iter(w[1].values())))
+
+
+def test_bn_mlps_pack_feature_major() -> None:
+    """BN MLPs train in the copy-free (S, C, B) layout; networks it cannot express (a
+    LayerNorm normalises each example, a convolution needs (B, S*C, L)) keep (B, S*C)."""
+    from bnlab.lab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp
+    from bnlab.lab.studies._pack import Pack
+    from bnlab.lab.studies.depth import deep_mlp
+
+    cases = ((lambda: ioffe_mlp("bn"), True), (lambda: deep_mlp(3, "relu", True), True),
+             (lambda: mnist1d_mlp("bn"), True), (lambda: mnist1d_mlp("none"), True),
+             (lambda: mnist1d_mlp("ln"), False),
+             (lambda: mnist1d_mlp("bn-window", norm_kwargs={"window_size": 2}), True),
+             (lambda: mnist1d_cnn("bn"), False))
+    for build, expected in cases:
+        assert Pack([build(), build()]).feature_major is expected
 
 
 def test_seeds_together_stop_where_each_alone_diverges() -> None:
