@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 __all__ = ["NotPackable", "Pack", "pack"]
 
-_PER_ELEMENT = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Identity,
-                nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Identity)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_PER_ELEMENT = _ACTIVATIONS + _POOLS  # act per channel: the same layer serves the pack
 
 
 class NotPackable(TypeError):
@@ -90,13 +91,12 @@ class _FeatureMajorNorm(nn.Module):
 
 def _feature_major(layers: list[nn.Module]) -> bool:
     """Whether a network (as a flat layer list) can run feature-major: Flatten first, then
-    only Linear, bnlab's plain BatchNorm1d and element-wise layers."""
+    only Linear, bnlab's plain BatchNorm1d and activations (no pooling: in (S, C, B) it
+    would pool over the batch)."""
     from bnlab.batchnorm import BatchNorm1d
 
     return (bool(layers) and type(layers[0]) is nn.Flatten
-            and all(type(m) in (nn.Linear, BatchNorm1d, *_PER_ELEMENT) for m in layers[1:])
-            and not any(isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d))
-                        for m in layers))
+            and all(type(m) in (nn.Linear, BatchNorm1d, *_ACTIVATIONS) for m in layers[1:]))
 
 
 class _Unsqueeze(nn.Module):
