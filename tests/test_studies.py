@@ -439,8 +439,10 @@ def test_seeds_trained_together_equal_each_seed_trained_alone(case: str) -> None
 def test_bn_mlps_pack_feature_major() -> None:
     """BN MLPs train in the copy-free (S, C, B) layout; networks it cannot express (a
     LayerNorm normalises each example, a convolution needs (B, S*C, L)) keep (B, S*C)."""
+    from torch import nn
+
     from bnlab.lab.models import ioffe_mlp, mnist1d_cnn, mnist1d_mlp
-    from bnlab.lab.studies._pack import Pack
+    from bnlab.lab.studies._pack import NotPackable, Pack
     from bnlab.lab.studies.depth import deep_mlp
 
     cases = ((lambda: ioffe_mlp("bn"), True), (lambda: deep_mlp(3, "relu", True), True),
@@ -450,6 +452,9 @@ def test_bn_mlps_pack_feature_major() -> None:
              (lambda: mnist1d_cnn("bn"), False))
     for build, expected in cases:
         assert Pack([build(), build()]).feature_major is expected
+    # a Flatten that keeps a dimension is refused in either layout (members would differ)
+    with pytest.raises(NotPackable, match="Flatten must flatten"):
+        Pack([nn.Sequential(nn.Flatten(2), nn.Linear(4, 3)) for _ in range(2)])
 
 
 def test_seeds_together_stop_where_each_alone_diverges() -> None:

@@ -139,14 +139,13 @@ def _pack_layer(layers: list[nn.Module], s: int, entries: list[_Entry],
     from bnlab._base import _NormBase
 
     first = layers[0]
-    if feature_major and isinstance(first, nn.Flatten):
-        return nn.Identity()  # Pack.__call__ flattens the input into (S, in, B)
     if isinstance(first, _Unsqueeze):
         return _Unsqueeze(s)
     if isinstance(first, nn.Flatten):
         if first.start_dim != 1 or first.end_dim != -1:
             raise NotPackable("Flatten must flatten from dimension 1 to the end")
-        return nn.Flatten()
+        # feature-major: Pack.__call__ has already flattened the input into (S, in, B)
+        return nn.Identity() if feature_major else nn.Flatten()
     if type(first) in _PER_ELEMENT:
         return copy.deepcopy(first)
     if type(first) is nn.Linear:
