@@ -25,7 +25,6 @@ bench_ensemble_threads<N>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -93,10 +92,9 @@ def main() -> None:
         rows[name] = {"study": study, "together_s": t, "alone_s": a, "ratio": t / a}
         print(f"{name:28s} {study:15s} {args.seeds} seeds together {t:7.2f} s, 1 seed alone "
               f"{a:6.2f} s: ratio {t / a:.2f} (seed by seed: {args.seeds})", flush=True)
-    out = _timing.RESULTS / f"bench_ensemble_threads{torch.get_num_threads()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": _timing.machine(), "seeds": args.seeds,
-                               "steps": args.steps, "rows": rows}, indent=2) + "\n")
+    out = _timing.write_json(f"bench_ensemble_threads{torch.get_num_threads()}",
+                             {"machine": _timing.machine(), "seeds": args.seeds,
+                              "steps": args.steps, "rows": rows})
     print(f"wrote {out}")
 
 
