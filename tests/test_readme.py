@@ -24,8 +24,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 WORKER_MARK = "# inside your own worker module:"
 
 
+def fenced(language: str) -> list[str]:
+    """The README's code blocks fenced as ``language``."""
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
 def python_examples() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    return fenced("python")
 
 
 # The user's objects each example refers to, keyed by a line that identifies the example.
@@ -120,9 +125,11 @@ def test_readme_distributed_example(tmp_path, monkeypatch) -> None:
     example = next(e for e in python_examples() if WORKER_MARK in e)
     head, worker = example.split(WORKER_MARK)
     monkeypatch.chdir(tmp_path)
+    # launch() passes os.environ to torchrun: the workers find bnlab, the tests' helpers and
+    # the worker module written below, one thread each
     e = env()
-    e["PYTHONPATH"] = f"{tmp_path}:{e['PYTHONPATH']}"
-    monkeypatch.setattr("os.environ", e)  # launch() passes os.environ to torchrun
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{e['PYTHONPATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", e["OMP_NUM_THREADS"])
     ns: dict = {}
     # the launch line, as printed, with the launcher's exit status captured
     launch_line = next(line for line in head.splitlines() if line.startswith("launch("))
@@ -162,7 +169,7 @@ def test_readme_distributed_example(tmp_path, monkeypatch) -> None:
 def shell_lines() -> list[str]:
     """The README's shell command lines (continuations joined, comments dropped)."""
     lines = []
-    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), flags=re.S | re.M):
+    for block in fenced("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line:
