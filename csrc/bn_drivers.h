@@ -173,6 +173,39 @@ static void SFX(bdx_pass)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, 
     }
 }
 
+/* ------------------------------------------------------------------ channel by channel
+ * The passes above go over the whole tensor in memory order: the second pass of a kernel
+ * (forward: normalise after the sums; backward: dx after the sums) reads the tensor again from
+ * memory once it is larger than the caches. An NCHW channel is N planes, and the sums of one
+ * channel are all its second pass needs: channel by channel, a thread makes both passes over
+ * one channel while it is still in its cache, and the tensor is read from memory once.
+ * Each channel's sums run in one fixed order (plane 0 to N-1), whatever the thread count. */
+static int SFX(cmajor)(int64_t N, int64_t C, int64_t S, int nhwc, int nt) {
+    int64_t plane = S * (int64_t)sizeof(T);
+    return !nhwc && plane >= CMAJOR_PLANE_BYTES && N * plane <= cmajor_bytes &&
+           C >= (int64_t)CMAJOR_CHANNELS_PER_THREAD * nt;
+}
+
+/* training forward of channels [0, C): sums, finalize, normalise */
+static void SFX(fwd_cmajor)(const T *x, T *y, int64_t N, int64_t C, int64_t S, const T *piv,
+                            const T *w, const T *b, double eps, T *mean_o, T *var_o,
+                            T *invstd_o, T *delta_o, T *thr_o, T *ctr, T *sc, T *sh, int act,
+                            T slope, int nt) {
+    int stream = SFX(stream_ok)(N, C, S, 0);
+    double n = (double)N * (double)S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t i = 0; i < N; i++) SFX(sums_plane)(x + (i * C + c) * S, S, piv[c], &s1, &s2);
+        SFX(finalize)(c, s1, s2, n, piv[c], w, b, eps, mean_o, var_o, invstd_o, delta_o, thr_o,
+                      ctr, sc, sh);
+        for (int64_t i = 0; i < N; i++)
+            SFX(apply_plane)(x + (i * C + c) * S, y + (i * C + c) * S, S, ctr[c], sc[c], sh[c],
+                             act, slope, stream);
+        stream_fence();
+    }
+}
+
 /* ------------------------------------------------------------------ short NCHW planes
  * A plane of a few values (2x2, 3x3 maps) costs a call, a horizontal sum and a flush into
  * double per handful of values. Such a tensor also reads as N rows of C * S columns, column i
@@ -269,6 +302,9 @@ static int SFX(train_fwd)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int
         SFX(expand)(v, sh, shw, C);
         SFX(apply_pass)(x, y, v.R, W, 1, 1, cw, scw, shw, act, slope, nt);
         if (v.tail) SFX(apply_pass)(xt, y + v.R * W, v.tail, C, 1, 1, ctr, sc, sh, act, slope, 1);
+    } else if (SFX(cmajor)(N, C, S, nhwc, nt)) {
+        SFX(fwd_cmajor)(x, y, N, C, S, piv, w, b, eps, mean_o, var_o, invstd_o, delta_o, thr_o,
+                        ctr, sc, sh, act, slope, nt);
     } else {
         SFX(stats_pass)(x, N, C, S, nhwc, piv, s, part, colmap_id(C), run, nt);
         for (int64_t c = 0; c < C; c++)
@@ -366,6 +402,23 @@ static void SFX(bcoef)(int64_t c, double sg, double sgx, double n, const T *invs
  * or, when `mean` is NULL, recomputed from x around the forward's pivots (the fused BN +
  * activation saves only x and the activation thresholds `thr`, NULL for the identity).
  * Returns 0, or -1 when its scratch memory could not be allocated (nothing written). */
+/* Channel c's backward coefficients from its sums: sum(g), sum(g (x - ctr)) and, when the
+ * statistics are recomputed from x, sum(x - ctr) and sum((x - ctr)^2). */
+static void SFX(bfinal)(int64_t c, double sg, double sgx, double sx, double sxx, double n,
+                        int recompute, int train, T *rstd, const T *delta, const T *w,
+                        const T *gmean, const T *gvar, T *dw, T *db, T *A, T *G, T *B, T *D,
+                        double eps) {
+    double dl = 0.0; /* true mean minus ctr */
+    if (recompute) {
+        double m1 = sx / n, var = sxx / n - m1 * m1;
+        rstd[c] = (T)(1.0 / sqrt((var < 0 ? 0.0 : var) + eps));
+        dl = m1;
+    } else if (train && delta) {
+        dl = (double)delta[c];
+    }
+    SFX(bcoef)(c, sg, sgx, n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
+}
+
 static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
                           int nhwc, const T *mean, const T *invstd, const T *delta, const T *thr,
                           const T *w, const T *b, const T *gmean, const T *gvar, T *dw, T *db,
@@ -418,22 +471,37 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
                            part, recompute, colmap_id(C), NULL, 1);
             for (int64_t c = 0; c < (recompute ? 4 : 2) * C; c++) s[c] += s[4 * C + c];
         }
+    } else if (SFX(cmajor)(N, C, S, nhwc, nt)) {
+        /* channel by channel: sums, coefficients and dx of one channel at a time */
+        int stream = SFX(stream_ok)(N, C, S, nhwc);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < C; c++) {
+            double o[4] = {0.0, 0.0, 0.0, 0.0};
+            for (int64_t i = 0; i < N; i++)
+                SFX(bred_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, S, ctr[c], msc[c],
+                                msh[c], act, slope, o, 1, recompute);
+            SFX(bfinal)(c, o[0], o[1], o[2], o[3], n, recompute, train, rstd, delta, w, gmean,
+                        gvar, dw, db, A, G, B, D, eps);
+            if (dx) {
+                for (int64_t i = 0; i < N; i++)
+                    SFX(bdx_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, dx + (i * C + c) * S,
+                                   S, ctr[c], msc[c], msh[c], act, slope, A[c], G[c], B[c], D[c],
+                                   stream);
+            }
+            stream_fence();
+        }
+        free(s);
+        free(ctr);
+        return 0;
     } else {
         T *run = nrun ? Dw + W : NULL;
         SFX(bred_pass)(dy, x, N, C, S, nhwc, ctr, msc, msh, act, slope, s, part, recompute,
                        colmap_id(C), run, nt);
     }
-    for (int64_t c = 0; c < C; c++) {
-        double dl = 0.0; /* true mean minus ctr */
-        if (recompute) {
-            double m1 = s[2 * C + c] / n, var = s[3 * C + c] / n - m1 * m1;
-            rstd[c] = (T)(1.0 / sqrt((var < 0 ? 0.0 : var) + eps));
-            dl = m1;
-        } else if (train && delta) {
-            dl = (double)delta[c];
-        }
-        SFX(bcoef)(c, s[c], s[C + c], n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
-    }
+    for (int64_t c = 0; c < C; c++)
+        SFX(bfinal)(c, s[c], s[C + c], recompute ? s[2 * C + c] : 0.0,
+                    recompute ? s[3 * C + c] : 0.0, n, recompute, train, rstd, delta, w, gmean,
+                    gvar, dw, db, A, G, B, D, eps);
     if (dx && W) {
         SFX(expand)(v, A, Aw, C);
         SFX(expand)(v, G, Gw, C);

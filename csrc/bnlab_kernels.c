@@ -43,6 +43,13 @@ enum { ACT_ID = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_INV_LEAKY = 3 };
 static int64_t tile_columns = TILE_COLUMNS;
 static int64_t wide_columns = WIDE_COLUMNS;
 static int plane_runs = 1; /* runs of short planes (bn_impl.h); 0: plane by plane */
+/* NCHW tensors run channel by channel (see bn_drivers.h) when one channel of one tensor,
+ * N S values, takes at most cmajor_bytes (CMAJOR_BYTES; 0: never), its planes at least
+ * CMAJOR_PLANE_BYTES, and there are at least CMAJOR_CHANNELS_PER_THREAD channels a thread. */
+#define CMAJOR_BYTES ((int64_t)4 << 20)
+#define CMAJOR_PLANE_BYTES 1024
+#define CMAJOR_CHANNELS_PER_THREAD 4
+static int64_t cmajor_bytes = CMAJOR_BYTES;
 
 /* Threads worth starting for `work` values: small tensors run on the calling thread. */
 static int threads_for(int64_t work, int nt) {
@@ -303,10 +310,17 @@ static PyObject *py_set_tile_columns(PyObject *self, PyObject *args) {
     return set_columns(args, &tile_columns);
 }
 
+static PyObject *py_set_channel_major(PyObject *self, PyObject *args) {
+    return set_columns(args, &cmajor_bytes);
+}
+
 static PyMethodDef methods[] = {
     {"set_tile_columns", py_set_tile_columns, METH_VARARGS,
      "set_tile_columns(n) -> previous: channels-last rows of C channels (C not a multiple of "
      "the vector width) run as rows of VL C columns when VL C <= n (0: never)"},
+    {"set_channel_major", py_set_channel_major, METH_VARARGS,
+     "set_channel_major(n) -> previous: NCHW tensors whose channels hold at most n bytes each "
+     "run channel by channel, each channel's second pass reading it from cache (0: never)"},
     {"set_plane_runs", py_set_plane_runs, METH_VARARGS,
      "set_plane_runs(on) -> previous: NCHW sums over runs of short planes (False: plane by "
      "plane)"},

@@ -326,12 +326,12 @@ def test_models_train_with_inplace_leaky_resnet():
 @pytest.mark.skipif(not bnlab.kernels.native_available(), reason="native kernels not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(8, 16, 2, 2), (4, 5, 3, 3), (6, 3, 1, 1), (3, 40, 17, 9),
-                                   (7, 9, 11)])  # fmt: skip
+                                   (7, 9, 11), (3, 8, 16, 17)])  # fmt: skip
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("act", ["leaky_relu", "identity"])
 def test_native_backward_from_output_equals_tensor_ops(dtype, shape, layout, act):
-    """Every layout path of the C backward (planes, runs of short planes, rows, tiles) with
-    ACT_INV_LEAKY equals the tensor-op version of the same formula."""
+    """Every layout path of the C backward (planes, runs of short planes, rows, tiles, channel
+    by channel) with ACT_INV_LEAKY equals the tensor-op version of the same formula."""
     from bnlab.kernels import _ops
 
     g = torch.Generator().manual_seed(sum(shape))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -66,23 +67,35 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture(params=["views", "runs", "plain"])
-def plane_path(request):
+PATHS = ["views", "runs", "plain", "channels"]
+
+
+@contextlib.contextmanager
+def native_path(path: str):
     """The native paths: "views" runs NCHW planes shorter than a cache line as rows of C * S
     columns and channels-last rows of C channels (C not a whole number of vectors) VL rows at
     a time (by default up to 32768 and 4096 columns); "runs" sums the other short NCHW planes
     in per-channel vectors (by default below 256 values); "plain" goes plane by plane and row by
-    row."""
+    row; "channels" runs NCHW tensors channel by channel (planes of at least 1 KiB and at least
+    4 channels a thread: by default for channels of up to 4 MiB); the other three never do."""
     native = _ops._native
-    wide = native.set_wide_columns(1 << 30 if request.param == "views" else 0)
-    tile = native.set_tile_columns(1 << 30 if request.param == "views" else 0)
-    runs = native.set_plane_runs(request.param != "plain")
+    knobs = (native.set_wide_columns(1 << 30 if path == "views" else 0),
+             native.set_tile_columns(1 << 30 if path == "views" else 0),
+             native.set_plane_runs(path != "plain"),
+             native.set_channel_major(1 << 60 if path == "channels" else 0))  # fmt: skip
     try:
-        yield request.param
+        yield path
     finally:
-        native.set_wide_columns(wide)
-        native.set_tile_columns(tile)
-        native.set_plane_runs(runs)
+        native.set_wide_columns(knobs[0])
+        native.set_tile_columns(knobs[1])
+        native.set_plane_runs(knobs[2])
+        native.set_channel_major(knobs[3])
+
+
+@pytest.fixture(params=PATHS)
+def plane_path(request):
+    with native_path(request.param):
+        yield request.param
 
 
 def test_native_extension_was_built(monkeypatch):
@@ -95,11 +108,12 @@ def test_native_extension_was_built(monkeypatch):
 
 # (70, 45, 2, 1): channels-last rows of 45 channels (whole vectors, then 5 single channels)
 # in row blocks that do not divide 140 rows; (3, 1030, 2, 3): more channels than one NHWC
-# accumulation window (1024); (2, 3, 10, 103): NCHW planes longer than one accumulation block.
+# accumulation window (1024); (2, 3, 10, 103): NCHW planes longer than one accumulation block;
+# (3, 8, 16, 17): NCHW planes of 272 values and 8 channels, channel by channel ("channels").
 @pytest.mark.parametrize(
     "shape",
     [(8, 3, 5, 5), (4, 6, 7, 9), (16, 32, 3, 3), (5, 3, 1, 1), (70, 45, 2, 1), (3, 1030, 2, 3),
-     (2, 3, 10, 103)],
+     (2, 3, 10, 103), (3, 8, 16, 17)],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -346,8 +360,10 @@ def streaming_always():
 
 # (4, 8, 5, 7): NCHW planes of 35 values start unaligned; C=8 rows stream in NHWC, C=6 do not;
 # (2, 1040, 2, 2): channels-last rows of more than one window of channels, and NCHW as rows of
-# 4160 columns; (3, 6, 2, 3): NCHW as rows of 36 columns, not a whole number of vectors.
-@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4), (2, 1040, 2, 2), (3, 6, 2, 3)])
+# 4160 columns; (3, 6, 2, 3): NCHW as rows of 36 columns, not a whole number of vectors;
+# (3, 8, 16, 17): channel by channel, planes of whole cache lines.
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (3, 6, 4, 4), (2, 1040, 2, 2), (3, 6, 2, 3),
+                                   (3, 8, 16, 17)])  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
@@ -511,7 +527,7 @@ def _kernel_cases(draw):
     channels_last = rank == 4 and draw(st.booleans())
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     act = draw(st.sampled_from(["identity", "relu", "leaky_relu"]))
-    path = draw(st.sampled_from(["views", "runs", "plain"]))  # as the plane_path fixture
+    path = draw(st.sampled_from(PATHS))  # as the plane_path fixture
     return shape, channels_last, dtype, act, path, draw(st.integers(0, 2**16))
 
 
@@ -523,21 +539,12 @@ def test_native_kernels_match_reference_on_any_shape(case):
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    native = _ops._native
-    knobs = (native.set_wide_columns(1 << 30 if path == "views" else 0),
-             native.set_tile_columns(1 << 30 if path == "views" else 0),
-             native.set_plane_runs(path != "plain"))  # fmt: skip
-    try:
-        with kernels.use_backend("native"):
-            assert kernels.supports(x, w, b)
-            y, mean, var = kernels.batch_norm_act_train(x, w, b, 1e-5, act)
-            got = torch.autograd.grad(y, (x, w, b), dy)
-            with torch.no_grad():
-                ye = kernels.normalize_act(x, mean, var, w, b, 1e-5, act)
-    finally:
-        native.set_wide_columns(knobs[0])
-        native.set_tile_columns(knobs[1])
-        native.set_plane_runs(knobs[2])
+    with native_path(path), kernels.use_backend("native"):
+        assert kernels.supports(x, w, b)
+        y, mean, var = kernels.batch_norm_act_train(x, w, b, 1e-5, act)
+        got = torch.autograd.grad(y, (x, w, b), dy)
+        with torch.no_grad():
+            ye = kernels.normalize_act(x, mean, var, w, b, 1e-5, act)
     yr, mr, vr = reference(x.detach(), w, b, 1e-5, act)
     want = reference_grads(x, w, b, dy, act)
     tol = 5e-5 if dtype == torch.float32 else 1e-9
