@@ -128,6 +128,38 @@ def test_native_kernels_run_inside_the_compiled_graph():
         assert any("autograd_function_apply" in s for s in seen), seen
 
 
+def test_compiled_under_the_torch_backend_decomposes_and_guards_the_choice():
+    """``use_backend("torch")`` around a compiled model's calls gives a graph of torch's
+    kernels (inductor can fuse them with their neighbours; README, bench_stack); leaving the
+    block recompiles to the native op instead of reusing that graph, and re-entering it reuses
+    the first graph."""
+    dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), bnlab.BatchNorm2d(8), nn.ReLU())
+    ref = copy.deepcopy(net)
+    compiled = torch.compile(net, backend=capture, fullgraph=True)
+    x = torch.randn(4, 3, 10, 10)
+    with bnlab.kernels.use_backend("torch"):
+        y = compiled(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-7)
+    assert len(graphs) == 1 and not any("bnlab" in t for t in graphs[0]), graphs
+    compiled(x)
+    with bnlab.kernels.use_backend("torch"):
+        compiled(x)
+    if bnlab.kernels.backend() == "native":
+        assert len(graphs) == 2 and any("bnlab.train_forward" in t for t in graphs[1]), graphs
+    else:  # BNLAB_KERNELS=torch or no extension: torch's kernels outside the block too
+        assert not any("bnlab" in t for g in graphs for t in g), graphs
+
+
 def _graphs_for_channel_change(make) -> int:
     dynamo.reset()
     graphs = []
