@@ -12,7 +12,9 @@ backward, Adam step) of the small CNN on Fashion-MNIST batches of 128
   native kernels do not apply; ``BatchNorm2d`` and the fused ``BatchNormAct2d(relu)`` against
   torch's ``BatchNorm2d`` (+ ReLU). Target <= 1.1.
   Also reported: bnlab compiled under ``use_backend("torch")``, where inductor fuses the BN
-  arithmetic with its neighbours as it does torch's.
+  arithmetic with its neighbours as it does torch's; and the floor, torch's BN with frozen
+  statistics (eval-mode BN layers in a training step), which no BN that computes batch
+  statistics can beat.
 * ``compiled BN+ReLU``: reported, a single BN-heavy layer under ``torch.compile``.
 * ``per call``: one training forward of ``BatchNorm2d(4)`` on a (2, 4, 2, 2) tensor, bnlab
   against torch (reported: the fixed Python cost of a layer call).
@@ -126,10 +128,23 @@ def main(argv: list[str] | None = None) -> int:
                 on_torch()
 
         fns["bnlab torch kernels"] = on_torch_kernels
+        # The floor, reported: torch's BN with its statistics frozen (its layers in eval mode,
+        # the rest training), so the batch moments and their backward cost nothing and only
+        # the affine map is left, fused by inductor. No training BN can cost less than that.
+        torch.manual_seed(0)
+        frozen = small_cnn(norm="torch-bn")
+        for m in frozen.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        fns["torch frozen statistics"] = _step_fn(torch.compile(frozen), x, y)
         r = measure("compiled", fns, warmup=3)
         r["torch_kernels_ratio"] = r["bnlab torch kernels_ms"] / r["torch_ms"]
+        r["floor_ratio"] = r["torch frozen statistics_ms"] / r["torch_ms"]
         print(f"{'  compiled, torch kernels':30s} bnlab {r['bnlab torch kernels_ms']:8.3f} ms  "
               f"{'':20s}ratio {r['torch_kernels_ratio']:.3f}  (reported)", flush=True)
+        print(f"{'  floor: frozen statistics':30s} torch {r['torch frozen statistics_ms']:8.3f} ms"
+              f"  {'':20s}ratio {r['floor_ratio']:.3f}  (reported: no BN computing batch "
+              "statistics can go below it)", flush=True)
         # reported: one BN-heavy layer, where the fused native op has more to gain than the
         # fusion inductor loses around it
         big = torch.randn(64, 64, 56, 56, requires_grad=True)
