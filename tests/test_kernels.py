@@ -186,9 +186,12 @@ def test_float32_accuracy_short_rows_and_planes_with_offset(shape, act):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
-def test_eval_forward_and_backward_match_reference(backend, channels_last, act):
-    x, w, b, dy = make((6, 5, 4, 3), torch.float32, channels_last)
-    mean, var = torch.randn(5) * 0.1, torch.rand(5) + 0.5
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (3, 8, 16, 17)])  # the second: by channel
+def test_eval_forward_and_backward_match_reference(backend, plane_path, channels_last, act,
+                                                   shape):  # fmt: skip
+    x, w, b, dy = make(shape, torch.float32, channels_last)
+    c = shape[1]
+    mean, var = torch.randn(c) * 0.1, torch.rand(c) + 0.5
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
