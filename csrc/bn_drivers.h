@@ -396,12 +396,6 @@ static void SFX(bcoef)(int64_t c, double sg, double sgx, double n, const T *invs
     }
 }
 
-/* Backward. Training (train=1) differentiates through the batch statistics; evaluation
- * (train=0) treats `mean` and `invstd` as constants. In training the statistics are either the
- * ones the forward returned (`mean` rounded to T, `invstd`, `delta` the rounding of the mean)
- * or, when `mean` is NULL, recomputed from x around the forward's pivots (the fused BN +
- * activation saves only x and the activation thresholds `thr`, NULL for the identity).
- * Returns 0, or -1 when its scratch memory could not be allocated (nothing written). */
 /* Channel c's backward coefficients from its sums: sum(g), sum(g (x - ctr)) and, when the
  * statistics are recomputed from x, sum(x - ctr) and sum((x - ctr)^2). */
 static void SFX(bfinal)(int64_t c, double sg, double sgx, double sx, double sxx, double n,
@@ -419,6 +413,12 @@ static void SFX(bfinal)(int64_t c, double sg, double sgx, double sx, double sxx,
     SFX(bcoef)(c, sg, sgx, n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
 }
 
+/* Backward. Training (train=1) differentiates through the batch statistics; evaluation
+ * (train=0) treats `mean` and `invstd` as constants. In training the statistics are either the
+ * ones the forward returned (`mean` rounded to T, `invstd`, `delta` the rounding of the mean)
+ * or, when `mean` is NULL, recomputed from x around the forward's pivots (the fused BN +
+ * activation saves only x and the activation thresholds `thr`, NULL for the identity).
+ * Returns 0, or -1 when its scratch memory could not be allocated (nothing written). */
 static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
                           int nhwc, const T *mean, const T *invstd, const T *delta, const T *thr,
                           const T *w, const T *b, const T *gmean, const T *gvar, T *dw, T *db,
