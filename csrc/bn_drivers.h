@@ -413,6 +413,31 @@ static void SFX(bfinal)(int64_t c, double sg, double sgx, double sx, double sxx,
     SFX(bcoef)(c, sg, sgx, n, rstd, w, dl, gmean, gvar, train, dw, db, A, G, B, D);
 }
 
+/* backward of channels [0, C) (see cmajor): each channel's sums, its coefficients, its dx */
+static void SFX(bwd_cmajor)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S,
+                            const T *ctr, const T *msc, const T *msh, int act, T slope,
+                            int recompute, int train, T *rstd, const T *delta, const T *w,
+                            const T *gmean, const T *gvar, T *dw, T *db, T *A, T *G, T *B, T *D,
+                            double eps, int nt) {
+    int stream = SFX(stream_ok)(N, C, S, 0);
+    double n = (double)N * (double)S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        double o[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t i = 0; i < N; i++)
+            SFX(bred_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, S, ctr[c], msc[c], msh[c],
+                            act, slope, o, 1, recompute);
+        SFX(bfinal)(c, o[0], o[1], o[2], o[3], n, recompute, train, rstd, delta, w, gmean, gvar,
+                    dw, db, A, G, B, D, eps);
+        if (dx) {
+            for (int64_t i = 0; i < N; i++)
+                SFX(bdx_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, dx + (i * C + c) * S, S,
+                               ctr[c], msc[c], msh[c], act, slope, A[c], G[c], B[c], D[c], stream);
+        }
+        stream_fence();
+    }
+}
+
 /* Backward. Training (train=1) differentiates through the batch statistics; evaluation
  * (train=0) treats `mean` and `invstd` as constants. In training the statistics are either the
  * ones the forward returned (`mean` rounded to T, `invstd`, `delta` the rounding of the mean)
@@ -472,24 +497,8 @@ static int SFX(backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C, i
             for (int64_t c = 0; c < (recompute ? 4 : 2) * C; c++) s[c] += s[4 * C + c];
         }
     } else if (SFX(cmajor)(N, C, S, nhwc, nt)) {
-        /* channel by channel: sums, coefficients and dx of one channel at a time */
-        int stream = SFX(stream_ok)(N, C, S, nhwc);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            double o[4] = {0.0, 0.0, 0.0, 0.0};
-            for (int64_t i = 0; i < N; i++)
-                SFX(bred_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, S, ctr[c], msc[c],
-                                msh[c], act, slope, o, 1, recompute);
-            SFX(bfinal)(c, o[0], o[1], o[2], o[3], n, recompute, train, rstd, delta, w, gmean,
-                        gvar, dw, db, A, G, B, D, eps);
-            if (dx) {
-                for (int64_t i = 0; i < N; i++)
-                    SFX(bdx_plane)(dy + (i * C + c) * S, x + (i * C + c) * S, dx + (i * C + c) * S,
-                                   S, ctr[c], msc[c], msh[c], act, slope, A[c], G[c], B[c], D[c],
-                                   stream);
-            }
-            stream_fence();
-        }
+        SFX(bwd_cmajor)(dy, x, dx, N, C, S, ctr, msc, msh, act, slope, recompute, train, rstd,
+                        delta, w, gmean, gvar, dw, db, A, G, B, D, eps, nt);
         free(s);
         free(ctr);
         return 0;
