@@ -6,15 +6,15 @@ backward, Adam step) of the small CNN on Fashion-MNIST batches of 128
 
 * ``compiled``: both models under ``torch.compile`` (inductor). Target <= 0.9: the native
   kernels run inside the compiled graph as the ``bnlab::train_forward`` op.
+  Also reported: bnlab compiled under ``use_backend("torch")``, where inductor fuses the BN
+  arithmetic with its neighbours as it does torch's; and the floor, torch's BN with frozen
+  statistics (eval-mode BN layers in a training step), which no BN that computes batch
+  statistics can beat.
 * ``torch kernels``: eager, ``bnlab.kernels.use_backend("torch")`` (= ``BNLAB_KERNELS=torch``),
   bnlab's policy over torch's own kernels. Target <= 1.1.
 * ``autocast bf16``: eager under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where the
   native kernels do not apply; ``BatchNorm2d`` and the fused ``BatchNormAct2d(relu)`` against
   torch's ``BatchNorm2d`` (+ ReLU). Target <= 1.1.
-  Also reported: bnlab compiled under ``use_backend("torch")``, where inductor fuses the BN
-  arithmetic with its neighbours as it does torch's; and the floor, torch's BN with frozen
-  statistics (eval-mode BN layers in a training step), which no BN that computes batch
-  statistics can beat.
 * ``compiled BN+ReLU``: reported, a single BN-heavy layer under ``torch.compile``.
 * ``per call``: one training forward of ``BatchNorm2d(4)`` on a (2, 4, 2, 2) tensor, bnlab
   against torch (reported: the fixed Python cost of a layer call).
