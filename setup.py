@@ -1,16 +1,18 @@
 """Build bnlab's compiled kernels (``bnlab.kernels._native``) with setuptools.
 
-Everything else about the package is declared in ``pyproject.toml``. The extension is a plain
-CPython module (no torch headers): it is compiled with ``-O3`` (auto-vectorised for the
-baseline instruction set of the platform, no ``-march=native``) and OpenMP. If the compiler
+Everything else about the package is declared in ``pyproject.toml``. The extension is one
+shared object of two parts: the C kernels (``csrc/bnlab_kernels.c``, ``-O3``, auto-vectorised
+for the baseline instruction set, no ``-march=native``, OpenMP; also a tiny CPython module of
+knobs) and the torch operators over them (``csrc/bnlab_ops.cpp``, built against torch's stable
+ABI headers of the torch installed beside the build: ``torch.ops.bnlab.*``). If the compiler
 lacks OpenMP it is built single-threaded; if it cannot be built at all the install still
 succeeds and bnlab runs on its pure-PyTorch path (``bnlab.kernels.backend()`` says which).
 ``BNLAB_REQUIRE_NATIVE=1`` makes that case fail the install instead.
 
 On CPython 3.11 and later the extension uses only the limited C API of 3.11
 (``Py_LIMITED_API=0x030B0000``), so ``bdist_wheel`` makes one ``cp311-abi3`` wheel for every
-CPython from 3.11 on (``make wheel``). 3.10's limited API lacks the buffer-protocol slots the
-output buffers need, so a source build on 3.10 makes an ordinary version-specific extension.
+CPython from 3.11 on (``make wheel``); on 3.10 a source build makes an ordinary
+version-specific extension.
 """
 
 from __future__ import annotations
@@ -24,21 +26,60 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 _OPENMP = ["-fopenmp"]
+# The C++ operator layer (csrc/bnlab_ops.cpp) targets torch's stable ABI as of torch 2.11 (the
+# first with from_blob + deleter): the shared object then loads on torch 2.11 and every later
+# release without a rebuild. Older torch gets bnlab's pure-PyTorch path.
+_TORCH_TARGET = "0x020b000000000000"
+_C_FLAGS = ["-O3", "-fno-math-errno", "-Wno-psabi"]
+_CXX_FLAGS = ["-O2", "-std=c++17", f"-DTORCH_TARGET_VERSION={_TORCH_TARGET}"]
 # Written next to the extension when it could not be built, so that bnlab can say why at first
 # use (pip shows a build's output only with -v or when the build fails).
 _MISSING_NOTE = "_native_build_error.txt"
 _LIMITED_API = sys.version_info >= (3, 11) and sys.implementation.name == "cpython"
 
 
+def _torch_paths() -> tuple[list[str], list[str]]:
+    """torch's header and library folders, from the torch this build runs beside (the operators
+    are compiled against its stable-ABI headers and link its libtorch_cpu)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise RuntimeError("torch must be importable while bnlab's kernels are built (install "
+                           "torch first and use `pip install --no-build-isolation`)") from exc
+    root = Path(torch.__file__).parent
+    return [str(root / "include")], [str(root / "lib")]
+
+
 class BuildExt(build_ext):
     """Retry without OpenMP when the compiler rejects it, and never fail the install (unless
-    BNLAB_REQUIRE_NATIVE is set): record why instead, for bnlab to say at first use."""
+    BNLAB_REQUIRE_NATIVE is set): record why instead, for bnlab to say at first use.
+
+    C and C++ sources get their own flags (setuptools passes one list to both)."""
+
+    def build_extensions(self) -> None:
+        original = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            flags = _CXX_FLAGS if src.endswith(".cpp") else _C_FLAGS
+            original(obj, src, ext, cc_args, [*extra_postargs, *flags], pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
 
     def build_extension(self, ext: Extension) -> None:
+        try:
+            includes, libs = _torch_paths()
+        except RuntimeError as exc:
+            includes, libs = [], []
+            self._torch_missing = exc
+        ext.include_dirs = [*ext.include_dirs, *includes]
+        ext.library_dirs = [*ext.library_dirs, *libs]
         target = Path(self.get_ext_fullpath(ext.name))
         note = target.with_name(_MISSING_NOTE)
         note.unlink(missing_ok=True)
         try:
+            if getattr(self, "_torch_missing", None) is not None:
+                raise self._torch_missing
             super().build_extension(ext)
             return
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
@@ -84,11 +125,11 @@ class BuildExt(build_ext):
 _unix = sys.platform != "win32"
 native = Extension(
     "bnlab.kernels._native",
-    sources=["csrc/bnlab_kernels.c"],
+    sources=["csrc/bnlab_kernels.c", "csrc/bnlab_ops.cpp"],
     depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h",
              "csrc/bn_instance.h"],
-    extra_compile_args=(["-O3", "-std=c11", "-fno-math-errno", "-Wno-psabi", *_OPENMP]
-                        if _unix else ["/O2", "/openmp"]),
+    extra_compile_args=[*_OPENMP] if _unix else ["/O2", "/openmp"],
+    libraries=["torch_cpu", "c10"] + (["stdc++"] if _unix else []),
     extra_link_args=_OPENMP if _unix else [],
     define_macros=[("Py_LIMITED_API", "0x030B0000")] if _LIMITED_API else [],
     py_limited_api=_LIMITED_API,

@@ -9,11 +9,12 @@
  * for reuse while the cache holds at most `cache_limit` bytes (BNLAB_BUFFER_CACHE_BYTES,
  * default 512 MiB; 0 disables the cache; bnlab.kernels.empty_cache() releases it).
  *
- * A Buffer exposes the buffer protocol; torch.frombuffer keeps it alive as long as the tensor
- * storage lives. All functions run with the GIL held (allocation from Python, release from the
- * object's deallocator), which also guards the cache. */
+ * The operators of bnlab_ops.cpp take a buffer for an output and wrap it in a tensor whose
+ * deleter gives it back. Both happen outside the GIL, on any thread (autograd's backward thread
+ * frees tensors too), so `cache_lock` guards the cache. */
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
+#include <pthread.h>
 #include <unistd.h>
 #define BNLAB_HAVE_BUFFERS 1
 #else
@@ -35,6 +36,7 @@ static int cache_n = 0;
 static size_t cache_bytes = 0;
 static long long cache_limit = -2; /* -2: not read from the environment yet */
 static unsigned long long stat_hits = 0, stat_misses = 0;
+static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static size_t limit_bytes(void) {
     if (cache_limit == -2) {
@@ -112,83 +114,26 @@ static void release_cache(void) {
     cache_bytes = 0;
 }
 
-typedef struct {
-    PyObject_HEAD
-    mapping_t map;
-    Py_ssize_t len;
-} BufferObject;
-
-static int buffer_getbuffer(PyObject *self, Py_buffer *view, int flags) {
-    BufferObject *b = (BufferObject *)self;
-    return PyBuffer_FillInfo(view, self, b->map.ptr, b->len, 0, flags);
-}
-
-/* A heap type (PyType_FromSpec) rather than a static PyTypeObject: the module is built against
- * the stable ABI (Py_LIMITED_API, CPython 3.11+, whose limited API has the buffer protocol
- * slots), where type objects are opaque. Created at import (buffer_type_init). */
-static PyObject *BufferType = NULL;
-
-static void buffer_dealloc(PyObject *self) {
-    BufferObject *b = (BufferObject *)self;
-    PyTypeObject *tp = Py_TYPE(self);
-    if (b->map.ptr) give_mapping(b->map);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(tp); /* instances of a heap type hold a reference to it */
-}
-
-static PyType_Slot buffer_slots[] = {
-    {Py_tp_dealloc, (void *)buffer_dealloc},
-    {Py_bf_getbuffer, (void *)buffer_getbuffer},
-    {Py_tp_doc, (void *)"Writable memory for one kernel output (huge-page mapping, reused when "
-                        "freed)."},
-    {0, NULL},
-};
-
-static PyType_Spec buffer_spec = {
-    "bnlab.kernels._native.Buffer", (int)sizeof(BufferObject), 0, Py_TPFLAGS_DEFAULT,
-    buffer_slots,
-};
-
-static int buffer_type_init(void) {
-    if (BufferType) return 0;
-    BufferType = PyType_FromSpec(&buffer_spec);
-    return BufferType ? 0 : -1;
-}
-
-static PyObject *py_buffer(PyObject *self, PyObject *args) {
-    long long n;
-    if (!PyArg_ParseTuple(args, "L", &n)) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "buffer size must be positive, got %lld", n);
-        return NULL;
-    }
-    mapping_t m = take_mapping((size_t)n);
-    if (!m.ptr) return PyErr_NoMemory();
-    BufferObject *b = PyObject_New(BufferObject, (PyTypeObject *)BufferType);
-    if (!b) {
-        give_mapping(m);
-        return NULL;
-    }
-    b->map = m;
-    b->len = (Py_ssize_t)n;
-    return (PyObject *)b;
-}
-
 static PyObject *py_empty_cache(PyObject *self, PyObject *noargs) {
+    pthread_mutex_lock(&cache_lock);
     release_cache();
+    pthread_mutex_unlock(&cache_lock);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_buffer_stats(PyObject *self, PyObject *noargs) {
+    pthread_mutex_lock(&cache_lock);
+    size_t limit = limit_bytes();
+    pthread_mutex_unlock(&cache_lock);
     return Py_BuildValue("{s:n,s:K,s:L,s:K,s:K}", "cached_buffers", (Py_ssize_t)cache_n,
                          "cached_bytes", (unsigned long long)cache_bytes, "limit_bytes",
-                         (long long)limit_bytes(), "hits", stat_hits, "misses", stat_misses);
+                         (long long)limit, "hits", stat_hits, "misses", stat_misses);
 }
 
 static PyObject *py_set_cache_limit(PyObject *self, PyObject *args) {
     long long v;
     if (!PyArg_ParseTuple(args, "L", &v)) return NULL;
+    pthread_mutex_lock(&cache_lock);
     long long previous = (long long)limit_bytes();
     cache_limit = v < 0 ? 0 : v;
     while (cache_n > 0 && cache_bytes > (size_t)cache_limit) {
@@ -197,6 +142,7 @@ static PyObject *py_set_cache_limit(PyObject *self, PyObject *args) {
         memmove(cache, cache + 1, (size_t)(cache_n - 1) * sizeof(mapping_t));
         cache_n--;
     }
+    pthread_mutex_unlock(&cache_lock);
     return PyLong_FromLongLong(previous);
 }
 #endif

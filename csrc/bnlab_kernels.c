@@ -1,10 +1,11 @@
-/* bnlab._native: CPU batch-norm kernels on raw contiguous buffers (float32 and float64).
+/* bnlab's CPU batch-norm kernels on contiguous buffers (float32 and float64), in C.
  *
- * A plain CPython extension, deliberately not built against torch's headers, and written to the
- * limited C API of CPython 3.11 (setup.py defines Py_LIMITED_API=0x030B0000 there), so one
- * abi3 wheel serves CPython 3.11 and later: Python passes
- * data pointers (tensor.data_ptr()), sizes and the thread count (torch.get_num_threads()),
- * the kernels release the GIL and run on an OpenMP team of exactly that size. The inner loops
+ * Tensors never reach this file: the torch operators of bnlab_ops.cpp (torch.ops.bnlab.*,
+ * built against torch's stable ABI) check them and call the bnlab_* entry points below with
+ * their data pointers, sizes and the thread count (torch's intra-op threads); the kernels run
+ * on an OpenMP team of exactly that size. The same shared object is also the small Python
+ * module bnlab.kernels._native (limited C API of CPython 3.11, so one abi3 wheel serves 3.11
+ * and later), which only holds knobs, facts and the buffer cache's statistics. The inner loops
  * are written for the compiler's auto-vectoriser (independent T lanes, no -march flags).
  */
 #define PY_SSIZE_T_CLEAN
@@ -165,107 +166,94 @@ static void choose_simd(void) {
 /* ------------------------------------------------------------------ Python bindings */
 #include "bn_buffers.h"
 
-typedef unsigned long long ptr_t;
-#define P(type, v) ((type *)(uintptr_t)(v))
-
-static int check_common(int dtype, long long N, long long C, long long S, int act,
-                        int act_max) {
-    if (dtype != 0 && dtype != 1) {
-        PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32) or 1 (float64), got %d",
-                     dtype);
-        return 0;
-    }
-    if (N < 1 || C < 1 || S < 1) {
-        PyErr_Format(PyExc_ValueError, "sizes must be positive, got N=%lld C=%lld S=%lld", N, C,
-                     S);
-        return 0;
-    }
-    if (act < ACT_ID || act > act_max) {
-        PyErr_Format(PyExc_ValueError, "act code must be in 0..%d, got %d", act_max, act);
-        return 0;
-    }
-    return 1;
+/* ------------------------------------------------------------------ C entry points */
+/* Called by the torch operators of bnlab_ops.cpp, which check every tensor (dtype, device,
+ * shape, strides) before passing its data pointer here; these check only the codes. Each
+ * returns what its kernel returns (-1: out of scratch memory) or -2 for a bad code. */
+static int codes_ok(int dtype, int64_t N, int64_t C, int64_t S, int act, int act_max) {
+    return (dtype == 0 || dtype == 1) && N >= 1 && C >= 1 && S >= 1 && act >= ACT_ID &&
+           act <= act_max;
 }
 
-static PyObject *py_train_fwd(PyObject *self, PyObject *args) {
-    int dtype, nhwc, act, nt;
-    ptr_t x, y, w, b, mean, var, invstd, delta, thr, rm, rv;
-    long long N, C, S;
-    double eps, slope, factor, unbias;
-    int finite;
-    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKKKKdidKKddi", &dtype, &nhwc, &x, &y, &N, &C, &S, &w,
-                          &b, &mean, &var, &invstd, &delta, &thr, &eps, &act, &slope, &rm, &rv,
-                          &factor, &unbias, &nt))
-        return NULL;
-    if (!check_common(dtype, N, C, S, act, ACT_LEAKY)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+int bnlab_train_fwd(int dtype, int nhwc, const void *x, void *y, int64_t N, int64_t C, int64_t S,
+                    const void *w, const void *b, void *mean, void *var, void *invstd,
+                    void *delta, void *thr, double eps, int act, double slope, void *rm,
+                    void *rv, double factor, double unbias, int nt) {
+    if (!codes_ok(dtype, N, C, S, act, ACT_LEAKY)) return -2;
     if (dtype == 0)
-        finite = DISPATCH(train_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, w),
-                          P(float, b), P(float, mean), P(float, var), P(float, invstd),
-                          P(float, delta), P(float, thr), eps, act, (float)slope, P(float, rm),
-                          P(float, rv), factor, unbias, nt);
-    else
-        finite = DISPATCH(train_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc,
-                          P(double, w), P(double, b), P(double, mean), P(double, var),
-                          P(double, invstd), P(double, delta), P(double, thr), eps, act, slope,
-                          P(double, rm), P(double, rv), factor, unbias, nt);
-    Py_END_ALLOW_THREADS
-    if (finite < 0) return PyErr_NoMemory();
-    return PyBool_FromLong(finite);
+        return DISPATCH(train_fwd, f32, (const float *)x, (float *)y, N, C, S, nhwc,
+                        (const float *)w, (const float *)b, (float *)mean, (float *)var,
+                        (float *)invstd, (float *)delta, (float *)thr, eps, act, (float)slope,
+                        (float *)rm, (float *)rv, factor, unbias, nt);
+    return DISPATCH(train_fwd, f64, (const double *)x, (double *)y, N, C, S, nhwc,
+                    (const double *)w, (const double *)b, (double *)mean, (double *)var,
+                    (double *)invstd, (double *)delta, (double *)thr, eps, act, slope,
+                    (double *)rm, (double *)rv, factor, unbias, nt);
 }
 
-static PyObject *py_eval_fwd(PyObject *self, PyObject *args) {
-    int dtype, nhwc, act, nt, rc;
-    ptr_t x, y, mean, invstd, w, b;
-    long long N, C, S;
-    double slope, eps = -1.0;
-    if (!PyArg_ParseTuple(args, "iiKKLLLKKKKidi|d", &dtype, &nhwc, &x, &y, &N, &C, &S, &mean,
-                          &invstd, &w, &b, &act, &slope, &nt, &eps))
-        return NULL;
-    if (!check_common(dtype, N, C, S, act, ACT_LEAKY)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+int bnlab_eval_fwd(int dtype, int nhwc, const void *x, void *y, int64_t N, int64_t C, int64_t S,
+                   const void *mean, const void *invstd, const void *w, const void *b, int act,
+                   double slope, double eps, int nt) {
+    if (!codes_ok(dtype, N, C, S, act, ACT_LEAKY)) return -2;
     if (dtype == 0)
-        rc = DISPATCH(eval_fwd, f32, P(float, x), P(float, y), N, C, S, nhwc, P(float, mean),
-                 P(float, invstd), P(float, w), P(float, b), act, (float)slope, eps, nt);
-    else
-        rc = DISPATCH(eval_fwd, f64, P(double, x), P(double, y), N, C, S, nhwc, P(double, mean),
-                 P(double, invstd), P(double, w), P(double, b), act, slope, eps, nt);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+        return DISPATCH(eval_fwd, f32, (const float *)x, (float *)y, N, C, S, nhwc,
+                        (const float *)mean, (const float *)invstd, (const float *)w,
+                        (const float *)b, act, (float)slope, eps, nt);
+    return DISPATCH(eval_fwd, f64, (const double *)x, (double *)y, N, C, S, nhwc,
+                    (const double *)mean, (const double *)invstd, (const double *)w,
+                    (const double *)b, act, slope, eps, nt);
 }
 
-static PyObject *py_backward(PyObject *self, PyObject *args) {
-    int dtype, nhwc, act, train, nt, rc;
-    ptr_t dy, x, dx, mean, invstd, delta, thr, w, b, gmean, gvar, dw, db;
-    long long N, C, S;
-    double eps, slope;
-    if (!PyArg_ParseTuple(args, "iiKKKLLLKKKKKKKKKKdidii", &dtype, &nhwc, &dy, &x, &dx, &N, &C,
-                          &S, &mean, &invstd, &delta, &thr, &w, &b, &gmean, &gvar, &dw, &db, &eps,
-                          &act, &slope, &train, &nt))
-        return NULL;
-    if (!check_common(dtype, N, C, S, act, ACT_INV_LEAKY)) return NULL;
-    if ((!train || mean) && (!mean || !invstd)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "backward needs mean and invstd (or, in training, neither: recompute)");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
+int bnlab_backward(int dtype, int nhwc, const void *dy, const void *x, void *dx, int64_t N,
+                   int64_t C, int64_t S, const void *mean, const void *invstd, const void *delta,
+                   const void *thr, const void *w, const void *b, const void *gmean,
+                   const void *gvar, void *dw, void *db, double eps, int act, double slope,
+                   int train, int nt) {
+    if (!codes_ok(dtype, N, C, S, act, ACT_INV_LEAKY)) return -2;
+    if ((!train || mean) && (!mean || !invstd)) return -2;
     if (dtype == 0)
-        rc = DISPATCH(backward, f32, P(float, dy), P(float, x), P(float, dx), N, C, S, nhwc,
-                 P(float, mean), P(float, invstd), P(float, delta), P(float, thr), P(float, w),
-                 P(float, b), P(float, gmean), P(float, gvar), P(float, dw), P(float, db), eps,
-                 act, (float)slope, train, nt);
-    else
-        rc = DISPATCH(backward, f64, P(double, dy), P(double, x), P(double, dx), N, C, S, nhwc,
-                 P(double, mean), P(double, invstd), P(double, delta), P(double, thr),
-                 P(double, w), P(double, b), P(double, gmean), P(double, gvar), P(double, dw),
-                 P(double, db), eps, act, slope, train, nt);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+        return DISPATCH(backward, f32, (const float *)dy, (const float *)x, (float *)dx, N, C, S,
+                        nhwc, (const float *)mean, (const float *)invstd, (const float *)delta,
+                        (const float *)thr, (const float *)w, (const float *)b,
+                        (const float *)gmean, (const float *)gvar, (float *)dw, (float *)db, eps,
+                        act, (float)slope, train, nt);
+    return DISPATCH(backward, f64, (const double *)dy, (const double *)x, (double *)dx, N, C, S,
+                    nhwc, (const double *)mean, (const double *)invstd, (const double *)delta,
+                    (const double *)thr, (const double *)w, (const double *)b,
+                    (const double *)gmean, (const double *)gvar, (double *)dw, (double *)db, eps,
+                    act, slope, train, nt);
 }
 
+/* Output buffers for the operators (bn_buffers.h): a mapping of at least n bytes (NULL without
+ * buffer support or on failure; *cap is what to give back), and its return when the tensor
+ * that owned it is freed. */
+void *bnlab_buffer_take(size_t n, size_t *cap) {
+#if BNLAB_HAVE_BUFFERS
+    pthread_mutex_lock(&cache_lock);
+    mapping_t m = take_mapping(n);
+    pthread_mutex_unlock(&cache_lock);
+    *cap = m.cap;
+    return m.ptr;
+#else
+    (void)n;
+    *cap = 0;
+    return NULL;
+#endif
+}
+
+void bnlab_buffer_give(void *ptr, size_t cap) {
+#if BNLAB_HAVE_BUFFERS
+    mapping_t m = {ptr, cap};
+    pthread_mutex_lock(&cache_lock);
+    give_mapping(m);
+    pthread_mutex_unlock(&cache_lock);
+#else
+    (void)ptr;
+    (void)cap;
+#endif
+}
+
+/* ------------------------------------------------------------------ Python module: knobs */
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 #ifdef _OPENMP
     int omp = _OPENMP;
@@ -329,18 +317,8 @@ static PyMethodDef methods[] = {
      "rows of C * S columns (0: never)"},
     {"set_stream_bytes", py_set_stream_bytes, METH_VARARGS,
      "set_stream_bytes(n) -> previous: outputs of >= n bytes use streaming stores (-1: never)"},
-    {"train_fwd", py_train_fwd, METH_VARARGS,
-     "train_fwd(dtype, nhwc, x, y, N, C, S, w, b, mean, var, invstd, delta, thr, eps, act, slope, "
-     "running_mean, running_var, factor, unbias, nt) -> statistics finite (running updated)"},
-    {"eval_fwd", py_eval_fwd, METH_VARARGS,
-     "eval_fwd(dtype, nhwc, x, y, N, C, S, mean, invstd, w, b, act, slope, nt[, eps]); with "
-     "eps >= 0 the invstd argument is the variance"},
-    {"backward", py_backward, METH_VARARGS,
-     "backward(dtype, nhwc, dy, x, dx, N, C, S, mean, invstd, delta, thr, w, b, gmean, gvar, dw, "
-     "db, eps, act, slope, train, nt); mean=invstd=0 in training: recompute them from x"},
     {"build_info", py_build_info, METH_NOARGS, "build facts: OpenMP version, block, SIMD in use"},
 #if BNLAB_HAVE_BUFFERS
-    {"buffer", py_buffer, METH_VARARGS, "buffer(nbytes) -> Buffer (huge-page memory, reused)"},
     {"empty_cache", py_empty_cache, METH_NOARGS, "unmap every cached output buffer"},
     {"buffer_stats", py_buffer_stats, METH_NOARGS, "cache size, limit, hits and misses"},
     {"set_cache_limit", py_set_cache_limit, METH_VARARGS,
@@ -350,14 +328,13 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "_native", "bnlab's compiled batch-norm kernels (raw buffers).", -1,
+    PyModuleDef_HEAD_INIT, "_native", "knobs and facts of bnlab's compiled batch-norm kernels (the kernels are torch.ops.bnlab).", -1,
     methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
     choose_simd();
 #if BNLAB_HAVE_BUFFERS
-    if (buffer_type_init() < 0) return NULL;
 #endif
     return PyModule_Create(&moduledef);
 }

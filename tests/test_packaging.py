@@ -27,10 +27,10 @@ def test_extension_is_built_against_the_stable_abi():
 
 def test_missing_extension_reason(tmp_path):
     err = ModuleNotFoundError("No module named 'bnlab.kernels._native'")
-    assert "was not built" in kernels._missing_reason(err, str(tmp_path))
+    assert "was not built" in kernels._ops._missing_reason(err, str(tmp_path))
     (tmp_path / "_native_build_error.txt").write_text("CompileError: no cc\n")
-    assert kernels._missing_reason(err, str(tmp_path)) == (
+    assert kernels._ops._missing_reason(err, str(tmp_path)) == (
         "not built when bnlab was installed: CompileError: no cc"
     )
     (tmp_path / "_native.cpython-39-x86_64-linux-gnu.so").touch()  # built for another Python
-    assert kernels._missing_reason(err, str(tmp_path)).startswith("ModuleNotFoundError")
+    assert kernels._ops._missing_reason(err, str(tmp_path)).startswith("ModuleNotFoundError")

@@ -19,7 +19,6 @@ from torch import nn
 
 import bnlab
 from bnlab import functional as F
-from bnlab.kernels import _ops
 
 LAYERS = {
     "BatchNorm1d": lambda c: bnlab.BatchNorm1d(c),
@@ -111,28 +110,35 @@ def test_no_graph_breaks_in_training_and_evaluation(name):
         assert explained.graph_count == 1
 
 
-def test_native_kernels_run_inside_the_compiled_graph():
+def test_compiled_graphs_take_torchs_kernels_unless_native_is_forced():
+    """By default a compiled bnlab layer is torch's own BN in the graph (inductor fuses it with
+    its neighbours, as it does torch's); ``use_backend("native")`` puts bnlab's operator there."""
     dynamo.reset()
     seen = []
 
     def capture(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        seen.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
         return gm.forward
 
-    net = _net("BatchNormAct2d(relu)", torch.float32)
-    torch.compile(net, backend=capture, fullgraph=True)(_input("x", dtype=torch.float32))
-    if bnlab.kernels.backend() == "native":
-        assert any("bnlab.train_forward" in s for s in seen), seen
-    else:  # BNLAB_KERNELS=torch: torch's own kernels (inside the fused layer's Function)
-        assert not any("bnlab.train_forward" in s for s in seen)
-        assert any("autograd_function_apply" in s for s in seen), seen
+    for name in ("BatchNorm2d", "BatchNormAct2d(relu)"):
+        net = _net(name, torch.float32)
+        torch.compile(net, backend=capture, fullgraph=True)(_input("x", dtype=torch.float32))
+        assert not any("bnlab.train_forward" in t for t in seen[-1]), seen[-1]
+        assert any("native_batch_norm" in t for t in seen[-1]), seen[-1]
+        if bnlab.kernels.native_available():
+            dynamo.reset()
+            with bnlab.kernels.use_backend("native"):
+                torch.compile(net, backend=capture, fullgraph=True)(
+                    _input("x", dtype=torch.float32))
+            assert any("bnlab.train_forward" in t for t in seen[-1]), seen[-1]
 
 
-def test_compiled_under_the_torch_backend_decomposes_and_guards_the_choice():
-    """``use_backend("torch")`` around a compiled model's calls gives a graph of torch's
-    kernels (inductor can fuse them with their neighbours; README, bench_stack); leaving the
-    block recompiles to the native op instead of reusing that graph, and re-entering it reuses
-    the first graph."""
+def test_compiled_under_the_native_backend_takes_the_operator_and_guards_the_choice():
+    """``use_backend("native")`` around a compiled model's calls gives a graph of bnlab's
+    operators with eager's numbers; leaving the block recompiles to torch's kernels instead of
+    reusing that graph, and re-entering it reuses the first graph."""
+    if not bnlab.kernels.native_available():
+        pytest.skip("native kernels not built")
     dynamo.reset()
     graphs = []
 
@@ -145,19 +151,16 @@ def test_compiled_under_the_torch_backend_decomposes_and_guards_the_choice():
     ref = copy.deepcopy(net)
     compiled = torch.compile(net, backend=capture, fullgraph=True)
     x = torch.randn(4, 3, 10, 10)
-    with bnlab.kernels.use_backend("torch"):
+    with bnlab.kernels.use_backend("native"):
         y = compiled(x)
         y.sum().backward()
     torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-7)
-    assert len(graphs) == 1 and not any("bnlab" in t for t in graphs[0]), graphs
+    assert len(graphs) == 1 and any("bnlab.train_forward" in t for t in graphs[0]), graphs
     compiled(x)
-    with bnlab.kernels.use_backend("torch"):
+    with bnlab.kernels.use_backend("native"):
         compiled(x)
-    if bnlab.kernels.backend() == "native":
-        assert len(graphs) == 2 and any("bnlab.train_forward" in t for t in graphs[1]), graphs
-    else:  # BNLAB_KERNELS=torch or no extension: torch's kernels outside the block too
-        assert not any("bnlab" in t for g in graphs for t in g), graphs
+    assert len(graphs) == 2 and not any("bnlab.train_forward" in t for t in graphs[1]), graphs
 
 
 def _graphs_for_channel_change(make) -> int:
@@ -248,10 +251,12 @@ def test_torch_export(training):
     exported = torch.export.export(copy.deepcopy(net), (x,))
     torch.testing.assert_close(exported.module()(x), reference(x), rtol=1e-5, atol=1e-5)
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    if training and bnlab.kernels.backend() == "native":
+    assert any("batch_norm" in t for t in targets), targets  # torch's kernels by default
+    if training and bnlab.kernels.native_available():
+        with bnlab.kernels.use_backend("native"):
+            exported = torch.export.export(copy.deepcopy(reference), (x,))
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
         assert any("bnlab.train_forward" in t for t in targets), targets
-    if not training:
-        assert any("batch_norm" in t for t in targets), targets
 
 
 def test_onnx_export_has_batch_normalization_nodes_or_folds_them(tmp_path):
@@ -391,38 +396,54 @@ def test_huge_window_refused_quickly_with_the_memory_it_needs():
 
 
 @pytest.mark.skipif(not bnlab.kernels.native_available(), reason="native kernels not built")
+@pytest.mark.skipif(not bnlab.kernels.native_available(), reason="native kernels not built")
 def test_every_native_entry_point_rejects_wrong_shapes_and_dtypes():
+    """Each C++ operator checks its tensors at the entry: an exception naming the argument,
+    never a read out of bounds. (Meta tensors are not refused: they dispatch to the fake
+    implementations, which compile and export trace with.)"""
+    ops = torch.ops.bnlab
     x = torch.randn(4, 3, 5, 5)
     c3, c4 = torch.ones(3), torch.ones(4)
+    nbt = torch.tensor(0)
     cases = [
-        (lambda: _ops.native_train_forward(x.double(), c3, c3, 1e-5, "identity", 0.0),
-         TypeError, "weight must be a CPU torch.float64"),
-        (lambda: _ops.native_train_forward(x, c4, c3, 1e-5, "identity", 0.0),
-         ValueError, "weight must have C=3"),
-        (lambda: _ops.native_train_forward(x[:, :, ::2], c3, c3, 1e-5, "identity", 0.0),
-         ValueError, "contiguous or channels-last"),
-        (lambda: _ops.native_train_forward(x.int(), None, None, 1e-5, "identity", 0.0),
-         TypeError, "x must be a CPU float32/float64"),
-        (lambda: _ops.native_train_forward(x, None, None, -1.0, "identity", 0.0),
-         ValueError, "eps must be a positive finite"),
-        (lambda: _ops.native_eval_forward(x, c4, c3, None, None, "identity", 0.0),
-         ValueError, "mean must have C=3"),
-        (lambda: _ops.native_eval_forward(x, c3, c3.double(), None, None, "identity", 0.0),
-         TypeError, "invstd must be a CPU torch.float32"),
-        (lambda: _ops.native_backward_train(x[:2], x, c3, c3, None, None, None, None, None,
-                                            None, 1e-5, "identity", 0.0, True),
-         ValueError, "dy must have x's shape"),
-        (lambda: _ops.native_backward_train(x, x, c4, c3, None, None, None, None, None, None,
-                                            1e-5, "identity", 0.0, True),
-         ValueError, "mean must have C=3"),
-        (lambda: _ops.native_backward_eval(x, x, c3, c3, c3.double(), None, "relu", 0.0, True),
-         TypeError, "weight must be a CPU torch.float32"),
-        (lambda: torch.ops.bnlab.train_forward(x, c4, None, 1e-5, "identity", 0.0),
-         ValueError, "weight must have C=3"),
+        (lambda: ops.train_forward(x.double(), c3, c3, 1e-5, 0, 0.0),
+         "weight must have x's dtype \\(Double\\), got Float"),
+        (lambda: ops.train_forward(x, c4, c3, 1e-5, 0, 0.0), "weight must have C=3 values"),
+        (lambda: ops.train_forward(x[:, :, ::2], c3, c3, 1e-5, 0, 0.0),
+         "contiguous or channels-last"),
+        (lambda: ops.train_forward(x.int(), None, None, 1e-5, 0, 0.0),
+         "x must be float32 or float64, got Int"),
+        (lambda: ops.train_forward(x[:0], None, None, 1e-5, 0, 0.0), "at least one value"),
+        (lambda: ops.train_forward(x, None, None, -1.0, 0, 0.0), "eps must be a positive"),
+        (lambda: ops.train_forward(x, None, None, 1e-5, 7, 0.0), "act code must be in 0..2"),
+        (lambda: ops.train_forward_update(x, None, None, c3, None, 0.1, 1.0, 1e-5, 0, 0.0, None),
+         "go together"),
+        (lambda: ops.train_forward_update(x, None, None, torch.ones(3, 2)[:, 0], c3, 0.1, 1.0,
+                                          1e-5, 0, 0.0, None), "running_mean must be contiguous"),
+        (lambda: ops.train_forward_update(x, None, None, None, None, 0.1, 1.0, 1e-5, 0, 0.0,
+                                          x[:2]), "out must have x's shape"),
+        (lambda: ops.eval_forward(x, c4, c3, None, None, 0, 0.0, 1e-5), "mean must have C=3"),
+        (lambda: ops.eval_forward(x, c3, c3.double(), None, None, 0, 0.0, -1.0),
+         "invstd must have x's dtype"),
+        (lambda: ops.backward(x[:2], x, c3, c3, None, None, None, None, None, None, 1e-5, 0,
+                              0.0, True, True), "dy must have x's shape"),
+        (lambda: ops.backward(x, x, c4, c3, None, None, None, None, None, None, 1e-5, 0, 0.0,
+                              True, True), "mean must have C=3"),
+        (lambda: ops.backward(x, x, c3, None, None, None, None, None, None, None, 1e-5, 0, 0.0,
+                              True, True), "mean and invstd go together"),
+        (lambda: ops.backward(x, x, c3, c3, None, None, c3.double(), None, None, None, 1e-5, 1,
+                              0.0, False, True), "weight must have x's dtype"),
+        (lambda: ops.running_update_(c3, c4, nbt, c3, c3, 0.1, 1.0, 1e-5),
+         "running_var must have 3 values"),
+        (lambda: ops.running_update_(c3, c3, torch.tensor(0.0), c3, c3, 0.1, 1.0, 1e-5),
+         "num_batches_tracked must be a CPU int64"),
+        (lambda: ops.running_update_(c3, c3, nbt, c3.double(), c3, 0.1, 1.0, 1e-5),
+         "mean must have running_mean's dtype"),
     ]  # fmt: skip
-    for call, error, message in cases:
-        with pytest.raises(error, match=message):
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
             call()
+    assert int(nbt) == 0  # refused calls change nothing
 
 
 @pytest.mark.parametrize("fused", [False, True])

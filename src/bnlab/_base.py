@@ -28,11 +28,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from . import kernels as _kernels
-from ._sync_ops import group_size, sync_batch_norm, sync_batch_norm_act_inplace
-from .kernels import _ops
+from ._sync_ops import group_size
 from .kernels import backends as _backends
-from .kernels import inplace as _inplace
 from .kernels.library import snapshot
 
 Running = Literal["ema", "cumulative", "window"]
@@ -240,8 +237,12 @@ class _NormBase(_BatchNorm):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    #: plain BN batches (``_batch_forward`` not overridden): the kernels' step applies
+    _plain_batches = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._plain_batches = cls._batch_forward is _NormBase._batch_forward
         if "_input_dims" not in cls.__dict__:
             for torch_cls, (dims, layout) in RANK_INPUTS.items():
                 if issubclass(cls, torch_cls):
@@ -335,8 +336,8 @@ class _NormBase(_BatchNorm):
         )
 
     def _check_batch_size(self, x: Tensor) -> None:
-        if self._syncing():
-            return  # only the global count matters, checked on every rank alike
+        """One value per channel cannot be normalised (a synchronising layer checks the global
+        count instead, on every rank alike)."""
         if F.count_per_channel(x) == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
@@ -367,12 +368,8 @@ class _NormBase(_BatchNorm):
         """
         act, slope = self._activation()
         if self.sync and self._syncing():
-            if self._saves_output():
-                return sync_batch_norm_act_inplace(x, self.weight, self.bias, self.eps, act,
-                                                   slope, self.process_group)  # fmt: skip
-            y, mean, var, count = sync_batch_norm(x, self.weight, self.bias, self.eps,
-                                                  self.process_group)  # fmt: skip
-            return _ops._act(y, act, slope), mean, var, count
+            return _backends.train_synced(x, self.weight, self.bias, self.eps, act, slope,
+                                          self.process_group, inplace=self._saves_output())
         n = F.count_per_channel(x)
         if self.normalize_with == "running":
             if _can_read(self.num_batches_tracked, False) and not _kernels_capturing(x):
@@ -412,8 +409,7 @@ class _NormBase(_BatchNorm):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        use_batch = self.training or not self.track_running_stats
-        if not use_batch:
+        if not self.training and self.track_running_stats:
             return self._eval_forward(x)
         if isinstance(x, torch.fx.Proxy):
             raise NotImplementedError(
@@ -422,65 +418,40 @@ class _NormBase(_BatchNorm):
                 "can express); call model.eval() before tracing, or use torch.compile / "
                 "torch.export for training"
             )
-        self._check_batch_size(x)
-        if x.numel() == 0 and not (self.sync and self._syncing()):
-            # Nothing to normalise and nothing to learn from: keep the statistics as they are
-            # (a synchronising rank goes on: it must still join the collectives).
-            return self._eval_forward(x) if self.track_running_stats else x.clone()
-        if self.training and self.track_running_stats:
-            y = self._native_train_step(x)
+        syncing = self.sync and self._syncing()
+        if not syncing:
+            self._check_batch_size(x)
+            if x.numel() == 0:
+                # Nothing to normalise and nothing to learn from: keep the statistics as they
+                # are (a synchronising rank goes on: it must still join the collectives).
+                return self._eval_forward(x) if self.track_running_stats else x.clone()
+        if not (self.training and self.track_running_stats):
+            return self._batch_forward(x)[0]
+        if not syncing and self._plain_batches and self.running != "window" and (
+            self.normalize_with == "batch"
+        ):
+            y = self._step(x)
             if y is not None:
                 return y
         y, mean, var, count = self._batch_forward(x)
-        if self.training and self.track_running_stats:
-            self._update_running(mean.detach(), var.detach(), count)
+        self._update_running(mean.detach(), var.detach(), count)
         return y
 
-    def _native_act(self) -> tuple[str, float] | None:
-        """``(act, negative_slope)`` when this layer's training batch is plain BN (+ that
-        activation) on its own statistics, which one native call can do together with the
-        running update; ``None`` when a variant normalises differently."""
-        if type(self)._batch_forward is not _NormBase._batch_forward:
+    def _step(self, x: Tensor) -> Tensor | None:
+        """A plain layer's training step: statistics, output and the running update in one call
+        of the kernels (:func:`bnlab.kernels.backends.train_step`), or ``None`` when the chosen
+        backend has none (then :meth:`_batch_forward` and :meth:`_update_running` run, with the
+        same results)."""
+        momentum = None if self.running == "cumulative" else self.momentum
+        act, slope = self._activation()
+        out = _backends.train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                   self.num_batches_tracked, momentum, self.eps, act, slope,
+                                   inplace=self._saves_output())  # fmt: skip
+        if out is None:
             return None
-        return self._activation()
-
-    def _native_train_step(self, x: Tensor) -> Tensor | None:
-        """The whole eager training step (statistics, output, running update) in one native
-        call, or ``None`` when it does not apply (then :meth:`_batch_forward` and
-        :meth:`_update_running` run, with the same results). Never inside a graph."""
-        if self.running == "window" or self.normalize_with != "batch" or self.sync:
-            return None
-        spec = self._native_act()
-        rm, rv = self.running_mean, self.running_var
-        if (
-            spec is None
-            or spec[0] not in _ops.ACT_CODES  # (elu: tensor ops, in _batch_forward)
-            or not (rm.is_contiguous() and rv.is_contiguous())  # written through raw pointers
-            or not _kernels.supports(x, self.weight, self.bias, rm, rv)
-        ):
-            return None
-        if self.running == "cumulative" or self.momentum is None:
-            factor = F.cumulative_factor(int(self.num_batches_tracked) + 1)
-        else:
-            factor = self.momentum
-        update = _kernels._ops.RunningUpdate(
-            rm, rv, factor, F.bessel_factor(F.count_per_channel(x))
-        )
-        out = None
-        if self._saves_output():  # None for a |weight| too small to divide by: fused, below
-            out = _inplace.train_inplace(x, self.weight, self.bias, self.eps, spec[0], spec[1],
-                                         update)  # fmt: skip
-        if out is not None:
-            y = out[0]
-        else:
-            y = _kernels.api.batch_norm_act_train_update(
-                x, self.weight, self.bias, self.eps, spec[0], spec[1], update
-            )
-        if update.finite:
-            self.num_batches_tracked.add_(1)
-        else:
+        if out[1] is False:
             self._skip_nonfinite()
-        return y
+        return out[0]
 
     def _skip_nonfinite(self) -> None:
         """A batch with NaN/Inf statistics was kept out: warn once, or raise."""

@@ -27,17 +27,39 @@ accept any floating dtype, computing in at least float32.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
+
+def _missing_reason(exc: ImportError, here: str = os.path.dirname(__file__)) -> str:
+    """Why the extension did not import. When there is no file of it at all, it was not built:
+    then the compiler's error, which setup.py leaves next to where it would be."""
+    if any(n.startswith("_native.") and n.endswith((".so", ".pyd")) for n in os.listdir(here)):
+        return f"{type(exc).__name__}: {exc}"  # built, but for another interpreter, or broken
+    note = os.path.join(here, "_native_build_error.txt")
+    if os.path.exists(note):
+        with open(note, encoding="utf-8") as f:
+            return f"not built when bnlab was installed: {f.read().strip()}"
+    return "bnlab.kernels._native was not built when bnlab was installed"
+
+
+# torch is imported above, before the extension: the extension links libgomp.so.1 without
+# shipping one (see `make wheel`) and so shares the OpenMP runtime torch has already loaded,
+# and its operators register with torch's dispatcher when it loads.
 try:
     from . import _native
-except ImportError:
+except (ImportError, OSError) as exc:  # not built, built for another interpreter or torch
     _native = None
+    NATIVE_ERROR: str | None = _missing_reason(exc) if isinstance(exc, ImportError) else (
+        f"{type(exc).__name__}: {exc}")
+else:
+    NATIVE_ERROR = None
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+#: dtypes torch's kernels take with float32 statistics beside them (mixed precision)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
@@ -58,93 +80,25 @@ def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
     return None
 
 
+# The operators of csrc/bnlab_ops.cpp (torch.ops.bnlab.*), resolved once: each checks its
+# tensors in C++ (dtype, device, shape, strides) and allocates its outputs there.
 # Outputs of at least this many bytes live in the extension's huge-page buffers (see
 # csrc/bn_buffers.h); smaller ones come from torch's allocator, where they are cheap.
 BUFFER_MIN_BYTES = 1 << 20
-_HAVE_BUFFERS = _native is not None and hasattr(_native, "buffer")
+
+if _native is not None:
+    _EMPTY = torch.ops.bnlab.empty_like.default
+    _RUNNING = torch.ops.bnlab.running_update_.default
+    _TRAIN = torch.ops.bnlab.train_forward_update.default
+    _EVAL = torch.ops.bnlab.eval_forward.default
+    _BACKWARD = torch.ops.bnlab.backward.default
 
 
 def empty_like(x: Tensor) -> Tensor:
-    """An uninitialised tensor with the shape, dtype and (dense) strides of ``x``.
-
-    Large ones are backed by a huge-page buffer of the extension, taken from its cache of freed
-    outputs when one fits: the kernels then write into memory that is already faulted in,
-    instead of paying a page fault every 4 KiB on each step.
-    """
-    nbytes = x.numel() * x.element_size()
-    if not _HAVE_BUFFERS or nbytes < BUFFER_MIN_BYTES:
-        return torch.empty_like(x)
-    flat = torch.frombuffer(_native.buffer(nbytes), dtype=x.dtype, count=x.numel())
-    # set_ (not as_strided) gives a tensor that owns the storage rather than a view of it:
-    # autograd allows in-place ops on it (ReLU(inplace=True), `out += identity`).
-    return torch.empty(0, dtype=x.dtype).set_(flat.untyped_storage(), 0, x.shape, x.stride())
-
-
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _vec(t: Tensor | None) -> Tensor | None:
-    """``t`` as a dense buffer for the kernels (they only read its data pointer)."""
-    if t is None or t.is_contiguous():
-        return t
-    return t.contiguous()
-
-
-def _like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` with exactly the strides of ``like`` (copied only when they differ)."""
-    if t.stride() == like.stride() and t.dtype == like.dtype:
-        return t
-    out = empty_like(like)
-    out.copy_(t)
-    return out
-
-
-# ---------------------------------------------------------------------------- native
-def check_native(
-    where: str, x: Tensor, eps: float | None = None, **per_channel: Tensor | None
-) -> tuple[int, int, int, int]:
-    """Refuse, with an exception, what the raw-pointer C entry points cannot check themselves.
-
-    The kernels read ``x`` and every per-channel tensor through data pointers: a wrong dtype,
-    device, channel count or stride would read out of bounds instead of failing. Each native
-    wrapper below calls this first and gets the kernels' layout of ``x`` back. The checks are
-    one pass of attribute reads (a few microseconds); the message is built only on failure.
-    """
-    layout = None
-    ok = isinstance(x, Tensor) and x.dtype in _DTYPE_CODES and x.is_cpu and x.dim() >= 2
-    if ok and x.numel() != 0:
-        layout = _layout(x)
-    if layout is not None:
-        dt, c = x.dtype, x.shape[1]
-        for t in per_channel.values():
-            if t is not None and (t.dtype is not dt or t.numel() != c or not t.is_cpu):
-                layout = None
-                break
-    if layout is None or (eps is not None and not (eps > 0 and math.isfinite(eps))):
-        _explain(where, x, eps, per_channel)
-    return layout
-
-
-def _explain(where: str, x, eps, per_channel: dict) -> None:
-    """Raise the error :func:`check_native` found, naming the argument and the value."""
-    if not isinstance(x, Tensor) or x.dtype not in _DTYPE_CODES or not x.is_cpu:
-        got = type(x).__name__ if not isinstance(x, Tensor) else f"{x.dtype} on {x.device}"
-        raise TypeError(f"{where}: x must be a CPU float32/float64 tensor, got {got}")
-    if x.dim() < 2 or x.numel() == 0 or _layout(x) is None:
-        raise ValueError(f"{where}: x must be a non-empty (N, C, *) tensor, contiguous or "
-                         f"channels-last, got shape {tuple(x.shape)} strides {x.stride()}")
-    c = x.shape[1]
-    for name, t in per_channel.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dtype != x.dtype or not t.is_cpu:
-            raise TypeError(f"{where}: {name} must be a CPU {x.dtype} tensor like x, got "
-                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        if t.numel() != c:
-            raise ValueError(f"{where}: {name} must have C={c} values, got shape "
-                             f"{tuple(t.shape)}")
-    raise ValueError(f"{where}: eps must be a positive finite float, got {eps!r}")
+    """An uninitialised tensor like ``x`` as the operators allocate their outputs: large ones
+    in a huge-page buffer taken from the cache of freed outputs (page faults every 4 KiB on a
+    fresh block would cost more than the BN arithmetic), small ones from torch's allocator."""
+    return _EMPTY(x)
 
 
 class RunningUpdate:
@@ -153,7 +107,7 @@ class RunningUpdate:
     ``running_mean += factor * (mean - running_mean)`` and ``running_var += factor * (var *
     unbias - running_var)`` (``unbias = n / (n - 1)``), both skipped when a batch statistic is
     NaN/Inf; ``finite`` tells afterwards which happened. The buffers must be contiguous (the
-    kernel writes them through raw pointers) and of the input's dtype, with ``C`` values.
+    kernel writes them in place) and of the input's dtype, with ``C`` values.
     """
 
     __slots__ = ("running_mean", "running_var", "factor", "unbias", "finite")
@@ -168,77 +122,41 @@ def native_train_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, act: str, slope: float,
     update: RunningUpdate | None = None, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """With ``out`` given (``x`` itself for in-place activated BN, see
-    :mod:`bnlab.kernels.inplace`) ``y`` is written there: the statistics pass reads all of
+    """``bnlab::train_forward_update``. With ``out`` given (``x`` itself for in-place activated
+    BN, see :mod:`bnlab.kernels.inplace`) ``y`` is written there: the statistics pass reads all of
     ``x`` before the normalising pass writes each value over the one it was computed from."""
-    nhwc, n, c, s = check_native("native_train_forward", x, eps, weight=w, bias=b,
-                 running_mean=None if update is None else update.running_mean,
-                 running_var=None if update is None else update.running_var)
-    if out is not None and (out.shape != x.shape or out.stride() != x.stride()
-                            or out.dtype != x.dtype):  # fmt: skip
-        raise ValueError("native_train_forward: out must have x's shape, strides and dtype, "
-                         f"got {tuple(out.shape)} {out.stride()} {out.dtype}")
-    y = empty_like(x) if out is None else out
-    mean, var = x.new_empty(c), x.new_empty(c)  # returned: separate tensors
-    invstd, delta = x.new_empty(c), x.new_empty(c)  # saved for backward; no aliasing outputs
-    thr = None if act == "identity" else x.new_empty(c)
-    w, b = _vec(w), _vec(b)
-    rm = rv = None
-    if update is not None:
+    if update is None:
+        y, mean, var, invstd, delta, thr, _ = _TRAIN(x, w, b, None, None, 0.0, 1.0, eps,
+                                                     ACT_CODES[act], slope, out)  # fmt: skip
+    else:
         rm, rv = update.running_mean, update.running_var
-    finite = _native.train_fwd(
-        _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, _ptr(w), _ptr(b),
-        mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), delta.data_ptr(), _ptr(thr),
-        float(eps), ACT_CODES[act], float(slope), _ptr(rm), _ptr(rv),
-        update.factor if update else 0.0, update.unbias if update else 1.0,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if update is not None:
+        y, mean, var, invstd, delta, thr, finite = _TRAIN(
+            x, w, b, rm, rv, update.factor, update.unbias, eps, ACT_CODES[act], slope, out
+        )
         update.finite = finite
-        if finite:  # written through raw pointers: tell autograd the buffers changed
+        if finite:  # written in place by the kernel: tell autograd the buffers changed
             torch.autograd.graph.increment_version(rm)  # one tensor per call: torch 2.4
             torch.autograd.graph.increment_version(rv)
-    return y, mean, var, invstd, delta, thr
+    return y, mean, var, invstd, delta, None if act == "identity" else thr
 
 
 def native_eval_forward(
     x: Tensor, mean: Tensor, invstd: Tensor, w: Tensor | None, b: Tensor | None, act: str,
     slope: float, eps: float | None = None,
 ) -> Tensor:
-    """Evaluation BN on the kernels; with ``eps`` given, ``invstd`` is the variance (the kernel
-    takes ``1 / sqrt(var + eps)`` in double: no tensor ops around it, for inference)."""
-    nhwc, n, c, s = check_native("native_eval_forward", x, eps, mean=mean, invstd=invstd,
-                                 weight=w, bias=b)
-    y = empty_like(x)
-    mean, invstd, w, b = _vec(mean), _vec(invstd), _vec(w), _vec(b)
-    _native.eval_fwd(
-        _DTYPE_CODES[x.dtype], nhwc, x.data_ptr(), y.data_ptr(), n, c, s, mean.data_ptr(),
-        invstd.data_ptr(), _ptr(w), _ptr(b), ACT_CODES[act], float(slope),
-        torch.get_num_threads(), -1.0 if eps is None else float(eps),
-    )  # fmt: skip
-    return y
+    """``bnlab::eval_forward``; with ``eps`` given, ``invstd`` is the variance (the kernel takes
+    ``1 / sqrt(var + eps)`` in double: no tensor ops around it, for inference)."""
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"native_eval_forward: eps must be a positive finite float, got {eps!r}")
+    return _EVAL(x, mean, invstd, w, b, ACT_CODES[act], slope, -1.0 if eps is None else eps)
 
 
 def _native_backward(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps, act, slope,
                      train, need_dx, code=None):  # fmt: skip
-    nhwc, n, c, s = check_native(
-        "native_backward", x, eps if train and mean is None else None, mean=mean, invstd=invstd,
-        delta=delta, thr=thr, weight=w, bias=b, grad_mean=gmean, grad_var=gvar,
-    )
-    if not isinstance(dy, Tensor) or dy.shape != x.shape:
-        raise ValueError(f"native_backward: dy must have x's shape {tuple(x.shape)}, got "
-                         f"{tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__}")
-    dy = _like(dy, x)
-    dx = empty_like(x) if need_dx else None
-    dw, db = x.new_empty(c), x.new_empty(c)
-    vecs = [_vec(t) for t in (mean, invstd, delta, thr, w, b, gmean, gvar)]
-    _native.backward(
-        _DTYPE_CODES[x.dtype], nhwc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s,
-        *[_ptr(t) for t in vecs], dw.data_ptr(), db.data_ptr(), float(eps),
-        ACT_CODES[act] if code is None else code, float(slope), int(bool(train)),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return dx, dw, db
+    dx, dw, db = _BACKWARD(dy, x, mean, invstd, delta, thr, w, b, gmean, gvar, eps,
+                           ACT_CODES[act] if code is None else code, slope, train,
+                           need_dx)  # fmt: skip
+    return dx if need_dx else None, dw, db
 
 
 def native_backward_train(
@@ -414,6 +332,64 @@ def torch_backward_eval(
         if b is not None:
             pre = pre + _shape(b.to(cdt), x)
     return _torch_backward(dy, x, mean, invstd, pre, w, None, None, act, slope, False, need_dx)
+
+
+# ---------------------------------------------------------------------------- torch's kernels
+def _act_(y: Tensor, act: str, slope: float) -> Tensor:
+    """The activation in place when nothing records ``y`` for backward (batch_norm's backward
+    does not need it); else out of place, so a user's in-place op on the output stays legal."""
+    if act == "identity" or not isinstance(y, Tensor):  # (an FX proxy records the module)
+        return y if act == "identity" else _act(y, act, slope)
+    inplace = not (torch.is_grad_enabled() and y.requires_grad)
+    if act == "relu":
+        # clamp_min's backward reads its input, not its output: in-place ops on the output
+        # (another ReLU(inplace=True), a residual +=) stay legal
+        return torch.relu_(y) if inplace else y.clamp_min(0)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, slope, inplace=inplace)
+    return y
+
+
+def torch_kernels_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """torch's training kernel without its running update: ``(y, mean, biased_var, save_mean,
+    save_invstd)``. Temporary ``(C,)`` buffers and momentum 1 hand back the batch mean and
+    unbiased variance; they take the parameters' dtype (a bfloat16 model keeps bfloat16 ones),
+    and float32 without parameters beside a half input."""
+    c = x.shape[1]
+    ref = w if w is not None else b
+    dtype = ref.dtype if ref is not None else (torch.float32 if x.dtype in LOW_PRECISION
+                                               else x.dtype)  # fmt: skip
+    with torch.no_grad():
+        mean = torch.zeros(c, dtype=dtype, device=x.device)
+        uvar = torch.ones(c, dtype=dtype, device=x.device)
+    y, save_mean, save_invstd = torch.native_batch_norm(x, w, b, mean, uvar, True, 1.0, eps)
+    n = x.numel() // c
+    var = uvar * ((n - 1) / n) if n > 1 else uvar
+    return y, mean, var, save_mean, save_invstd
+
+
+def torch_kernels_backward(
+    dy: Tensor, x: Tensor, mean: Tensor | None, invstd: Tensor | None, thr: Tensor | None,
+    w: Tensor | None, eps: float, act: str, slope: float, needed: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of ``act(BN(x))`` on torch's kernels: the activation's mask from ``x`` and the
+    threshold ``thr`` (:func:`_threshold`), the statistics recomputed from ``x`` when ``mean``
+    is ``None`` (torch's one-pass kernel: the numbers its forward saved), then
+    ``native_batch_norm_backward``."""
+    if mean is None:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        invstd = torch.rsqrt(var + eps)
+    g = dy
+    if thr is not None:
+        sign = 1.0 if w is None else _shape(torch.where(w < 0, -1.0, 1.0).to(thr.dtype), x)
+        pre = (x.to(thr.dtype) - _shape(thr, x)) * sign
+        g = torch.where(pre > 0, dy, dy * slope if act == "leaky_relu" else 0).to(dy.dtype)
+    return torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, mean, invstd, True, eps,
+        [needed[0], w is not None and needed[1], needed[2]],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- from the output

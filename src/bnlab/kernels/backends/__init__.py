@@ -1,100 +1,66 @@
-"""The backend registry: which implementation of BN's arithmetic runs for a given input.
+"""The backends and the calls every bnlab layer and functional reaches the arithmetic through.
 
-Every bnlab layer and functional call reaches the arithmetic through two functions,
-:func:`train` (batch statistics) and :func:`evaluate` (given statistics). Each backend is one
-module with ``NAME``, ``supports(x, per_channel, train) -> bool``, ``train(x, w, b, eps, act,
-slope) -> (y, mean, biased_var)`` and ``evaluate(x, mean, var, w, b, eps, act, slope) -> y``:
+:func:`bnlab.kernels.choose` picks a backend per call; these functions run the call on it:
 
-* :mod:`.native` - bnlab's C kernels on CPU float32/float64 (contiguous or channels-last):
-  an autograd Function in eager mode, the ``bnlab::train_forward`` custom op inside
-  ``torch.compile`` / ``torch.export`` graphs;
-* :mod:`.aten` - torch's own batch-norm kernels (``torch.nn.functional.batch_norm``) for
-  everything else: GPUs, half and bfloat16, autocast, odd strides, ``BNLAB_KERNELS=torch``,
-  FX tracing, evaluation inside graphs (exported as ``aten.batch_norm``, so ONNX shows
-  ``BatchNormalization``);
-* :mod:`.composite` - plain differentiable tensor ops, for ``torch.func`` transforms (vmap,
-  jvp, grad), forward-mode AD and statistics that need a gradient; it supports everything.
+* :func:`train` - ``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)``;
+* :func:`evaluate` - with given statistics;
+* :func:`train_step` - a layer's whole training step: :func:`train` plus the running update
+  (in the same native pass, or guarded tensor ops), never letting NaN/Inf in;
+* :func:`train_inplace` - in-place activated BN (keeps only the output);
+* :func:`train_synced` - statistics over the ranks of a process group.
 
-The first registered backend whose ``supports`` is true runs, in the order of
-:func:`backends`; a GPU backend (Triton or CUDA) is one new module registered with
-:func:`register` before ``aten``.
+Each backend is one module with ``NAME``, ``supports(x, per_channel, train) -> bool``,
+``train(x, w, b, eps, act, slope)`` and ``evaluate(x, mean, var, w, b, eps, act, slope)``;
+``step`` (training with the running update) is optional. :mod:`.native` (bnlab's operators),
+:mod:`.aten` (torch's kernels, name ``"torch"``) and :mod:`.composite` (tensor ops) are built
+in; **a GPU backend is one more module** given to :func:`register`. A registered backend gets
+every path: what it lacks (the fused running update, in-place ABN, synchronised statistics)
+runs on its ``train``/``evaluate`` plus tensor ops that work on every device.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import inplace
-from .. import supports as _native_eager
+from .. import _dispatch, _ops
+from ..autograd import InPlaceBN, TrainBN, global_moments
+from ..inplace import INVERTIBLE, MIN_WEIGHT, can_overwrite, weights_invertible
 from . import aten, composite, native
 
-__all__ = ["register", "backends", "select", "train", "train_inplace", "evaluate"]
+__all__ = ["register", "backends", "get", "train", "train_step", "train_inplace",
+           "train_synced", "evaluate", "MIN_WEIGHT"]  # fmt: skip
 
-_ORDER: list[ModuleType] = [native, aten]
-
-
-def register(module: ModuleType, *, before: str | None = "aten") -> None:
-    """Add a backend module, tried before the backend named ``before`` (``None``: last)."""
-    for attr in ("NAME", "supports", "train", "evaluate"):
-        if not hasattr(module, attr):
-            raise TypeError(f"register: backend module {module.__name__} lacks {attr!r}")
-    names = [b.NAME for b in _ORDER]
-    if module.NAME in names:
-        raise ValueError(f"register: a backend named {module.NAME!r} exists already")
-    if before is None:
-        _ORDER.append(module)
-        return
-    if before not in names:
-        raise ValueError(f"register: before must be one of {sorted(names)}, got {before!r}")
-    _ORDER.insert(names.index(before), module)
-
-
-def backends() -> list[str]:
-    """Names of the registered backends, in the order they are tried (composite last)."""
-    return [b.NAME for b in _ORDER] + [composite.NAME]
-
-
-def _transformed(x: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False  # dynamo sees through transforms; the query itself is not traceable
-    return (
-        torch._C._functorch.is_functorch_wrapped_tensor(x)
-        or torch.autograd.forward_ad._current_level >= 0
-    )
-
-
-def select(x: Tensor, per_channel: tuple, train: bool) -> ModuleType:
-    """The backend module that runs for input ``x`` and its ``(C,)`` tensors."""
-    if isinstance(x, torch.fx.Proxy):
-        return aten  # symbolic_trace records one call torch's FX passes understand
-    if _transformed(x):
-        return composite
-    for b in _ORDER:
-        if b.supports(x, per_channel, train):
-            return b
-    return composite
-
-
+_BUILTIN = {b.NAME: b for b in (native, aten, composite)}
 #: activations only the composite backend implements (``elu``: alpha is ``slope``)
 _COMPOSITE_ACTS = ("elu",)
 
 
-def train_inplace(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str = "identity",
-    slope: float = 0.01,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """As :func:`train`, keeping only the output for backward and writing it over ``x`` where
-    autograd allows (:mod:`bnlab.kernels.inplace`). Graphs, FX traces and ``torch.func``
-    transforms get the functional :func:`train` (same numbers, input saved), and so does a
-    call with a ``|weight|`` too small to divide by."""
-    if not (isinstance(x, torch.fx.Proxy) or _transformed(x) or native._capturing()):
-        out = inplace.train_inplace(x, weight, bias, eps, act, slope)
-        if out is not None:
-            return out
-    return train(x, weight, bias, eps, act, slope)
+def register(module: ModuleType) -> None:
+    """Add a backend module (``NAME``, ``supports``, ``train``, ``evaluate``), tried before the
+    built-in ones for the tensors its ``supports`` accepts."""
+    for attr in ("NAME", "supports", "train", "evaluate"):
+        if not hasattr(module, attr):
+            raise TypeError(f"register: backend module {module.__name__} lacks {attr!r}")
+    if module.NAME in backends():
+        raise ValueError(f"register: a backend named {module.NAME!r} exists already")
+    _dispatch.registered.append(module)
+
+
+def backends() -> list[str]:
+    """Names of the backends, in the order :func:`bnlab.kernels.choose` tries them."""
+    return [b.NAME for b in _dispatch.registered] + ["native", "torch", "composite"]
+
+
+def get(name: str) -> ModuleType:
+    """The backend module named ``name``."""
+    for b in _dispatch.registered:
+        if b.NAME == name:
+            return b
+    return _BUILTIN[name]
 
 
 def train(
@@ -104,10 +70,7 @@ def train(
     """``act(BN(x))`` with batch statistics: ``(y, mean, biased_var)`` (``(C,)`` statistics)."""
     if act in _COMPOSITE_ACTS:
         return composite.train(x, weight, bias, eps, act, slope)
-    if _ORDER[0] is native and _native_eager(x, weight, bias):
-        # the common case first, without the registry walk: small layers are call-bound
-        return native.train(x, weight, bias, eps, act, slope)
-    return select(x, (weight, bias), True).train(x, weight, bias, eps, act, slope)
+    return get(_dispatch.choose(x, (weight, bias), True)).train(x, weight, bias, eps, act, slope)
 
 
 def evaluate(
@@ -115,14 +78,74 @@ def evaluate(
     eps: float, act: str = "identity", slope: float = 0.01,
 ) -> Tensor:
     """``act(BN(x))`` with the given mean and (running, unbiased) variance."""
+    if act in _COMPOSITE_ACTS or (torch.is_grad_enabled() and (mean.requires_grad
+                                                               or var.requires_grad)):
+        return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
+    name = _dispatch.choose(x, (mean, var, weight, bias), False, detached=True)
+    return get(name).evaluate(x, mean, var, weight, bias, eps, act, slope)
+
+
+def train_step(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+    running_var: Tensor, num_batches_tracked: Tensor, momentum: float | None, eps: float,
+    act: str = "identity", slope: float = 0.01, *, inplace: bool = False,
+) -> tuple[Tensor, Any] | None:
+    """A plain layer's training step with the running update (``momentum=None``: cumulative
+    average): ``(y, finite)``. ``finite`` (a bool, or a 0-dim tensor inside graphs) tells
+    whether the batch's statistics were finite and so moved ``running_mean``, ``running_var``
+    and ``num_batches_tracked`` (in place). ``None`` when the chosen backend has no such step:
+    the caller then runs :func:`train` and moves the statistics itself (same results)."""
     if act in _COMPOSITE_ACTS:
-        return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
-    if isinstance(x, torch.fx.Proxy):
-        return aten.evaluate(x, mean, var, weight, bias, eps, act, slope)
-    if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
-        return composite.evaluate(x, mean, var, weight, bias, eps, act, slope)
-    if _ORDER[0] is native and _native_eager(x, mean, var, weight, bias):
-        return native.evaluate(x, mean, var, weight, bias, eps, act, slope)
-    return select(x, (mean, var, weight, bias), False).evaluate(
-        x, mean, var, weight, bias, eps, act, slope
-    )
+        return None
+    b = get(_dispatch.choose(x, (weight, bias, running_mean, running_var), True, detached=True))
+    step = getattr(b, "step", None)
+    if step is None:
+        return None
+    return step(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                act, slope, inplace)  # fmt: skip
+
+
+def train_inplace(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str = "identity",
+    slope: float = 0.01, update: _ops.RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`train`, keeping only the output for backward and writing it over ``x`` where
+    autograd allows (:class:`bnlab.kernels.autograd.InPlaceBN`). Graphs, FX traces and
+    ``torch.func`` transforms get the functional :func:`train` (same numbers, input saved),
+    and so does a call with a ``|weight|`` below :data:`MIN_WEIGHT` (dividing by it would lose
+    the gradient's precision). ``update`` (native only) moves running statistics too."""
+    if act not in INVERTIBLE:
+        raise ValueError(f"train_inplace: act must be one of {list(INVERTIBLE)}, got {act!r}")
+    name = _dispatch.choose(x, (weight, bias), True)
+    if name == "composite" or _dispatch.capturing() or isinstance(x, torch.fx.Proxy) or (
+        not weights_invertible(weight)
+    ):
+        if update is not None:
+            raise ValueError("train_inplace: update needs the eager native path")
+        return train(x, weight, bias, eps, act, slope)
+    is_native = name == "native" and act in ("identity", "leaky_relu")
+    if update is not None and not is_native:
+        raise ValueError("train_inplace: update needs the eager native path")
+    return InPlaceBN.apply(x, weight, bias, float(eps), act, float(slope), is_native,
+                           can_overwrite(x), update)  # fmt: skip
+
+
+def train_synced(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, slope: float,
+    group: Any, *, inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``act(BN(x))`` with statistics over every rank of ``group``: ``(y, mean, biased_var,
+    count)`` with global statistics and count. Outputs and the input gradient equal one process
+    on the concatenation of every rank's batch; parameter gradients are this rank's share.
+    Must be called on every rank, also with an empty batch. ``inplace`` keeps only the output
+    (in-place activated BN); a ``|weight|`` below :data:`MIN_WEIGHT` saves the input instead."""
+    impl = "native" if _dispatch.native_supports(x, (weight, bias)) and (
+        _dispatch.forced() in (None, "native")
+    ) else "torch"
+    sync = (group, *global_moments(x, group))
+    if inplace and weights_invertible(weight):
+        y, mean, var = InPlaceBN.apply(x, weight, bias, float(eps), act, float(slope), False,
+                                       can_overwrite(x), None, sync)  # fmt: skip
+        return y, mean, var, sync[3]
+    y, mean, var = TrainBN.apply(x, weight, bias, float(eps), "identity", 0.0, impl, None, sync)
+    return _ops._act(y, act, slope), mean, var, sync[3]

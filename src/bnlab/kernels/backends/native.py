@@ -1,10 +1,10 @@
-"""bnlab's C kernels: CPU float32/float64, contiguous NCHW or channels-last.
+"""bnlab's C++ operators (``torch.ops.bnlab``): CPU float32/float64, contiguous or channels-last.
 
-Eager calls run the autograd Functions of :mod:`bnlab.kernels.api` (the cheapest per call);
-inside ``torch.compile`` and ``torch.export`` the training step is the ``bnlab::train_forward``
-custom op of :mod:`bnlab.kernels.library`, so compiled models keep the native kernels.
-Evaluation inside a graph is left to :mod:`.aten` (inductor fuses it; ONNX shows
-``BatchNormalization``).
+Eager calls run :class:`bnlab.kernels.autograd.TrainBN` / ``EvalBN`` over the operators (a
+layer's step moves its running statistics in the same pass); inside ``torch.compile`` and
+``torch.export`` (when forced: ``use_backend("native")``) training is the functional
+``bnlab::train_forward`` operator with its registered autograd formula. Evaluation inside a
+graph is left to torch's kernels (inductor fuses it; ONNX shows ``BatchNormalization``).
 """
 
 from __future__ import annotations
@@ -12,45 +12,53 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ops, api, library
-from .. import supports as _eager_supports
+from .. import _dispatch, _ops, library
+from ..autograd import EvalBN, InPlaceBN, TrainBN
+from ..inplace import can_overwrite, weights_invertible
 
 NAME = "native"
 
 
-def _capturing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def _graph_supports(x: Tensor, per_channel: tuple) -> bool:
-    from .. import _native, backend
-
-    if _native is None or backend() != "native":
-        return False
-    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
-        return False
-    if x.dim() < 2 or _ops._layout(x) is None:
-        return False
-    c = x.shape[1]
-    return all(
-        t is None or (t.dtype == x.dtype and t.device.type == "cpu" and t.dim() == 1
-                      and t.shape[0] == c)  # fmt: skip
-        for t in per_channel
-    )
-
-
 def supports(x: Tensor, per_channel: tuple, train: bool) -> bool:
-    if _capturing():
-        return train and _graph_supports(x, per_channel)
-    return _eager_supports(x, *per_channel)
+    return _dispatch.native_supports(x, per_channel, _dispatch.capturing())
 
 
 def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
-    if _capturing():
-        y, mean, var, *_ = library.train_forward(x, weight, bias, float(eps), act, float(slope))
-        return y, mean, var
-    return api._TrainFn.apply(x, weight, bias, float(eps), act, float(slope), True)
+    if _dispatch.capturing():
+        return library.train_forward(x, weight, bias, eps, act, slope)
+    return TrainBN.apply(x, weight, bias, float(eps), act, float(slope), "native")
 
 
 def evaluate(x, mean, var, weight, bias, eps, act, slope) -> Tensor:
-    return api._normalize_act_native(x, mean, var, weight, bias, eps, act, slope)
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        # nothing to differentiate (inference): the operator alone, which takes
+        # 1 / sqrt(var + eps) itself
+        return _ops.native_eval_forward(x, mean, var, weight, bias, act, slope, eps)
+    invstd = torch.rsqrt(var.detach() + eps)
+    # a copy of the mean: the caller's tensor is often a running buffer that the layer updates
+    # in place before backward runs (normalize_with="running")
+    return EvalBN.apply(x, mean.detach().clone(), invstd, weight, bias, act, float(slope))
+
+
+def step(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, act,
+         slope, inplace):  # fmt: skip
+    """The eager training step with the running update in the same native pass."""
+    if _dispatch.capturing() or not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        return None
+    if inplace and (not weights_invertible(weight) or act not in ("identity", "leaky_relu")):
+        return None  # saves its input this call (the plain fused path), or tensor ops
+    n = x.numel() // x.shape[1]
+    factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
+    update = _ops.RunningUpdate(running_mean, running_var, factor, n / (n - 1) if n > 1 else 1.0)
+    if inplace:
+        y = InPlaceBN.apply(x, weight, bias, float(eps), act, float(slope), True,
+                            can_overwrite(x), update)[0]  # fmt: skip
+    else:
+        y = TrainBN.apply(x, weight, bias, float(eps), act, float(slope), "native", update)[0]
+    if update.finite:
+        num_batches_tracked.add_(1)
+    return y, update.finite
