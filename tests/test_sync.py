@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import bnlab
@@ -66,14 +67,14 @@ def test_convert_keeps_subclass_behaviour():
 
 def test_every_layer_takes_a_process_group_or_refuses_clearly():
     assert not bnlab.BatchNorm2d(3).sync  # None: local
-    fused = bnlab.BatchNormAct2d(3, process_group=object())
+    fused = bnlab.BatchNormAct2d(3, process_group=dist.ProcessGroup(0, 1))
     assert fused.sync
     with pytest.raises(ValueError, match="GhostBatchNorm2d: cannot synchronise its statistics"):
-        bnlab.GhostBatchNorm2d(3, process_group=object())
+        bnlab.GhostBatchNorm2d(3, process_group=dist.ProcessGroup(0, 1))
     with pytest.raises(ValueError, match="BatchRenorm2d: cannot synchronise"):
-        bnlab.BatchRenorm2d(3, process_group=object())
+        bnlab.BatchRenorm2d(3, process_group=dist.ProcessGroup(0, 1))
     with pytest.raises(ValueError, match="normalize_with='running' cannot be synchronised"):
-        bnlab.BatchNorm2d(3, normalize_with="running", process_group=object())
+        bnlab.BatchNorm2d(3, normalize_with="running", process_group=dist.ProcessGroup(0, 1))
 
 
 def test_convert_policies():

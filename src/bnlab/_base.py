@@ -29,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from . import kernels as _kernels
+from ._checks import check_bool, check_factory, check_process_group
 from ._sync_ops import group_size, sync_batch_norm, sync_batch_norm_act_inplace
 from .kernels import _ops
 from .kernels import backends as _backends
@@ -135,6 +136,11 @@ class _NormBase(_BatchNorm):
     ) -> None:
         nn.Module.__init__(self)  # not _BatchNorm's: bnlab builds its own parameters
         name = type(self).__name__
+        for flag, value in (("affine", affine), ("track_running_stats", track_running_stats),
+                            ("bias", bias)):
+            check_bool(name, flag, value)
+        check_factory(name, device, dtype)
+        check_process_group(name, process_group)
         if self._needs_running_stats and not track_running_stats:
             raise ValueError(
                 f"{name}: {self._needs_running_stats} and needs track_running_stats=True, "
@@ -144,11 +150,13 @@ class _NormBase(_BatchNorm):
             raise ValueError(
                 f"{name}: num_features must be a positive int, got {num_features!r}"
             )
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"{name}: eps must be a positive finite float, got {eps!r}")
-        if momentum is not None and not (
-            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        if isinstance(eps, bool) or not (
+            isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)
         ):
+            raise ValueError(f"{name}: eps must be a positive finite float, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not (
+            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        )):
             raise ValueError(
                 f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
                 f"got {momentum!r}; for a Keras momentum m use bnlab.keras.momentum_from_keras(m)"

@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from ._base import _NormBase
+from ._checks import check_bool
 from ._tree import map_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -98,6 +99,7 @@ def convert(
         raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_bool("convert", "inplace", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     table = TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ._base import _NormBase
+from ._checks import check_process_group
 from ._sync_ops import global_batch_stats, sync_batch_norm
 from ._tree import map_modules
 from .convert import TORCH_KNOWN
@@ -86,6 +87,7 @@ class SyncBatchNorm(_NormBase):
                 f"convert_sync_batchnorm: module must be a torch.nn.Module, "
                 f"got {type(module).__name__}"
             )
+        check_process_group("convert_sync_batchnorm", process_group)
 
         def one(mod: nn.Module, qualname: str) -> nn.Module:
             where = qualname or "<root>"
