@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _state
 from . import functional as F
 from . import kernels as _kernels
 from ._checks import check_bool, check_factory, check_process_group
@@ -309,9 +310,14 @@ class _NormBase(_BatchNorm):
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
                 state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # Checked before anything is copied: a refused state dict leaves the layer as it was.
+        _state.check_statistics(self, state_dict, prefix)
+        window = self.track_running_stats and self.running == "window"
+        missing = _state.missing_window(self, state_dict, prefix, strict) if window else []
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        _state.start_window(self, missing)  # never zero slots counted as batches
 
     # ------------------------------------------------------------------ input
     def _check_input(self, x: Tensor) -> None:

@@ -7,18 +7,13 @@ received (``"BatchNorm2d: affine must be a bool, got 'yes'"``).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = [
-    "allow_bad_running_stats",
-    "bad_values",
     "check_bool",
     "check_factory",
     "check_finite",
@@ -26,7 +21,6 @@ __all__ = [
     "check_module",
     "check_process_group",
     "check_real_weights",
-    "running_stats_allowed",
 ]
 
 
@@ -104,46 +98,3 @@ def check_real_weights(owner: str, model: nn.Module) -> None:
                     f"{owner} needs real weights: materialise the model (e.g. "
                     "model.to_empty(device='cpu')) and load its state dict first"
                 )
-
-
-# ---------------------------------------------------------------------- running statistics
-_ALLOW_BAD_STATS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "bnlab_allow_bad_running_stats", default=False
-)
-
-
-@contextlib.contextmanager
-def allow_bad_running_stats() -> Iterator[None]:
-    """Inside this context, bnlab layers load state dicts whose running statistics hold NaN,
-    Inf or negative variances (refused by default), e.g. to inspect a broken checkpoint::
-
-        with bnlab.allow_bad_running_stats():
-            model.load_state_dict(torch.load("broken.pt"))
-        print(bnlab.tools.lint(model))   # BN006 names the layers
-    """
-    token = _ALLOW_BAD_STATS.set(True)
-    try:
-        yield
-    finally:
-        _ALLOW_BAD_STATS.reset(token)
-
-
-def running_stats_allowed() -> bool:
-    """Whether :func:`allow_bad_running_stats` is active."""
-    return _ALLOW_BAD_STATS.get()
-
-
-def bad_values(t: Tensor, variance: bool) -> str:
-    """What is wrong with a statistics tensor, in words (``"2 NaN of 4 values"``), or ``""``.
-    Tensors without values (meta, fake, integer) are never judged."""
-    if type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta or not t.is_floating_point():
-        return ""
-    parts = []
-    for what, mask in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))):
-        if bool(mask.any()):
-            parts.append(f"{int(mask.sum())} {what}")
-    if variance:
-        neg = t < 0
-        if bool(neg.any()):
-            parts.append(f"{int(neg.sum())} negative")
-    return f"{', '.join(parts)} of {t.numel()} values" if parts else ""

@@ -9,6 +9,7 @@ from torch import nn
 
 from ._base import _NormBase
 from ._checks import check_bool
+from ._state import allow_bad_running_stats
 from ._tree import map_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -66,7 +67,8 @@ def _swap(old: nn.Module, target: type[nn.Module], **extra) -> nn.Module:
         **extra,
         **_same_device_dtype(old),
     )
-    new.load_state_dict(old.state_dict())
+    with allow_bad_running_stats():  # a conversion carries the statistics as they are
+        new.load_state_dict(old.state_dict())
     new.train(old.training)
     for pname in ("weight", "bias"):
         p_old, p_new = getattr(old, pname, None), getattr(new, pname, None)

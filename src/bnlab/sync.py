@@ -14,6 +14,7 @@ from torch import nn
 
 from ._base import _NormBase
 from ._checks import check_process_group
+from ._state import allow_bad_running_stats
 from ._sync_ops import global_batch_stats, sync_batch_norm
 from ._tree import map_modules
 from .convert import TORCH_KNOWN
@@ -119,7 +120,8 @@ class SyncBatchNorm(_NormBase):
                 mod.track_running_stats, process_group=process_group,
                 **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}),
             )
-            new.load_state_dict(mod.state_dict())
+            with allow_bad_running_stats():  # converting carries the statistics as they are
+                new.load_state_dict(mod.state_dict())
             if mod.affine:
                 new.weight.requires_grad_(mod.weight.requires_grad)
                 new.bias.requires_grad_(mod.bias.requires_grad)

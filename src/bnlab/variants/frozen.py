@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
 from .._docs import fill_docs
+from .._state import allow_bad_running_stats
 from .._tree import map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..convert import TORCH_KNOWN, TORCH_TO_BNLAB, torch_rank_class
@@ -177,7 +178,8 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
                                               mod.affine, True, **kw)  # fmt: skip
         if rank is None:  # a synchronised layer takes any rank: so does its frozen form
             new._input_dims, new._input_layout = (2, 3, 4, 5), "(N, C, *)"
-    new.load_state_dict(_bn_state(mod))
+    with allow_bad_running_stats():  # freezing carries the statistics as they are
+        new.load_state_dict(_bn_state(mod))
     # The layer it was frozen from, for unfreeze (not a submodule: no parameters, no state
     # dict entries); a model rebuilt from a state dict unfreezes to plain bnlab layers.
     object.__setattr__(new, "_frozen_from", mod)
@@ -238,7 +240,12 @@ def unfreeze(model: nn.Module) -> nn.Module:
             else:
                 cls = TORCH_TO_BNLAB[torch_rank_class(mod) or nn.BatchNorm2d]
             target = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
-        target.load_state_dict(_bn_state(mod), strict=False)
+        state = _bn_state(mod)
+        for key in ("window_mean", "window_var"):  # a window layer keeps its own ring
+            if getattr(target, key, None) is not None:
+                state[key] = getattr(target, key)
+        with allow_bad_running_stats():
+            target.load_state_dict(state, strict=False)
         for p in (target.weight, target.bias):
             if p is not None:
                 p.requires_grad_(True)
