@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bnlab
+from bnlab import tools
 
 NAN, INF = float("nan"), float("inf")
 
@@ -46,6 +47,27 @@ def _bnlab_net():
 
 def _meta_net():
     return _net().to("meta")
+
+
+def _lazy_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.LazyBatchNorm2d())
+
+
+def _overflow_net():
+    net = _net()
+    with torch.no_grad():
+        net[0].weight[1].fill_(10.0)
+        net[1].weight.fill_(3e38)
+    return net
+
+
+def _bad_stats_net(key: str, value: float):
+    def build():
+        net = _net()
+        getattr(net[1], key).data[1] = value
+        return net
+
+    return build
 
 
 X = torch.randn(2, 1, 8, 8)
@@ -118,17 +140,139 @@ ROWS: list[Row] = [
         TypeError, "register_norm: factory must be callable, got int"),
     Row("convert-inplace-str", _net, lambda m: bnlab.convert(m, inplace="no"), TypeError,
         "convert: inplace must be a bool, got 'no'"),
+    *[Row(f"{name}-lazy", _lazy_net, call, ValueError,
+          f"{name}: layer 1 (LazyBatchNorm2d) is an uninitialised lazy module (its parameters "
+          "are created by its first forward); run one forward with an example batch first")
+      for name, call in [
+          ("convert", lambda m: bnlab.convert(m)),
+          ("convert", lambda m: bnlab.convert(m, to="torch")),
+          ("freeze", bnlab.freeze), ("unfreeze", bnlab.unfreeze),
+          ("convert_sync_batchnorm", bnlab.SyncBatchNorm.convert_sync_batchnorm),
+          ("fold", tools.fold), ("lint", tools.lint),
+          ("recalibrate", lambda m: tools.recalibrate(m, [X])),
+          ("adapt", lambda m: tools.adapt(m, [X])),
+      ]],
+    # ---------------------------------------------------------------- tools: the model
+    *[Row(f"{name}-not-a-module", _none, call, TypeError,
+          f"{name}: model must be a torch.nn.Module, got {got}")
+      for name, call, got in [
+          ("fold", lambda _: tools.fold("str"), "str"),
+          ("lint", lambda _: tools.lint(3), "int"),
+          ("lint", lambda _: tools.lint(42), "int"),
+          ("recalibrate", lambda _: tools.recalibrate(42, [X]), "int"),
+          ("adapt", lambda _: tools.adapt(42, [X]), "int"),
+          ("adapt", lambda _: tools.adapt([1], [X], "tent"), "list"),
+          ("Tent", lambda _: tools.Tent(42), "int"),
+          ("Monitor", lambda _: tools.Monitor(42), "int"),
+          ("bn_layers", lambda _: tools.bn_layers(42), "int"),
+      ]],
+    *[Row(f"{name}-meta", _meta_net, call, ValueError,
+          f"{name}: parameter '0.weight' is on the meta device (a shape without values); "
+          f"{name} needs real weights")
+      for name, call in [
+          ("fold", tools.fold),
+          ("fold", lambda m: tools.fold(m, X)),
+          ("lint", tools.lint),
+          ("lint", lambda m: tools.lint(m, X)),
+          ("recalibrate", lambda m: tools.recalibrate(m, [X])),
+          ("adapt", lambda m: tools.adapt(m, [X])),
+          ("adapt", lambda m: tools.adapt(m, [X], "tent")),
+          ("Tent", tools.Tent),
+      ]],
+    # ---------------------------------------------------------------- fold
+    Row("fold-empty-example", _net, lambda m: tools.fold(m, torch.randn(0, 1, 8, 8)),
+        ValueError, "fold: example_input has an empty batch (shape (0, 1, 8, 8)); the fold "
+        "cannot be checked on 0 samples: pass at least one"),
+    Row("fold-empty-example-tuple", _net, lambda m: tools.fold(m, (torch.randn(0, 1, 8, 8),)),
+        ValueError, "fold: example_input has an empty batch (shape (0, 1, 8, 8))"),
+    Row("fold-meta-example", _net, lambda m: tools.fold(m, X.to("meta")), ValueError,
+        "fold: example_input is on the meta device (a shape without values)"),
+    *[Row(f"fold-{key}-{value}", _bad_stats_net(key, value), call, ValueError,
+          f"fold: BN layer '1' (BatchNorm2d): {key} holds 1 {words} of 4 values; the folded "
+          "weights would not be finite")
+      for key, value, words in [("running_var", NAN, "NaN"), ("running_var", -1.0, "negative"),
+                                ("running_mean", INF, "Inf"), ("weight", NAN, "NaN")]
+      for call in (tools.fold, lambda m: tools.fold(m, X))],
+    Row("fold-nonfinite-example", _net, lambda m: tools.fold(m, torch.full((2, 1, 8, 8), NAN)),
+        ValueError, "fold: the model's output on example_input is not finite (NaN/Inf)"),
+    Row("fold-overflow", _overflow_net, tools.fold, ValueError,
+        "fold: folding BN layer '1' into '0' gives a weight with 9 Inf of 36 values (the "
+        "product overflows torch.float32)"),
+    Row("fold-warn-str", _net, lambda m: tools.fold(m, warn="no"), TypeError,
+        "fold: warn must be a bool, got 'no'"),
+    Row("fold_conv_bn-layer", _none,
+        lambda _: tools.fold_conv_bn(nn.ReLU(), nn.BatchNorm2d(4).eval()), TypeError,
+        "fold_conv_bn: layer must be a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, "
+        "got ReLU"),
+    Row("fold_conv_bn-bn", _none, lambda _: tools.fold_conv_bn(nn.Conv2d(1, 4, 3), nn.ReLU()),
+        TypeError, "fold_conv_bn: bn must be a torch or bnlab BN layer, got ReLU"),
+    Row("fold_conv_bn-nan", _bad_stats_net("running_var", NAN),
+        lambda m: tools.fold_conv_bn(m[0], m[1]), ValueError,
+        "fold_conv_bn: bn: running_var holds 1 NaN of 4 values"),
+    Row("load_folded-factory", _none, lambda _: tools.load_folded("x.pt", factory=3),
+        TypeError, "load_folded: factory must be None or a callable returning the model, "
+                   "got int"),
+    # ---------------------------------------------------------------- lint
+    Row("lint-optimizer", _net, lambda m: tools.lint(m, optimizer=3), TypeError,
+        "lint: optimizer must be None or a torch.optim.Optimizer, got int"),
+    Row("lint_source-filename", _none, lambda _: tools.lint_source("x = 1", filename=3),
+        TypeError, "lint_source: filename must be a str, got int"),
+    # ---------------------------------------------------------------- recalibrate, adapt
+    Row("recalibrate-batches-int", _bnlab_net, lambda m: tools.recalibrate(m, 5), TypeError,
+        "recalibrate: batches must be an iterable of batches (a DataLoader, or a list of "
+        "tensors or (input, target) tuples), got int"),
+    Row("recalibrate-batches-tensor", _bnlab_net, lambda m: tools.recalibrate(m, X),
+        TypeError, "recalibrate: batches must be an iterable of batches (a DataLoader, or a "
+        "list of tensors or (input, target) tuples), got a Tensor (iterating it would give "
+        "single samples); pass [x] for one batch"),
+    Row("recalibrate-empty-iterable", _bnlab_net, lambda m: tools.recalibrate(m, []),
+        ValueError, "recalibrate: batches yielded no batch; pass a non-empty iterable"),
+    Row("recalibrate-zero-size", _bnlab_net,
+        lambda m: tools.recalibrate(m, [torch.randn(0, 1, 8, 8)] * 2), ValueError,
+        "recalibrate: every batch that reached BN layer '1' was empty (0 values per channel, "
+        "2 batches); no statistics were changed"),
+    *[Row(f"adapt-{method}-{what}", _bnlab_net, call, ValueError, match)
+      for method in ("adabn", "tent")
+      for what, call, match in [
+          ("empty", lambda m, method=method: tools.adapt(m, [], method),
+           "adapt: batches yielded no batch; pass a non-empty iterable"),
+          ("num_batches-0", lambda m, method=method: tools.adapt(m, [X], method, num_batches=0),
+           "adapt: num_batches must be a positive int or None, got 0"),
+          ("num_batches-short", lambda m, method=method: tools.adapt(m, [X], method,
+                                                                     num_batches=3),
+           "adapt: asked for num_batches=3 but batches yielded only 1"),
+          ("lr-nan", lambda m, method=method: tools.adapt(m, [X], method, lr=NAN),
+           "adapt: lr must be a finite float >= 0, got nan"),
+          ("lr-negative", lambda m, method=method: tools.adapt(m, [X], method, lr=-1.0),
+           "adapt: lr must be a finite float >= 0, got -1.0"),
+          ("steps-0", lambda m, method=method: tools.adapt(m, [X], method, steps=0),
+           "adapt: steps must be a positive int, got 0"),
+      ]],
+    Row("adapt-lr-str", _bnlab_net, lambda m: tools.adapt(m, [X], "tent", lr="x"), TypeError,
+        "adapt: lr must be a float, got str"),
+    Row("adapt-episodic-str", _bnlab_net, lambda m: tools.adapt(m, [X], "tent", episodic="x"),
+        TypeError, "adapt: episodic must be a bool, got 'x'"),
+    Row("Tent-optimizer", _bnlab_net, lambda m: tools.Tent(m, optimizer=3), TypeError,
+        "Tent: optimizer must be None or a callable building an optimizer from a parameter "
+        "list, got int"),
+    Row("Tent-episodic", _bnlab_net, lambda m: tools.Tent(m, episodic="x"), TypeError,
+        "Tent: episodic must be a bool, got 'x'"),
+    Row("entropy-list", _none, lambda _: tools.entropy([1.0, 2.0]), TypeError,
+        "entropy: logits must be a torch.Tensor, got list"),
+    Row("entropy-1d", _none, lambda _: tools.entropy(torch.randn(3)), ValueError,
+        "entropy: logits must be (N, K), with classes in dim 1, got shape (3,)"),
+    Row("Monitor-max_samples", _net, lambda m: tools.Monitor(m, max_samples=0), ValueError,
+        "Monitor: max_samples must be a positive int, got 0"),
 ]
 
 
 def _state(obj) -> Any:
     if not isinstance(obj, nn.Module):
         return None
-    if any(t.is_meta for t in (*obj.parameters(), *obj.buffers())):
-        # meta tensors have no values: compare what they are, not what they hold
-        state = {k: (v.shape, v.dtype, v.device) for k, v in obj.state_dict().items()}
-    else:
-        state = {k: v.clone() for k, v in obj.state_dict().items()}
+    # meta tensors and a lazy module's parameters have no values: compare what they are
+    state = {k: type(v) if nn.parameter.is_lazy(v)
+             else (v.shape, v.dtype, v.device) if v.is_meta else v.clone()
+             for k, v in obj.state_dict().items()}
     flags = [(n, m.training) for n, m in obj.named_modules()]
     grads = [(n, p.requires_grad) for n, p in obj.named_parameters()]
     hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks))

@@ -7,7 +7,6 @@ received (``"BatchNorm2d: affine must be a bool, got 'yes'"``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from torch import nn
 __all__ = [
     "check_bool",
     "check_factory",
-    "check_finite",
     "check_materialised",
     "check_module",
     "check_process_group",
@@ -27,14 +25,6 @@ __all__ = [
 def check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
-
-
-def check_finite(owner: str, name: str, value: Any) -> None:
-    """A real number (not a bool) that is neither NaN nor infinite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite float, got {value!r}")
 
 
 def check_process_group(owner: str, group: Any) -> None:

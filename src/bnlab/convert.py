@@ -8,7 +8,7 @@ from typing import Literal
 from torch import nn
 
 from ._base import _NormBase
-from ._checks import check_bool
+from ._checks import check_bool, check_materialised
 from ._state import allow_bad_running_stats
 from ._tree import map_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -102,6 +102,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     check_bool("convert", "inplace", inplace)
+    check_materialised("convert", model)
     if not inplace:
         model = copy.deepcopy(model)
     table = TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH

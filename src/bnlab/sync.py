@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ._base import _NormBase
-from ._checks import check_process_group
+from ._checks import check_materialised, check_process_group
 from ._state import allow_bad_running_stats
 from ._sync_ops import global_batch_stats, sync_batch_norm
 from ._tree import map_modules
@@ -89,6 +89,7 @@ class SyncBatchNorm(_NormBase):
                 f"got {type(module).__name__}"
             )
         check_process_group("convert_sync_batchnorm", process_group)
+        check_materialised("convert_sync_batchnorm", module)
 
         def one(mod: nn.Module, qualname: str) -> nn.Module:
             where = qualname or "<root>"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
+from .._checks import check_materialised
 from .._docs import fill_docs
 from .._state import allow_bad_running_stats
 from .._tree import map_modules
@@ -207,6 +208,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialised("freeze", model)
     return map_modules(copy.deepcopy(model), _freeze_one)
 
 
@@ -222,6 +224,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialised("unfreeze", model)
     model = copy.deepcopy(model)
     mode = model.training
 
