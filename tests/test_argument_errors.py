@@ -140,6 +140,19 @@ ROWS: list[Row] = [
         TypeError, "register_norm: factory must be callable, got int"),
     Row("convert-inplace-str", _net, lambda m: bnlab.convert(m, inplace="no"), TypeError,
         "convert: inplace must be a bool, got 'no'"),
+    *[Row(f"convert-to-torch-{type(layer).__name__}", lambda layer=layer: nn.Sequential(
+              nn.Conv2d(1, 4, 3), layer), lambda m: bnlab.convert(m, to="torch"), ValueError,
+          f"convert: layer 1 ({type(layer).__name__}) {why}")
+      for layer, why in [
+          (bnlab.GhostBatchNorm2d(4), "has no torch.nn equivalent"),
+          (bnlab.BatchRenorm2d(4), "has no torch.nn equivalent"),
+          (bnlab.FrozenBatchNorm2d(4), "has no torch.nn equivalent"),
+          (bnlab.FrozenBatchNormAct2d(4), "has no torch.nn equivalent"),
+          (bnlab.SyncBatchNorm(4), "has no torch.nn equivalent"),
+          (type("MyBN", (bnlab.BatchNorm2d,), {})(4), "has no torch.nn equivalent"),
+          (bnlab.SyncBatchNorm.convert_sync_batchnorm(bnlab.BatchNorm2d(4)),
+           "synchronises its statistics (process_group)"),
+      ]],
     *[Row(f"{name}-lazy", _lazy_net, call, ValueError,
           f"{name}: layer 1 (LazyBatchNorm2d) is an uninitialised lazy module (its parameters "
           "are created by its first forward); run one forward with an example batch first")

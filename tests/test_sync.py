@@ -77,6 +77,16 @@ def test_every_layer_takes_a_process_group_or_refuses_clearly():
         bnlab.BatchNorm2d(3, normalize_with="running", process_group=dist.ProcessGroup(0, 1))
 
 
+def test_models_holding_a_process_group_can_be_copied_and_converted():
+    pg = dist.ProcessGroup(0, 1)  # torch cannot deepcopy or pickle one
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), bnlab.BatchNormAct2d(3, process_group=pg))
+    for out in (bnlab.convert(model), bnlab.freeze(model), bnlab.unfreeze(model),
+                bnlab.SyncBatchNorm.convert_sync_batchnorm(model, pg),
+                bnlab.tools.fold(model.eval(), warn=False)):
+        assert out is not model
+    assert bnlab.convert(model)[1].process_group is pg  # every copy syncs over the same ranks
+
+
 def test_convert_policies():
     ghost = bnlab.GhostBatchNorm2d(3)
     assert bnlab.SyncBatchNorm.convert_sync_batchnorm(ghost).__class__ is bnlab.GhostBatchNorm2d

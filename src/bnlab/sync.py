@@ -7,7 +7,6 @@ converter keeps subclass behaviour (a fused activation survives).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import nn
@@ -16,7 +15,7 @@ from ._base import _NormBase
 from ._checks import check_materialised, check_process_group
 from ._state import allow_bad_running_stats
 from ._sync_ops import global_batch_stats, sync_batch_norm
-from ._tree import map_modules
+from ._tree import copy_model, map_modules
 from .convert import TORCH_KNOWN
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
@@ -128,4 +127,4 @@ class SyncBatchNorm(_NormBase):
                 new.bias.requires_grad_(mod.bias.requires_grad)
             return new.train(mod.training)
 
-        return map_modules(copy.deepcopy(module), one)
+        return map_modules(copy_model(module), one)

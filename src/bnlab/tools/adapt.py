@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_module, check_real_weights
+from .._tree import copy_model
 from ._graph import bn_layers
 from .recalibrate import (
     _recalibrate,
@@ -189,9 +190,9 @@ def adapt(
     check_batches("adapt", batches)
     check_num_batches("adapt", num_batches)
     if method == "adabn":
-        adapted = copy.deepcopy(model).eval()
+        adapted = copy_model(model).eval()
         return _recalibrate(adapted, batches, num_batches, "adapt")
-    tent = Tent(copy.deepcopy(model), lambda p: torch.optim.Adam(p, lr=lr), steps, episodic)
+    tent = Tent(copy_model(model), lambda p: torch.optim.Adam(p, lr=lr), steps, episodic)
     used = 0
     for batch in batches:
         if num_batches is not None and used >= num_batches:

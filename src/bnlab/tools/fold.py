@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .._base import _NormBase
 from .._checks import check_bool, check_module, check_real_weights
 from .._state import bad_values
+from .._tree import copy_model
 from ._graph import BNSite, analyse, bn_layers, is_bn
 
 __all__ = [
@@ -402,7 +403,7 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
                 "folded weights would not be finite. Recompute the statistics "
                 "(bnlab.tools.recalibrate) or fix the checkpoint"
             )
-    folded = copy.deepcopy(model)
+    folded = copy_model(model)
     ranks = {} if example_input is None else _input_ranks(folded, example_input)
     analysis = analyse(folded)
     report = FoldReport(analysis.method, analysis.reason)

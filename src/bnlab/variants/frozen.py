@@ -10,7 +10,6 @@ reach them either; the state-dict keys are those of BN.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from .._base import _NormBase
 from .._checks import check_materialised
 from .._docs import fill_docs
 from .._state import allow_bad_running_stats
-from .._tree import map_modules
+from .._tree import copy_model, map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..convert import TORCH_KNOWN, TORCH_TO_BNLAB, torch_rank_class
 from ..fused import BatchNormAct2d
@@ -209,7 +208,7 @@ def freeze(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised("freeze", model)
-    return map_modules(copy.deepcopy(model), _freeze_one)
+    return map_modules(copy_model(model), _freeze_one)
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
@@ -225,7 +224,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: model must be a torch.nn.Module, got {type(model).__name__}")
     check_materialised("unfreeze", model)
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     mode = model.training
 
     def one(mod: nn.Module, qualname: str) -> nn.Module:
