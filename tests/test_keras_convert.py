@@ -220,6 +220,30 @@ def test_convert_root_module_and_refusals() -> None:
         bnlab.convert("model")
 
 
+@pytest.mark.parametrize("act, module", [("relu", nn.ReLU), ("leaky_relu", nn.LeakyReLU),
+                                         ("elu", nn.ELU)])
+def test_convert_to_torch_splits_a_fused_layer_into_bn_and_activation(act, module) -> None:
+    torch.manual_seed(0)
+    kw = {"negative_slope": 0.2} if act == "leaky_relu" else {"alpha": 0.5} if act == "elu" else {}
+    fused = bnlab.BatchNormAct2d(3, act=act, **kw)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), fused)
+    for _ in range(2):
+        model(torch.randn(8, 1, 6, 6))
+    back = bnlab.convert(model, to="torch")
+    assert type(back[1]) is nn.Sequential and type(back[1][0]) is nn.BatchNorm2d
+    assert type(back[1][1]) is module
+    assert not any(isinstance(m, bnlab.NormBase) for m in back.modules())
+    assert type(model[1]) is bnlab.BatchNormAct2d  # the input is untouched
+    x = torch.randn(4, 1, 6, 6)
+    for mode in (False, True):
+        model.train(mode), back.train(mode)
+        torch.testing.assert_close(back(x), model(x))
+    torch.testing.assert_close(back[1][0].running_var, fused.running_var)
+    # identity is plain BN: no Sequential, the state-dict keys stay
+    plain = bnlab.convert(bnlab.BatchNormAct2d(3, act="identity"), to="torch")
+    assert type(plain) is nn.BatchNorm2d
+
+
 def test_convert_inplace() -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     out = bnlab.convert(model, inplace=True)

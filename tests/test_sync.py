@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import bnlab
@@ -66,14 +67,24 @@ def test_convert_keeps_subclass_behaviour():
 
 def test_every_layer_takes_a_process_group_or_refuses_clearly():
     assert not bnlab.BatchNorm2d(3).sync  # None: local
-    fused = bnlab.BatchNormAct2d(3, process_group=object())
+    fused = bnlab.BatchNormAct2d(3, process_group=dist.ProcessGroup(0, 1))
     assert fused.sync
     with pytest.raises(ValueError, match="GhostBatchNorm2d: cannot synchronise its statistics"):
-        bnlab.GhostBatchNorm2d(3, process_group=object())
+        bnlab.GhostBatchNorm2d(3, process_group=dist.ProcessGroup(0, 1))
     with pytest.raises(ValueError, match="BatchRenorm2d: cannot synchronise"):
-        bnlab.BatchRenorm2d(3, process_group=object())
+        bnlab.BatchRenorm2d(3, process_group=dist.ProcessGroup(0, 1))
     with pytest.raises(ValueError, match="normalize_with='running' cannot be synchronised"):
-        bnlab.BatchNorm2d(3, normalize_with="running", process_group=object())
+        bnlab.BatchNorm2d(3, normalize_with="running", process_group=dist.ProcessGroup(0, 1))
+
+
+def test_models_holding_a_process_group_can_be_copied_and_converted():
+    pg = dist.ProcessGroup(0, 1)  # torch cannot deepcopy or pickle one
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), bnlab.BatchNormAct2d(3, process_group=pg))
+    for out in (bnlab.convert(model), bnlab.freeze(model), bnlab.unfreeze(model),
+                bnlab.SyncBatchNorm.convert_sync_batchnorm(model, pg),
+                bnlab.tools.fold(model.eval(), warn=False)):
+        assert out is not model
+    assert bnlab.convert(model)[1].process_group is pg  # every copy syncs over the same ranks
 
 
 def test_convert_policies():

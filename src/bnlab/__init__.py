@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import functional, keras, kernels, tools, variants
 from ._base import NonFiniteStatisticsError, NormBase
+from ._state import allow_bad_running_stats
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 from .fused import BatchNormAct2d
@@ -25,6 +26,7 @@ __all__ = [
     "BatchNormAct2d",
     "NonFiniteStatisticsError",
     "NormBase",
+    "allow_bad_running_stats",
     "convert",
     "functional",
     "kernels",

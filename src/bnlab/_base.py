@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _state
 from . import functional as F
+from ._checks import check_bool, check_factory, check_process_group
 from ._sync_ops import group_size
 from .kernels import backends as _backends
 from .kernels.library import snapshot
@@ -132,6 +134,11 @@ class _NormBase(_BatchNorm):
     ) -> None:
         nn.Module.__init__(self)  # not _BatchNorm's: bnlab builds its own parameters
         name = type(self).__name__
+        for flag, value in (("affine", affine), ("track_running_stats", track_running_stats),
+                            ("bias", bias)):
+            check_bool(name, flag, value)
+        check_factory(name, device, dtype)
+        check_process_group(name, process_group)
         if self._needs_running_stats and not track_running_stats:
             raise ValueError(
                 f"{name}: {self._needs_running_stats} and needs track_running_stats=True, "
@@ -141,11 +148,13 @@ class _NormBase(_BatchNorm):
             raise ValueError(
                 f"{name}: num_features must be a positive int, got {num_features!r}"
             )
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"{name}: eps must be a positive finite float, got {eps!r}")
-        if momentum is not None and not (
-            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        if isinstance(eps, bool) or not (
+            isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)
         ):
+            raise ValueError(f"{name}: eps must be a positive finite float, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not (
+            isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        )):
             raise ValueError(
                 f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
                 f"got {momentum!r}; for a Keras momentum m use bnlab.keras.momentum_from_keras(m)"
@@ -302,9 +311,14 @@ class _NormBase(_BatchNorm):
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
                 state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # Checked before anything is copied: a refused state dict leaves the layer as it was.
+        _state.check_statistics(self, state_dict, prefix)
+        window = self.track_running_stats and self.running == "window"
+        missing = _state.missing_window(self, state_dict, prefix, strict) if window else []
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        _state.start_window(self, missing)  # never zero slots counted as batches
 
     # ------------------------------------------------------------------ input
     def _check_input(self, x: Tensor) -> None:

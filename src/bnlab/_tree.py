@@ -3,11 +3,23 @@ the sync converter) uses."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["map_modules"]
+__all__ = ["copy_model", "map_modules"]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its layers' process groups: torch can neither copy
+    nor pickle a ``ProcessGroup``, and a copy synchronises over the same ranks anyway."""
+    memo: dict[int, object] = {}
+    for mod in model.modules():
+        group = getattr(mod, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+    return copy.deepcopy(model, memo)
 
 
 def map_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module]) -> nn.Module:

@@ -40,6 +40,13 @@ by default the update is skipped with one warning per layer (``nonfinite="skip"`
 ``nonfinite="raise"`` raises :class:`bnlab.NonFiniteStatisticsError`. The output for that batch
 is still returned.
 
+Loading a state dict: running statistics with NaN/Inf or a negative variance are refused with
+a ``ValueError`` naming the layer and the key, the layer left as it was; load them anyway
+inside ``with bnlab.allow_bad_running_stats():`` (to inspect a broken checkpoint). A
+``running="window"`` layer given a state dict without ``window_mean``/``window_var`` (torch's
+BN) refuses it in strict mode; with ``strict=False`` every window slot starts as the loaded
+``running_mean``/``running_var`` (the keys are still listed in ``missing_keys``).
+
 Args:
     num_features: ``C``, the number of channels.
     eps: added to the variance for numerical stability. Default: ``1e-5``.

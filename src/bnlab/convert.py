@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 from torch import nn
 
 from ._base import _NormBase
-from ._tree import map_modules
+from ._checks import check_bool, check_materialised
+from ._state import allow_bad_running_stats
+from ._tree import copy_model, map_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .fused import BatchNormAct2d
 
 __all__ = ["convert"]
 
@@ -22,6 +24,12 @@ TORCH_TO_BNLAB: dict[type[nn.Module], type[_NormBase]] = {
 }
 _BNLAB_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
     v: k for k, v in TORCH_TO_BNLAB.items()
+}
+#: the torch module for each activation of a fused layer, from its ``_activation()`` slope
+_ACT_MODULES = {
+    "relu": lambda slope: nn.ReLU(),
+    "leaky_relu": lambda slope: nn.LeakyReLU(slope),
+    "elu": lambda slope: nn.ELU(slope),
 }
 #: the torch BN classes the converters know (``SyncBatchNorm`` takes any rank); any other
 #: subclass of torch's ``_BatchNorm`` has behaviour of its own that converting would drop
@@ -65,13 +73,45 @@ def _swap(old: nn.Module, target: type[nn.Module], **extra) -> nn.Module:
         **extra,
         **_same_device_dtype(old),
     )
-    new.load_state_dict(old.state_dict())
+    with allow_bad_running_stats():  # a conversion carries the statistics as they are
+        new.load_state_dict(old.state_dict())
     new.train(old.training)
     for pname in ("weight", "bias"):
         p_old, p_new = getattr(old, pname, None), getattr(new, pname, None)
         if p_old is not None and p_new is not None:
             p_new.requires_grad_(p_old.requires_grad)
     return new
+
+
+def _to_torch(mod: _NormBase, where: str) -> nn.Module:
+    """The torch module computing what bnlab layer ``mod`` computes, or a ``ValueError``."""
+    name = type(mod).__name__
+    target = nn.BatchNorm2d if type(mod) is BatchNormAct2d else _BNLAB_TO_TORCH.get(type(mod))
+    if target is None:
+        raise ValueError(
+            f"convert: layer {where} ({name}) has no torch.nn equivalent; converting it would "
+            "drop its behaviour. Replace it by a bnlab BatchNorm1d/2d/3d first (a frozen layer: "
+            "bnlab.unfreeze), or keep the model on bnlab"
+        )
+    if mod.running == "window" or mod.normalize_with == "running":
+        raise ValueError(
+            f"convert: layer {where} uses running={mod.running!r}, "
+            f"normalize_with={mod.normalize_with!r}, which torch.nn.{target.__name__} "
+            "cannot express; use running='ema' or 'cumulative' and normalize_with='batch'"
+        )
+    if mod.sync:
+        raise ValueError(
+            f"convert: layer {where} ({name}) synchronises its statistics (process_group), "
+            f"which torch.nn.{target.__name__} does not; convert the local model and apply "
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm to the result"
+        )
+    new = _swap(mod, target)
+    if mod.running == "cumulative":
+        new.momentum = None
+    act, slope = mod._activation()
+    if act == "identity":
+        return new
+    return nn.Sequential(new, _ACT_MODULES[act](slope)).train(mod.training)
 
 
 def convert(
@@ -85,8 +125,15 @@ def convert(
     ``num_batches_tracked``, ``requires_grad`` flags and train/eval mode are kept, so outputs
     are unchanged. The input model is deep-copied unless ``inplace=True``.
 
-    A bnlab layer with ``running="window"`` or ``normalize_with="running"`` has no torch
-    equivalent and raises ``ValueError``; ``running="cumulative"`` becomes ``momentum=None``.
+    With ``to="torch"`` a :class:`bnlab.BatchNormAct2d` becomes
+    ``nn.Sequential(nn.BatchNorm2d, activation)`` (``nn.ReLU``, ``nn.LeakyReLU(negative_slope)``
+    or ``nn.ELU(alpha)``; ``act="identity"`` a plain ``nn.BatchNorm2d``), with the same outputs
+    in both modes; its state-dict keys gain a ``.0``. ``running="cumulative"`` becomes
+    ``momentum=None``. Every other bnlab layer that torch cannot express raises ``ValueError``
+    naming it, never staying a bnlab layer silently: ``running="window"``,
+    ``normalize_with="running"``, a synchronising layer (``process_group``), and the layers
+    torch has no class for (Ghost BN, Batch Renorm, frozen layers, ``bnlab.SyncBatchNorm``, a
+    user's subclass). A lazy module must have run its first forward.
 
     Example::
 
@@ -98,26 +145,17 @@ def convert(
         raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_bool("convert", "inplace", inplace)
+    check_materialised("convert", model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     table = TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH
 
     def convert_one(mod: nn.Module, qualname: str) -> nn.Module:
-        target = table.get(type(mod))
-        if target is None:
-            return mod
         if to == "torch":
-            if mod.running == "window" or mod.normalize_with == "running":
-                raise ValueError(
-                    f"convert: layer {qualname or '<root>'} uses running={mod.running!r}, "
-                    f"normalize_with={mod.normalize_with!r}, which torch.nn.{target.__name__} "
-                    "cannot express; use running='ema' or 'cumulative' and normalize_with='batch'"
-                )
-            new = _swap(mod, target)
-            if mod.running == "cumulative":
-                new.momentum = None
-            return new
-        return _swap(mod, target)
+            return _to_torch(mod, qualname or "<root>") if isinstance(mod, _NormBase) else mod
+        target = table.get(type(mod))
+        return mod if target is None else _swap(mod, target)
 
     return map_modules(model, convert_one)  # a layer shared by two places stays shared
 

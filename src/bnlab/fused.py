@@ -112,6 +112,10 @@ class BatchNormAct2d(_NormBase, nn.BatchNorm2d):
                 f"{name}: inplace=True with act='leaky_relu' needs negative_slope > 0 to invert "
                 f"the activation, got negative_slope={negative_slope!r}"
             )
+        if not math.isfinite(negative_slope):
+            raise ValueError(
+                f"{name}: negative_slope must be a finite float, got {negative_slope!r}"
+            )
         if inplace and kwargs.get("normalize_with", "batch") != "batch":
             raise ValueError(
                 f"{name}: inplace=True normalises with the batch's statistics, got "

@@ -27,7 +27,14 @@ def register_norm(name: str, factory: NormFactory | None = None):
     Usable as a decorator. Registering a name twice is an error.
     """
 
+    if not (isinstance(name, str) and name):
+        raise TypeError(f"register_norm: name must be a non-empty str, got {name!r}")
+    if factory is not None and not callable(factory):
+        raise TypeError(f"register_norm: factory must be callable, got {type(factory).__name__}")
+
     def deco(f: NormFactory) -> NormFactory:
+        if not callable(f):
+            raise TypeError(f"register_norm: factory must be callable, got {type(f).__name__}")
         if name in _REGISTRY:
             raise ValueError(f"register_norm: {name!r} is already registered")
         _REGISTRY[name] = f
@@ -49,7 +56,7 @@ def make_norm(name: str, num_features: int, dim: int = 2, **kwargs: Any) -> nn.M
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ValueError(f"unknown normaliser {name!r}; valid names: {', '.join(norm_names())}")
-    if dim not in (1, 2, 3):
+    if isinstance(dim, bool) or dim not in (1, 2, 3):
         raise ValueError(f"make_norm: dim must be 1, 2 or 3, got {dim!r}")
     return factory(num_features, dim, **kwargs)
 

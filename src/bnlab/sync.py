@@ -7,14 +7,15 @@ converter keeps subclass behaviour (a fused activation survives).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import nn
 
 from ._base import _NormBase
+from ._checks import check_materialised, check_process_group
+from ._state import allow_bad_running_stats
 from ._sync_ops import global_batch_stats, sync_batch_norm
-from ._tree import map_modules
+from ._tree import copy_model, map_modules
 from .convert import TORCH_KNOWN
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "global_batch_stats"]
@@ -86,6 +87,8 @@ class SyncBatchNorm(_NormBase):
                 f"convert_sync_batchnorm: module must be a torch.nn.Module, "
                 f"got {type(module).__name__}"
             )
+        check_process_group("convert_sync_batchnorm", process_group)
+        check_materialised("convert_sync_batchnorm", module)
 
         def one(mod: nn.Module, qualname: str) -> nn.Module:
             where = qualname or "<root>"
@@ -117,10 +120,11 @@ class SyncBatchNorm(_NormBase):
                 mod.track_running_stats, process_group=process_group,
                 **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}),
             )
-            new.load_state_dict(mod.state_dict())
+            with allow_bad_running_stats():  # converting carries the statistics as they are
+                new.load_state_dict(mod.state_dict())
             if mod.affine:
                 new.weight.requires_grad_(mod.weight.requires_grad)
                 new.bias.requires_grad_(mod.bias.requires_grad)
             return new.train(mod.training)
 
-        return map_modules(copy.deepcopy(module), one)
+        return map_modules(copy_model(module), one)

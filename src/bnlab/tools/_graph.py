@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
+from .._checks import check_module
 
 __all__ = ["BN_TYPES", "BNSite", "Analysis", "analyse", "bn_layers", "is_bn"]
 
@@ -30,6 +31,7 @@ def is_bn(module: nn.Module) -> bool:
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, layer)`` for every distinct BN layer, in registration order."""
+    check_module("bn_layers", "model", model)
     return [(n, m) for n, m in model.named_modules() if is_bn(m)]
 
 

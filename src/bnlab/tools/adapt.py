@@ -17,6 +17,7 @@ r"""Test-time adaptation of BN layers to a shifted input distribution.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -24,8 +25,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_bool, check_module, check_real_weights
+from .._tree import copy_model
 from ._graph import bn_layers
-from .recalibrate import first_tensor, recalibrate
+from .recalibrate import (
+    _recalibrate,
+    check_batch_count,
+    check_batches,
+    check_num_batches,
+    first_tensor,
+)
 
 __all__ = ["Tent", "adapt", "entropy", "tent_parameters"]
 
@@ -34,6 +43,11 @@ Method = Literal["adabn", "tent"]
 
 def entropy(logits: Tensor) -> Tensor:
     """Per-sample entropy of ``softmax(logits)`` over dim 1; ``logits`` ``(N, K)`` -> ``(N,)``."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"entropy: logits must be (N, K), with classes in dim 1, got shape "
+                         f"{tuple(logits.shape)}")
     logp = logits.log_softmax(dim=1)
     return -(logp.exp() * logp).sum(dim=1)
 
@@ -69,6 +83,14 @@ def tent_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _check_tent_args(owner: str, model: object, steps: object, episodic: object) -> None:
+    check_module(owner, "model", model)
+    check_real_weights(owner, model)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{owner}: steps must be a positive int, got {steps!r}")
+    check_bool(owner, "episodic", episodic)
+
+
 class Tent(nn.Module):
     """Wrap a model so that each forward adapts its BN affine parameters (TENT), online.
 
@@ -92,8 +114,10 @@ class Tent(nn.Module):
         episodic: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Tent: steps must be a positive int, got {steps!r}")
+        _check_tent_args("Tent", model, steps, episodic)
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(f"Tent: optimizer must be None or a callable building an optimizer "
+                            f"from a parameter list, got {type(optimizer).__name__}")
         self.model = model
         self.steps = steps
         self.skipped = 0  # batches left out because their loss was NaN/Inf
@@ -149,17 +173,31 @@ def adapt(
     batches (Adam with ``lr``, ``steps`` per batch); call it on further test batches to keep
     adapting (its BN layers always use test-batch statistics), or use ``.model``.
 
+    Both methods check their arguments the same way and agree on loaders: one that yields no
+    batch, or fewer than ``num_batches``, is a ``ValueError`` (``model`` is never modified).
+
     Raises:
-        ValueError: unknown ``method``, or the problems of :func:`recalibrate`.
+        ValueError: unknown ``method``, ``num_batches``/``lr``/``steps`` out of range, no (or too
+            few) batches, or the problems of :func:`recalibrate`.
     """
     if method not in ("adabn", "tent"):
         raise ValueError(f"adapt: method must be one of ['adabn', 'tent'], got {method!r}")
+    _check_tent_args("adapt", model, steps, episodic)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"adapt: lr must be a float, got {type(lr).__name__}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"adapt: lr must be a finite float >= 0, got {lr!r}")
+    check_batches("adapt", batches)
+    check_num_batches("adapt", num_batches)
     if method == "adabn":
-        adapted = copy.deepcopy(model).eval()
-        return recalibrate(adapted, batches, num_batches=num_batches)
-    tent = Tent(copy.deepcopy(model), lambda p: torch.optim.Adam(p, lr=lr), steps, episodic)
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
+        adapted = copy_model(model).eval()
+        return _recalibrate(adapted, batches, num_batches, "adapt")
+    tent = Tent(copy_model(model), lambda p: torch.optim.Adam(p, lr=lr), steps, episodic)
+    used = 0
+    for batch in batches:
+        if num_batches is not None and used >= num_batches:
             break
         tent(first_tensor(batch))
+        used += 1
+    check_batch_count("adapt", num_batches, used)
     return tent

@@ -35,7 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from .._base import _NormBase
-from ._graph import BNSite, analyse, bn_layers
+from .._checks import check_bool, check_module, check_real_weights
+from .._state import bad_values
+from .._tree import copy_model
+from ._graph import BNSite, analyse, bn_layers, is_bn
 
 __all__ = [
     "FOLDED_FORMAT",
@@ -127,6 +130,56 @@ def _bn_tensors(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Te
     return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
 
 
+def _bad_bn(bn: nn.Module) -> tuple[str, str]:
+    """The first BN tensor that folding would turn into non-finite weights, as
+    ``(key, what is wrong)``; ``("", "")`` when every one is fine."""
+    for key, variance in (("running_mean", False), ("running_var", True), ("weight", False),
+                          ("bias", False)):
+        t = getattr(bn, key, None)
+        words = "" if t is None else bad_values(t.detach(), variance)
+        if words:
+            return key, words
+    return "", ""
+
+
+def _check_merged(bn_name: str, layer_name: str, layer: nn.Module) -> None:
+    for key in ("weight", "bias"):
+        words = bad_values(getattr(layer, key).detach(), False)
+        if words:
+            raise ValueError(
+                f"fold: folding BN layer {bn_name!r} into {layer_name!r} gives a {key} with "
+                f"{words} (the product overflows {getattr(layer, key).dtype}); fold in a wider "
+                "dtype (model.double()) or check the BN weight and running_var"
+            )
+
+
+def _example_tensors(x) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _example_tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _example_tensors(v)]
+    return []
+
+
+def _check_example(example_input) -> None:
+    for t in _example_tensors(example_input):
+        if t.is_meta:
+            raise ValueError("fold: example_input is on the meta device (a shape without values); "
+                             "pass a real tensor on the model's device")
+        if t.dim() and t.shape[0] == 0:
+            raise ValueError(
+                f"fold: example_input has an empty batch (shape {tuple(t.shape)}); the fold "
+                "cannot be checked on 0 samples: pass at least one"
+            )
+
+
+def _all_finite(out) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _example_tensors(out)
+               if t.is_floating_point() or t.is_complex())
+
+
 def _set_weights(layer: nn.Module, w: Tensor, b: Tensor) -> None:
     layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
     layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
@@ -139,9 +192,19 @@ def fold_conv_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     ``layer`` is a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear; ``bn`` must be in
     evaluation mode with running statistics.
     """
+    if not isinstance(layer, _CONV + _CONVT + (nn.Linear,)):
+        raise TypeError("fold_conv_bn: layer must be a Conv1d/2d/3d, ConvTranspose1d/2d/3d or "
+                        f"Linear, got {type(layer).__name__}")
+    if not is_bn(bn):
+        raise TypeError(f"fold_conv_bn: bn must be a torch or bnlab BN layer, got "
+                        f"{type(bn).__name__}")
     why = _why_not_foldable(bn)
     if why:
         raise ValueError(f"fold_conv_bn: bn cannot be folded: {why}")
+    key, words = _bad_bn(bn)
+    if key:
+        raise ValueError(f"fold_conv_bn: bn: {key} holds {words}; the folded weights would not "
+                         "be finite")
     out_ch = layer.out_channels if isinstance(layer, _CONV + _CONVT) else layer.out_features
     if out_ch != bn.num_features:
         raise ValueError(
@@ -307,7 +370,11 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
     unless ``warn=False``.
 
     Raises:
-        ValueError: ``model`` (or one of its BN layers) is in training mode.
+        TypeError: ``model`` is not a module.
+        ValueError: ``model`` (or one of its BN layers) is in training mode, has weights on the
+            meta device or an uninitialised lazy module, a BN layer's statistics or affine
+            parameters hold NaN/Inf (or a negative variance), a merged weight overflows,
+            ``example_input`` has an empty batch, or the model's output on it is not finite.
         RuntimeError: with ``example_input``, the outputs differ by more than 1000 ulps of the
             output dtype relative to the output's magnitude (a bug in fold, never expected).
 
@@ -318,13 +385,25 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
         >>> fast.fold_report.folded
         [('1', '0', 'into previous')]
     """
+    check_module("fold", "model", model)
+    check_real_weights("fold", model)
+    check_bool("fold", "warn", warn)
+    _check_example(example_input)
     training = [n or "<root>" for n, m in model.named_modules() if m.training]
     if training:
         raise ValueError(
             f"fold: model must be in evaluation mode, got {len(training)} module(s) in training "
             f"mode (first: {training[0]!r}); call model.eval() before folding"
         )
-    folded = copy.deepcopy(model)
+    for name, bn in bn_layers(model):
+        key, words = _bad_bn(bn) if bn.track_running_stats else ("", "")
+        if key:
+            raise ValueError(
+                f"fold: BN layer {name!r} ({type(bn).__name__}): {key} holds {words}; the "
+                "folded weights would not be finite. Recompute the statistics "
+                "(bnlab.tools.recalibrate) or fix the checkpoint"
+            )
+    folded = copy_model(model)
     ranks = {} if example_input is None else _input_ranks(folded, example_input)
     analysis = analyse(folded)
     report = FoldReport(analysis.method, analysis.reason)
@@ -348,9 +427,15 @@ def fold(model: nn.Module, example_input=None, *, warn: bool = True) -> nn.Modul
                 report.not_folded.append((name, f"{why_prev}; {why_next}"))
                 continue
             report.folded.append((name, site.next, "into next"))
+        _check_merged(name, report.folded[-1][1], folded.get_submodule(report.folded[-1][1]))
         _replace(folded, analysis.names[id(bn)], nn.Identity().eval())
     if example_input is not None:
         ref = _call(model, example_input)
+        if not _all_finite(ref):
+            raise ValueError(
+                "fold: the model's output on example_input is not finite (NaN/Inf), so the "
+                "fold cannot be checked; pass an input the model maps to finite values"
+            )
         report.max_abs_error = _max_abs_error(ref, _call(folded, example_input))
         tol = _tolerance(ref)
         if report.max_abs_error > tol:
@@ -404,6 +489,9 @@ def load_folded(path: str | Path, factory: Callable[[], nn.Module] | None = None
     """
     from ._factory import build_model
 
+    if factory is not None and not callable(factory):
+        raise TypeError(f"load_folded: factory must be None or a callable returning the model, "
+                        f"got {type(factory).__name__}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FOLDED_FORMAT:
         raise ValueError(f"{path}: not a {FOLDED_FORMAT} file (write one with `bnlab fold`)")

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._checks import check_module, check_real_weights
 from ._graph import analyse, bn_layers
 
 __all__ = ["Finding", "lint", "lint_source", "RULES", "MIN_BATCH"]
@@ -181,6 +182,11 @@ def lint(model: nn.Module, example_input=None, optimizer=None) -> list[Finding]:
         >>> [(f.code, f.module) for f in lint(net)]
         [('BN001', '1')]
     """
+    check_module("lint", "model", model)
+    check_real_weights("lint", model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"lint: optimizer must be None or a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
     layers = bn_layers(model)
     analysis = analyse(model)
     out: list[Finding] = []
@@ -288,6 +294,8 @@ def lint_source(source: str, filename: str = "<source>") -> list[Finding]:
     if not isinstance(source, str):
         raise TypeError(f"lint_source: source must be a str of Python code, got "
                         f"{type(source).__name__}")
+    if not isinstance(filename, str):
+        raise TypeError(f"lint_source: filename must be a str, got {type(filename).__name__}")
     try:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as e:

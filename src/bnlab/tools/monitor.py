@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
+from .._checks import check_module
 from ._graph import bn_layers
 
 __all__ = ["Monitor", "summary_stats"]
@@ -57,8 +58,11 @@ class Monitor:
     """Context manager recording per-BN-layer statistics of ``model``; see the module doc."""
 
     def __init__(self, model: nn.Module, every: int = 1, max_samples: int = 65536) -> None:
+        check_module("Monitor", "model", model)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Monitor: every must be a positive int, got {every!r}")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ValueError(f"Monitor: max_samples must be a positive int, got {max_samples!r}")
         self.model = model
         self.every = every
         self.max_samples = max_samples

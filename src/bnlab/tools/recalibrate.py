@@ -29,9 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
+from .._checks import check_module, check_real_weights
 from ._graph import bn_layers
 
-__all__ = ["batch_moments", "combine_moments", "recalibrate", "first_tensor"]
+__all__ = ["batch_moments", "check_batch_count", "check_batches", "check_num_batches",
+           "combine_moments", "recalibrate", "first_tensor"]
 
 Moments = tuple[int, Tensor, Tensor]  # count per channel, mean (C,), M2 (C,) in float64
 
@@ -64,6 +66,36 @@ def first_tensor(batch) -> Tensor:
     )
 
 
+def check_num_batches(owner: str, num_batches: object) -> None:
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise ValueError(f"{owner}: num_batches must be a positive int or None, got "
+                         f"{num_batches!r}")
+
+
+def check_batches(owner: str, batches: object) -> None:
+    """``batches`` is an iterable of batches (a tensor would iterate over single samples)."""
+    what = ("an iterable of batches (a DataLoader, or a list of tensors or (input, target) "
+            "tuples)")
+    if isinstance(batches, Tensor):
+        raise TypeError(f"{owner}: batches must be {what}, got a Tensor (iterating it would "
+                        "give single samples); pass [x] for one batch")
+    if not (isinstance(batches, Iterable) or hasattr(batches, "__getitem__")):
+        raise TypeError(f"{owner}: batches must be {what}, got {type(batches).__name__}")
+
+
+def check_batch_count(owner: str, num_batches: int | None, used: int) -> None:
+    """The one answer of every tool to a loader that yields nothing, or too little."""
+    if used == 0 and num_batches is None:
+        raise ValueError(f"{owner}: batches yielded no batch; pass a non-empty iterable")
+    if num_batches is not None and used < num_batches:
+        raise ValueError(
+            f"{owner}: asked for num_batches={num_batches} but batches yielded only {used}; "
+            "pass fewer batches or a longer iterable"
+        )
+
+
 class _Collector:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -71,6 +103,7 @@ class _Collector:
         self.calls = 0
         self.used = 0  # batches whose statistics entered the moments
         self.skipped = 0  # batches with NaN/Inf statistics, kept out
+        self.empty = 0  # batches with no value per channel: nothing to learn from
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         self.calls += 1
@@ -80,6 +113,9 @@ class _Collector:
                 "forward; exact statistics need one call per forward (a reused BN layer mixes "
                 "the statistics of different inputs); give each call site its own layer"
             )
+        if BF.count_per_channel(args[0]) == 0:
+            self.empty += 1
+            return
         moments = batch_moments(args[0])
         if not (torch.isfinite(moments[1]).all() and torch.isfinite(moments[2]).all()):
             self.skipped += 1  # never let a NaN/Inf batch into the statistics
@@ -112,10 +148,16 @@ def recalibrate(
     statistics, with a ``RuntimeWarning`` naming the layer and the count; ``num_batches_tracked``
     is then the number of batches used.
 
+    A batch with no value per channel (0 samples) is left out too; a layer that only ever sees
+    such batches raises, saying the batches are empty.
+
     Raises:
+        TypeError: ``model`` is not a module, or ``batches`` is not an iterable of batches (a
+            tensor would iterate over single samples).
         ValueError: a BN layer is called more than once per forward, ``num_batches`` is not a
-            positive int or more than ``batches`` yields, there are no BN layers, or every
-            batch reaching a layer is non-finite (nothing is changed then).
+            positive int or more than ``batches`` yields, ``batches`` yields nothing, there are
+            no BN layers, the model has meta or uninitialised lazy weights, or every batch
+            reaching a layer is non-finite or empty (nothing is changed then).
 
     Example::
 
@@ -125,14 +167,19 @@ def recalibrate(
         >>> int(net[1].num_batches_tracked)
         10
     """
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    ):
-        raise ValueError(f"recalibrate: num_batches must be a positive int or None, got "
-                         f"{num_batches!r}")
+    return _recalibrate(model, batches, num_batches, "recalibrate")
+
+
+def _recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None,
+                 owner: str) -> nn.Module:
+    """:func:`recalibrate`, its errors named after ``owner`` (the tool the user called)."""
+    check_module(owner, "model", model)
+    check_real_weights(owner, model)
+    check_batches(owner, batches)
+    check_num_batches(owner, num_batches)
     layers = [(n, m) for n, m in bn_layers(model) if m.track_running_stats]
     if not layers:
-        raise ValueError("recalibrate: the model has no BN layer with running statistics")
+        raise ValueError(f"{owner}: the model has no BN layer with running statistics")
     saved = {n: {k: v.clone() for k, v in m._buffers.items() if v is not None} for n, m in layers}
     modes = {m: m.training for m in model.modules()}
     collectors = [_Collector(n) for n, _ in layers]
@@ -150,17 +197,20 @@ def recalibrate(
                 c.calls = 0
             model(first_tensor(batch))
             used += 1
-        if used == 0 or (num_batches is not None and used < num_batches):
-            raise ValueError(
-                f"recalibrate: asked for num_batches={num_batches} but batches yielded only "
-                f"{used}; pass fewer batches or a longer iterable"
-            )
+        check_batch_count(owner, num_batches, used)
         for (name, _), c in zip(layers, collectors, strict=True):
             if c.moments is None and c.skipped:
                 raise ValueError(
-                    f"recalibrate: every batch that reached BN layer {name!r} ({c.skipped}) "
-                    "had NaN/Inf values; no statistics were changed. Check the data (or the "
-                    "layers before it) for non-finite values"
+                    f"{owner}: every batch that reached BN layer {name!r} ({c.skipped}"
+                    f"{f', and {c.empty} empty' if c.empty else ''}) had NaN/Inf values; no "
+                    "statistics were changed. Check the data (or the layers before it) for "
+                    "non-finite values"
+                )
+            if c.moments is None and c.empty:
+                raise ValueError(
+                    f"{owner}: every batch that reached BN layer {name!r} was empty (0 values "
+                    f"per channel, {c.empty} batches); no statistics were changed. Pass "
+                    "batches with at least one sample"
                 )
         ok = True
     finally:
@@ -176,13 +226,13 @@ def recalibrate(
         if c.moments is None:
             for k, v in saved[name].items():
                 m._buffers[k].copy_(v)
-            warnings.warn(f"recalibrate: BN layer {name!r} was never called; its statistics "
-                          "are unchanged", UserWarning, stacklevel=2)
+            warnings.warn(f"{owner}: BN layer {name!r} was never called; its statistics "
+                          "are unchanged", UserWarning, stacklevel=3)
             continue
         if c.skipped:
-            warnings.warn(f"recalibrate: BN layer {name!r}: skipped {c.skipped} of "
+            warnings.warn(f"{owner}: BN layer {name!r}: skipped {c.skipped} of "
                           f"{c.skipped + c.used} batches with NaN/Inf values; its statistics "
-                          f"come from the other {c.used}", RuntimeWarning, stacklevel=2)
+                          f"come from the other {c.used}", RuntimeWarning, stacklevel=3)
         _store(m, c.moments, c.used)
     return model
 

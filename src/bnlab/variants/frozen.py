@@ -10,7 +10,6 @@ reach them either; the state-dict keys are those of BN.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -18,8 +17,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import _NormBase
+from .._checks import check_materialised
 from .._docs import fill_docs
-from .._tree import map_modules
+from .._state import allow_bad_running_stats
+from .._tree import copy_model, map_modules
 from ..batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..convert import TORCH_KNOWN, TORCH_TO_BNLAB, torch_rank_class
 from ..fused import BatchNormAct2d
@@ -177,7 +178,8 @@ def _freeze_one(mod: nn.Module, qualname: str) -> nn.Module:
                                               mod.affine, True, **kw)  # fmt: skip
         if rank is None:  # a synchronised layer takes any rank: so does its frozen form
             new._input_dims, new._input_layout = (2, 3, 4, 5), "(N, C, *)"
-    new.load_state_dict(_bn_state(mod))
+    with allow_bad_running_stats():  # freezing carries the statistics as they are
+        new.load_state_dict(_bn_state(mod))
     # The layer it was frozen from, for unfreeze (not a submodule: no parameters, no state
     # dict entries); a model rebuilt from a state dict unfreezes to plain bnlab layers.
     object.__setattr__(new, "_frozen_from", mod)
@@ -205,7 +207,8 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
-    return map_modules(copy.deepcopy(model), _freeze_one)
+    check_materialised("freeze", model)
+    return map_modules(copy_model(model), _freeze_one)
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
@@ -220,7 +223,8 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: model must be a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model)
+    check_materialised("unfreeze", model)
+    model = copy_model(model)
     mode = model.training
 
     def one(mod: nn.Module, qualname: str) -> nn.Module:
@@ -238,7 +242,12 @@ def unfreeze(model: nn.Module) -> nn.Module:
             else:
                 cls = TORCH_TO_BNLAB[torch_rank_class(mod) or nn.BatchNorm2d]
             target = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, True, **kw)
-        target.load_state_dict(_bn_state(mod), strict=False)
+        state = _bn_state(mod)
+        for key in ("window_mean", "window_var"):  # a window layer keeps its own ring
+            if getattr(target, key, None) is not None:
+                state[key] = getattr(target, key)
+        with allow_bad_running_stats():
+            target.load_state_dict(state, strict=False)
         for p in (target.weight, target.bias):
             if p is not None:
                 p.requires_grad_(True)

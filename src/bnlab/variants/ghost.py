@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import functional_variants as FV
 from .._base import _NormBase
+from .._checks import check_bool
 from .._docs import fill_docs
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -70,9 +71,10 @@ class _GhostBatchNorm(_NormBase):
             raise ValueError(
                 f"{type(self).__name__}: virtual_batch_size must be an int >= 2, got {vbs!r}"
             )
+        check_bool(type(self).__name__, "strict", strict)
         super().__init__(*args, **kwargs)
         self.virtual_batch_size = vbs
-        self.strict = bool(strict)
+        self.strict = strict
 
     def extra_repr(self) -> str:
         return (

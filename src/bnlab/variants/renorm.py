@@ -67,6 +67,11 @@ Example::
 """
 
 
+def _real(v: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class _BatchRenorm(_NormBase):
     #: bnlab.SyncBatchNorm.convert_sync_batchnorm refuses this layer (its statistics are local).
     _sync_policy = "refuse"
@@ -82,9 +87,9 @@ class _BatchRenorm(_NormBase):
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        if not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max >= 1):
+        if not (_real(r_max) and r_max >= 1):
             raise ValueError(f"{name}: r_max must be a finite float >= 1, got {r_max!r}")
-        if not (isinstance(d_max, (int, float)) and math.isfinite(d_max) and d_max >= 0):
+        if not (_real(d_max) and d_max >= 0):
             raise ValueError(f"{name}: d_max must be a finite float >= 0, got {d_max!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"{name}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
