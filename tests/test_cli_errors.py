@@ -136,6 +136,10 @@ def _plain_file(c: Ctx) -> None:
     (c.t / "plain").write_text("x")
 
 
+def _empty_dir(c: Ctx) -> None:
+    (c.t / "empty").mkdir()
+
+
 def _dir_ckpt(c: Ctx) -> None:
     _factory(c)
     (c.t / "ck.pt").mkdir()
@@ -376,6 +380,10 @@ CASES = [
          "train-labels-idx1-ubyte.gz is a broken link", _broken_link, "fashion"),
     Case("data-dir-nonexistent", "train --out {t}/r --data-dir {t}/nowhere", 2,
          "--data-dir", None, "fashion"),
+    Case("data-dir-empty", "train --out {t}/r --data-dir {t}/empty", 2,
+         "--data-dir {t}/empty holds none of fashion-mnist's files", _empty_dir),
+    Case("data-dir-is-file", "train --out {t}/r --data-dir {t}/plain", 2,
+         "--data-dir {t}/plain is not a directory", _plain_file),
     Case("data-float-idx", "train --out {t}/r --dataset mnist --data-dir {t}/data", 2,
          "IDX elements of type float32", _float_labels, "fashion"),
     Case("data-labels-out-of-range", "train --out {t}/r --dataset mnist --data-dir {t}/data",
@@ -390,6 +398,14 @@ CASES = [
          "labels outside 0..9", _labels_out_of_range, "fashion"),
     Case("verify-fashion-as-mnist", "data verify mnist --data-dir {fashion}", 1,
          "holds fashion-mnist's files, not mnist's", None, "fashion"),
+    Case("verify-data-dir-missing", "data verify --data-dir {t}/nowhere", 2,
+         "--data-dir {t}/nowhere does not exist"),
+    Case("verify-data-dir-empty", "data verify --data-dir {t}/empty", 1,
+         "--data-dir {t}/empty holds none of", _empty_dir),
+    Case("list-data-dir-file", "data list --data-dir {t}/plain", 2,
+         "--data-dir {t}/plain is not a directory", _plain_file),
+    Case("list-data-dir-missing", "data list --data-dir {t}/nowhere", 2,
+         "--data-dir {t}/nowhere does not exist"),
     Case("verify-unknown-name", "data verify nosuch", 2, "unknown dataset 'nosuch'"),
     # --- bnlab run small-cnn
     Case("cnn-seeds-zero", "run small-cnn --out {t}/s --seeds 0 " + TINY_CNN, 2,
@@ -547,8 +563,19 @@ def test_mistake_gives_one_line(case, tmp_path, shared, capsys, monkeypatch):
     assert "Traceback" not in err + out
     assert len(lines) == 1, f"not one line on stderr:\n{err}"
     assert rc == case.code, f"exit {rc}, expected {case.code}: {err}"
-    assert case.phrase in lines[0], f"{case.phrase!r} not in {lines[0]!r}"
+    phrase = case.phrase.replace("{t}", str(tmp_path))
+    assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
     assert lines[0].startswith("bnlab"), lines[0]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if " --out {t}/r " in c.argv + " "],
+                         ids=lambda c: c.id)
+def test_a_refused_train_leaves_no_out_directory(case, tmp_path, shared, capsys, monkeypatch):
+    """A mistake found after --out was created (a data directory) removes what it created:
+    no folder holding only a .lock is left behind."""
+    rc, _, _ = _run_case(case, tmp_path, shared, capsys, monkeypatch)
+    assert rc == 2
+    assert not (tmp_path / "r").exists(), sorted(p.name for p in (tmp_path / "r").iterdir())
 
 
 def test_a_failed_report_leaves_no_partial_file(tmp_path, shared, capsys):

@@ -247,8 +247,7 @@ def train(
     ctx = replicas or Local()
     if not ctx.is_main:
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
-    rd.make_out_dir(run_dir)
-    with rd.lock_run_dir(run_dir):  # one writer per directory (rank 0 writes for all)
+    with rd.new_out_dir(run_dir), rd.lock_run_dir(run_dir):  # one writer (rank 0 for all)
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "make_out_dir",
+    "new_out_dir",
     "write_json",
     "read_json",
     "read_jsonl",
@@ -144,6 +145,25 @@ def make_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
             break
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def new_out_dir(path: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """:func:`make_out_dir` for the ``with`` block; if the block fails before anything but
+    the lock was written into a directory it created, the directory (and the parents it
+    created) are removed again: a refused run leaves no folder holding a ``.lock`` behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    make_out_dir(path, option)
+    try:
+        yield path
+    except BaseException:
+        if created and {p.name for p in path.iterdir()} <= {LOCK}:
+            with contextlib.suppress(OSError):
+                (path / LOCK).unlink(missing_ok=True)
+                for p in created:  # deepest first; stops at the first that is not empty
+                    p.rmdir()
+        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
