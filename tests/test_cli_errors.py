@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import shlex
 import shutil
@@ -49,6 +50,15 @@ def make():
 
 def not_a_module():
     return 42
+
+
+def raises():
+    return nn.Nope(4)  # AttributeError inside the user's factory
+
+
+def wide():  # a state dict large enough that torch.load of a cut copy fails with an OSError
+    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16, 100), nn.Linear(100, 100))
 '''
 #: flags that make `bnlab run small-cnn` tiny: one epoch on 32 examples, one normaliser
 TINY_CNN = "--epochs 1 --norms none --train-subset 32 --test-subset 32 --batch-size 16 --quiet"
@@ -106,6 +116,43 @@ def _empty(c: Ctx) -> None:
 def _truncated(c: Ctx) -> None:
     _good_ckpt(c)
     (c.t / "ck.pt").write_bytes((c.t / "good.pt").read_bytes()[:200])
+
+
+def _cut_in_half(c: Ctx) -> None:
+    """``{t}/ck.pt``: the first half of a 47 KB state dict (torch.load: [Errno 22], no file)."""
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    torch.save(build_model(f"{c.t}/factory.py:wide").state_dict(), c.t / "wide.pt")
+    data = (c.t / "wide.pt").read_bytes()
+    (c.t / "ck.pt").write_bytes(data[: len(data) // 2])
+
+
+def _nan_ckpt(c: Ctx) -> None:
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    sd = build_model(f"{c.t}/factory.py:make").state_dict()
+    sd["1.running_var"][2] = float("nan")
+    torch.save(sd, c.t / "nan.pt")
+
+
+def _negative_var_ckpt(c: Ctx) -> None:
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    sd = build_model(f"{c.t}/factory.py:make").state_dict()
+    sd["1.running_var"][1] = -5.0  # finite, but folds to NaN
+    torch.save(sd, c.t / "neg.pt")
+
+
+def _bad_syntax(c: Ctx) -> None:
+    _good_ckpt(c)
+    (c.t / "bad_syntax.py").write_text("import torch\n\ndef f(:\n    pass\n")
+
+
+def _latin1_script(c: Ctx) -> None:
+    (c.t / "latin.py").write_bytes("# caf\xe9\nx = 1\n".encode("latin-1"))
 
 
 def _whole_model(c: Ctx) -> None:
@@ -249,6 +296,14 @@ def _bad_epochs(c: Ctx) -> None:
     _run(c)
     with (c.t / "run" / "epochs.jsonl").open("a") as f:
         f.write('{"epoch": 1, "val_acc": \n')
+
+
+def _epochs_lack_key(c: Ctx) -> None:
+    _run(c)
+    p = c.t / "run" / "epochs.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    del rows[0]["epoch_time"]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _bad_config(c: Ctx) -> None:
@@ -462,7 +517,29 @@ CASES = [
          "--example-shape must be comma-separated sizes", _good_ckpt),
     Case("fold-wrong-shape", "fold {t}/good.pt " + FACT + " --example-shape 1,3,6,6", 2,
          "--example-shape (1, 3, 6, 6) does not fit", _good_ckpt),
+    Case("fold-factory-syntax-error", "fold {t}/good.pt --model {t}/bad_syntax.py:f", 2,
+         "bad_syntax.py, line 3: invalid syntax", _bad_syntax),
+    Case("fold-factory-raises", "fold {t}/good.pt --model {t}/factory.py:raises", 2,
+         "raised AttributeError: module 'torch.nn' has no attribute 'Nope'", _good_ckpt),
+    Case("fold-cut-in-half", "fold {t}/ck.pt --model {t}/factory.py:wide", 2,
+         "ck.pt: not a state-dict checkpoint torch.load(weights_only=True) can read "
+         "(truncated or damaged", _cut_in_half),
+    Case("fold-nan-statistics", "fold {t}/nan.pt " + FACT, 2,
+         "1.running_var holds non-finite values", _nan_ckpt),
+    Case("fold-negative-variance", "fold {t}/neg.pt " + FACT, 2, "non-finite",
+         _negative_var_ckpt),
+    Case("fold-empty-batch", "fold {t}/good.pt " + FACT + " --example-shape 0,1,6,6", 2,
+         "--example-shape 0,1,6,6: every size must be >= 1", _good_ckpt),
     # --- bnlab lint
+    Case("lint-cut-in-half", "lint {t}/factory.py:wide --checkpoint {t}/ck.pt", 2,
+         "ck.pt: not a state-dict checkpoint torch.load(weights_only=True) can read "
+         "(truncated or damaged", _cut_in_half),
+    Case("lint-factory-syntax-error", "lint {t}/bad_syntax.py:f", 2,
+         "bad_syntax.py, line 3: invalid syntax", _bad_syntax),
+    Case("lint-factory-raises", "lint {t}/factory.py:raises", 2,
+         "raised AttributeError", _factory),
+    Case("lint-script-not-utf8", "lint {t}/latin.py", 2,
+         "latin.py: not UTF-8 text", _latin1_script),
     Case("lint-garbage", "lint {t}/factory.py:make --checkpoint {t}/ck.pt", 2,
          "ck.pt: not a state-dict checkpoint", _garbage),
     Case("lint-truncated", "lint {t}/factory.py:make --checkpoint {t}/ck.pt", 2,
@@ -491,6 +568,8 @@ CASES = [
          _tmpfs_study, "study"),
     Case("report-bad-epochs", "report {t}/run", 2, "epochs.jsonl: line 2 is not JSON",
          _bad_epochs, "run"),
+    Case("report-epoch-lacks-key", "report {t}/run", 2,
+         "epochs.jsonl: line 1 lacks 'epoch_time'", _epochs_lack_key, "run"),
     Case("report-bad-config", "report {t}/run", 2, "config.toml: not a TOML file", _bad_config,
          "run"),
     # --- bnlab study

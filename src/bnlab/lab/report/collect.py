@@ -81,14 +81,14 @@ def find_runs(paths: list[str | os.PathLike]) -> list[Path]:
 def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
     runs = []
     for d in find_runs(paths):
-        epochs = read_jsonl(d / "epochs.jsonl")
+        epochs = read_jsonl(d / "epochs.jsonl", ("epoch", *METRICS))
         if not epochs:
             continue  # started but never finished an epoch: nothing to report
         summary = read_json(d / "summary.json") if (d / "summary.json").exists() else {}
         env = read_json(d / "environment.json") if (d / "environment.json").exists() else {}
         runs.append(Run(d, TrainConfig.from_toml(d / "config.toml"), epochs,
-                        read_jsonl(d / "steps.jsonl"), summary, env,
-                        read_jsonl(d / MONITOR_FILE)))
+                        read_jsonl(d / "steps.jsonl", ("step", "loss")), summary, env,
+                        read_jsonl(d / MONITOR_FILE, ("layer", "step"))))
     if not runs:
         raise FileNotFoundError("the run directories hold no finished epoch yet")
     return runs

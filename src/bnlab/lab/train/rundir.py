@@ -178,9 +178,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not JSON ({e})") from e
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file ([] when it is absent); a damaged line is an error
-    naming the file and the line."""
+def read_jsonl(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The records of a JSON-lines file ([] when it is absent); a damaged line, or a record
+    that is not an object holding every one of ``keys``, is an error naming the file and the
+    line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -188,10 +189,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n} is not JSON ({e}); was the file cut short "
                                  "or edited?") from e
+            missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise ValueError(f"{path}: line {n} lacks {', '.join(map(repr, missing))}; "
+                                 "was the file edited or written by another program?")
+            out.append(record)
     return out
 
 
