@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import shlex
 import shutil
@@ -22,7 +23,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,15 @@ def make():
 
 def not_a_module():
     return 42
+
+
+def raises():
+    return nn.Nope(4)  # AttributeError inside the user's factory
+
+
+def wide():  # a state dict large enough that torch.load of a cut copy fails with an OSError
+    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16, 100), nn.Linear(100, 100))
 '''
 #: flags that make `bnlab run small-cnn` tiny: one epoch on 32 examples, one normaliser
 TINY_CNN = "--epochs 1 --norms none --train-subset 32 --test-subset 32 --batch-size 16 --quiet"
@@ -108,6 +118,43 @@ def _truncated(c: Ctx) -> None:
     (c.t / "ck.pt").write_bytes((c.t / "good.pt").read_bytes()[:200])
 
 
+def _cut_in_half(c: Ctx) -> None:
+    """``{t}/ck.pt``: the first half of a 47 KB state dict (torch.load: [Errno 22], no file)."""
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    torch.save(build_model(f"{c.t}/factory.py:wide").state_dict(), c.t / "wide.pt")
+    data = (c.t / "wide.pt").read_bytes()
+    (c.t / "ck.pt").write_bytes(data[: len(data) // 2])
+
+
+def _nan_ckpt(c: Ctx) -> None:
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    sd = build_model(f"{c.t}/factory.py:make").state_dict()
+    sd["1.running_var"][2] = float("nan")
+    torch.save(sd, c.t / "nan.pt")
+
+
+def _negative_var_ckpt(c: Ctx) -> None:
+    from bnlab.tools._factory import build_model
+
+    _factory(c)
+    sd = build_model(f"{c.t}/factory.py:make").state_dict()
+    sd["1.running_var"][1] = -5.0  # finite, but folds to NaN
+    torch.save(sd, c.t / "neg.pt")
+
+
+def _bad_syntax(c: Ctx) -> None:
+    _good_ckpt(c)
+    (c.t / "bad_syntax.py").write_text("import torch\n\ndef f(:\n    pass\n")
+
+
+def _latin1_script(c: Ctx) -> None:
+    (c.t / "latin.py").write_bytes("# caf\xe9\nx = 1\n".encode("latin-1"))
+
+
 def _whole_model(c: Ctx) -> None:
     from bnlab.tools._factory import build_model
 
@@ -134,6 +181,10 @@ def _a_list(c: Ctx) -> None:
 
 def _plain_file(c: Ctx) -> None:
     (c.t / "plain").write_text("x")
+
+
+def _empty_dir(c: Ctx) -> None:
+    (c.t / "empty").mkdir()
 
 
 def _dir_ckpt(c: Ctx) -> None:
@@ -221,7 +272,7 @@ def _bitflip(c: Ctx) -> None:
 
 
 def _replace_ckpt(obj_or_bytes) -> Callable[[Ctx], None]:
-    """Put a foreign checkpoint in the run with a matching digest (written "by bnlab")."""
+    """Put a foreign checkpoint in the run with a matching digest (committed "by bnlab")."""
     def setup(c: Ctx) -> None:
         import hashlib
 
@@ -231,9 +282,53 @@ def _replace_ckpt(obj_or_bytes) -> Callable[[Ctx], None]:
             p.write_bytes(obj_or_bytes)
         else:
             torch.save(obj_or_bytes, p)
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        (c.t / "run" / "checkpoint.pt.sha256").write_text(f"{digest}  checkpoint.pt\n")
+        manifest = json.loads((c.t / "run" / "manifest.json").read_text())
+        manifest["files"]["checkpoint.pt"] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                              "bytes": p.stat().st_size}
+        (c.t / "run" / "manifest.json").write_text(json.dumps(manifest))
     return setup
+
+
+def _no_checkpoint(c: Ctx) -> None:
+    _run(c)
+    (c.t / "run" / "checkpoint.pt").unlink()
+
+
+def _nothing_committed(c: Ctx) -> None:
+    """A run whose checkpoint and manifest are gone, its rows left."""
+    _no_checkpoint(c)
+    (c.t / "run" / "manifest.json").unlink()
+
+
+def _legacy(c: Ctx) -> None:
+    """The run as bnlab wrote it before manifests: the digest beside the checkpoint."""
+    import hashlib
+
+    _run(c)
+    (c.t / "run" / "manifest.json").unlink()
+    digest = hashlib.sha256((c.t / "run" / "checkpoint.pt").read_bytes()).hexdigest()
+    (c.t / "run" / "checkpoint.pt.sha256").write_text(f"{digest}  checkpoint.pt\n")
+
+
+def _legacy_empty_digest(c: Ctx) -> None:
+    _legacy(c)
+    (c.t / "run" / "checkpoint.pt.sha256").write_text("")
+
+
+def _legacy_lost_rows(c: Ctx) -> None:
+    """Killed after checkpoint.pt, before steps.jsonl (bnlab before commits): rows lost."""
+    _legacy(c)
+    p = c.t / "run" / "steps.jsonl"
+    p.write_text("".join(p.read_text().splitlines(keepends=True)[:1]))
+
+
+def _foreign_dir(c: Ctx) -> None:
+    (c.t / "r").mkdir()
+    (c.t / "r" / "notes.txt").write_text("not a run")
+
+
+def _empty_out(c: Ctx) -> None:
+    (c.t / "r").mkdir()
 
 
 def _locked(c: Ctx) -> None:
@@ -245,6 +340,14 @@ def _bad_epochs(c: Ctx) -> None:
     _run(c)
     with (c.t / "run" / "epochs.jsonl").open("a") as f:
         f.write('{"epoch": 1, "val_acc": \n')
+
+
+def _epochs_lack_key(c: Ctx) -> None:
+    _run(c)
+    p = c.t / "run" / "epochs.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    del rows[0]["epoch_time"]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _bad_config(c: Ctx) -> None:
@@ -361,6 +464,27 @@ CASES = [
     Case("resume-whole-model", SAME, 2, "checkpoint.pt: not a readable bnlab checkpoint (not "
          "a file of tensors: Unsupported global: GLOBAL torch.nn.modules.linear.Linear)",
          _replace_ckpt(nn.Linear(2, 2)), "run"),
+    Case("resume-out-missing", "train --out {t}/r --resume --quiet", 2,
+         "--resume: {t}/r does not exist, so there is no run to resume; check --out"),
+    Case("resume-empty-dir", "train --out {t}/r --resume --quiet", 2,
+         "--resume: {t}/r holds no run (it is empty)", _empty_out),
+    Case("resume-foreign-dir", "train --out {t}/r --resume --quiet", 2,
+         "--resume: {t}/r is not a bnlab run directory (no config.toml; it holds notes.txt)",
+         _foreign_dir),
+    Case("resume-checkpoint-deleted", SAME, 2,
+         "checkpoint.pt is missing, but manifest.json records it", _no_checkpoint, "run"),
+    Case("resume-nothing-committed", SAME, 2,
+         "has no checkpoint.pt, but 1 epoch(s) and 2 step(s) of the run were written",
+         _nothing_committed, "run"),
+    Case("resume-finished", SAME, 0, "the run is complete (1 epochs); nothing to resume, "
+         "nothing retrained", _run, "run"),
+    Case("resume-legacy-finished", SAME, 0, "the run is complete", _legacy, "run"),
+    Case("resume-legacy-empty-digest", SAME, 2,
+         "checkpoint.pt.sha256 is empty, not the SHA-256 of checkpoint.pt; if the checkpoint is "
+         "intact, delete checkpoint.pt.sha256", _legacy_empty_digest, "run"),
+    Case("resume-legacy-lost-rows", SAME, 2, "steps.jsonl: the checkpoint is at step 2, but the "
+         "file holds rows for 1 of steps 0..1 (step 1 is the first missing)", _legacy_lost_rows,
+         "run"),
     Case("resume-other-config", SAME, 2, "checkpoint.pt was written for another config",
          _replace_ckpt({"model": {}, "optimizer": {}, "rng": torch.zeros(1, dtype=torch.uint8),
                         "epoch": 0, "step_in_epoch": 0, "step": 0, "accumulators": {},
@@ -376,6 +500,10 @@ CASES = [
          "train-labels-idx1-ubyte.gz is a broken link", _broken_link, "fashion"),
     Case("data-dir-nonexistent", "train --out {t}/r --data-dir {t}/nowhere", 2,
          "--data-dir", None, "fashion"),
+    Case("data-dir-empty", "train --out {t}/r --data-dir {t}/empty", 2,
+         "--data-dir {t}/empty holds none of fashion-mnist's files", _empty_dir),
+    Case("data-dir-is-file", "train --out {t}/r --data-dir {t}/plain", 2,
+         "--data-dir {t}/plain is not a directory", _plain_file),
     Case("data-float-idx", "train --out {t}/r --dataset mnist --data-dir {t}/data", 2,
          "IDX elements of type float32", _float_labels, "fashion"),
     Case("data-labels-out-of-range", "train --out {t}/r --dataset mnist --data-dir {t}/data",
@@ -390,6 +518,14 @@ CASES = [
          "labels outside 0..9", _labels_out_of_range, "fashion"),
     Case("verify-fashion-as-mnist", "data verify mnist --data-dir {fashion}", 1,
          "holds fashion-mnist's files, not mnist's", None, "fashion"),
+    Case("verify-data-dir-missing", "data verify --data-dir {t}/nowhere", 2,
+         "--data-dir {t}/nowhere does not exist"),
+    Case("verify-data-dir-empty", "data verify --data-dir {t}/empty", 1,
+         "--data-dir {t}/empty holds none of", _empty_dir),
+    Case("list-data-dir-file", "data list --data-dir {t}/plain", 2,
+         "--data-dir {t}/plain is not a directory", _plain_file),
+    Case("list-data-dir-missing", "data list --data-dir {t}/nowhere", 2,
+         "--data-dir {t}/nowhere does not exist"),
     Case("verify-unknown-name", "data verify nosuch", 2, "unknown dataset 'nosuch'"),
     # --- bnlab run small-cnn
     Case("cnn-seeds-zero", "run small-cnn --out {t}/s --seeds 0 " + TINY_CNN, 2,
@@ -446,7 +582,29 @@ CASES = [
          "--example-shape must be comma-separated sizes", _good_ckpt),
     Case("fold-wrong-shape", "fold {t}/good.pt " + FACT + " --example-shape 1,3,6,6", 2,
          "--example-shape (1, 3, 6, 6) does not fit", _good_ckpt),
+    Case("fold-factory-syntax-error", "fold {t}/good.pt --model {t}/bad_syntax.py:f", 2,
+         "bad_syntax.py, line 3: invalid syntax", _bad_syntax),
+    Case("fold-factory-raises", "fold {t}/good.pt --model {t}/factory.py:raises", 2,
+         "raised AttributeError: module 'torch.nn' has no attribute 'Nope'", _good_ckpt),
+    Case("fold-cut-in-half", "fold {t}/ck.pt --model {t}/factory.py:wide", 2,
+         "ck.pt: not a state-dict checkpoint torch.load(weights_only=True) can read "
+         "(truncated or damaged", _cut_in_half),
+    Case("fold-nan-statistics", "fold {t}/nan.pt " + FACT, 2,
+         "1.running_var holds non-finite values", _nan_ckpt),
+    Case("fold-negative-variance", "fold {t}/neg.pt " + FACT, 2, "non-finite",
+         _negative_var_ckpt),
+    Case("fold-empty-batch", "fold {t}/good.pt " + FACT + " --example-shape 0,1,6,6", 2,
+         "--example-shape 0,1,6,6: every size must be >= 1", _good_ckpt),
     # --- bnlab lint
+    Case("lint-cut-in-half", "lint {t}/factory.py:wide --checkpoint {t}/ck.pt", 2,
+         "ck.pt: not a state-dict checkpoint torch.load(weights_only=True) can read "
+         "(truncated or damaged", _cut_in_half),
+    Case("lint-factory-syntax-error", "lint {t}/bad_syntax.py:f", 2,
+         "bad_syntax.py, line 3: invalid syntax", _bad_syntax),
+    Case("lint-factory-raises", "lint {t}/factory.py:raises", 2,
+         "raised AttributeError", _factory),
+    Case("lint-script-not-utf8", "lint {t}/latin.py", 2,
+         "latin.py: not UTF-8 text", _latin1_script),
     Case("lint-garbage", "lint {t}/factory.py:make --checkpoint {t}/ck.pt", 2,
          "ck.pt: not a state-dict checkpoint", _garbage),
     Case("lint-truncated", "lint {t}/factory.py:make --checkpoint {t}/ck.pt", 2,
@@ -475,6 +633,8 @@ CASES = [
          _tmpfs_study, "study"),
     Case("report-bad-epochs", "report {t}/run", 2, "epochs.jsonl: line 2 is not JSON",
          _bad_epochs, "run"),
+    Case("report-epoch-lacks-key", "report {t}/run", 2,
+         "epochs.jsonl: line 1 lacks 'epoch_time'", _epochs_lack_key, "run"),
     Case("report-bad-config", "report {t}/run", 2, "config.toml: not a TOML file", _bad_config,
          "run"),
     # --- bnlab study
@@ -547,8 +707,33 @@ def test_mistake_gives_one_line(case, tmp_path, shared, capsys, monkeypatch):
     assert "Traceback" not in err + out
     assert len(lines) == 1, f"not one line on stderr:\n{err}"
     assert rc == case.code, f"exit {rc}, expected {case.code}: {err}"
-    assert case.phrase in lines[0], f"{case.phrase!r} not in {lines[0]!r}"
-    assert lines[0].startswith("bnlab"), lines[0]
+    phrase = case.phrase.replace("{t}", str(tmp_path))
+    assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
+    assert lines[0].startswith("bnlab") or case.code == 0, lines[0]  # 0: a notice
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if " --out {t}/r " in c.argv + " "],
+                         ids=lambda c: c.id)
+def test_a_refused_train_leaves_no_out_directory(case, tmp_path, shared, capsys, monkeypatch):
+    """A mistake found after --out was created (a data directory) removes what it created:
+    no folder holding only a .lock is left behind, and a folder that was there is as it was."""
+    before = []
+
+    def listing() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "r").iterdir())
+
+    def setup(c: Ctx) -> None:
+        if case.setup is not None:
+            case.setup(c)
+        if (c.t / "r").exists():
+            before.append(listing())
+
+    rc, _, _ = _run_case(replace(case, setup=setup), tmp_path, shared, capsys, monkeypatch)
+    assert rc == 2
+    if before:
+        assert listing() == before[0]
+    else:
+        assert not (tmp_path / "r").exists(), listing()
 
 
 def test_a_failed_report_leaves_no_partial_file(tmp_path, shared, capsys):

@@ -101,21 +101,31 @@ def test_idx_errors(tmp_path):
 def test_discovery_order(isolated, monkeypatch):
     files = _tiny_spec(monkeypatch, "mnist")
     explicit, env, cache = isolated / "explicit", isolated / "env", isolated / "cache" / "bnlab"
-    explicit.mkdir()  # an explicit --data-dir that holds none of the files is passed over
+    explicit.mkdir()
     monkeypatch.setenv("BNLAB_DATA", str(env))
     dirs = search_dirs("mnist", explicit)
     assert dirs[:4] == [explicit / "mnist", explicit, env / "mnist", env]
     assert dirs[4:6] == [cache / "mnist", cache]
     assert dirs[-1] == isolated / "debian" / "mnist"
     _write_set(isolated / "debian" / "mnist", files)
-    assert find_files("mnist", explicit)["train_images"].parent == isolated / "debian" / "mnist"
+    assert find_files("mnist")["train_images"].parent == isolated / "debian" / "mnist"
     _write_set(cache / "mnist", files, gz=False)
-    found = find_files("mnist", explicit)["test_labels"]
+    found = find_files("mnist")["test_labels"]
     assert found == cache / "mnist" / "t10k-labels-idx1-ubyte"
     _write_set(env, files)
-    assert find_files("mnist", explicit)["train_labels"].parent == env
+    assert find_files("mnist")["train_labels"].parent == env
     _write_set(explicit / "mnist", files)
     assert find_files("mnist", explicit)["train_labels"].parent == explicit / "mnist"
+
+
+def test_an_empty_data_dir_is_an_error_not_a_fallback(isolated, monkeypatch):
+    files = _tiny_spec(monkeypatch, "mnist")
+    _write_set(isolated / "debian" / "mnist", files)  # a complete system copy exists
+    empty = isolated / "empty"
+    empty.mkdir()
+    with pytest.raises(DataNotFoundError, match=r"--data-dir .*empty holds none of mnist's "
+                       r"files \(looked in .*empty/mnist and .*empty for "):
+        find_files("mnist", empty)
 
 
 def test_missing_dataset_says_where_and_what_to_install(isolated):

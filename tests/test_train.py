@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from bnlab.lab.data import Dataset
-from bnlab.lab.train import RunExistsError, TrainConfig, lr_at, parse_overrides, read_jsonl, train
-from bnlab.lab.train.rundir import load_checkpoint, read_json
+from bnlab.lab.train import (
+    RunExistsError,
+    TrainConfig,
+    load_checkpoint,
+    lr_at,
+    parse_overrides,
+    read_jsonl,
+    train,
+)
+from bnlab.lab.train.rundir import read_json
 
 
 def _synthetic(n_train=160, n_test=64, seed=0) -> Dataset:
@@ -53,7 +61,10 @@ def test_run_directory_contents(reference):
     # no temporary file left behind; .lock is the directory's lock file (it holds a pid)
     assert not any(n.startswith(".") for n in names - {".lock"})
     assert (run / ".lock").read_text().strip().isdigit()
-    assert (run / "checkpoint.pt.sha256").read_text().split()[1] == "checkpoint.pt"
+    manifest = read_json(run / "manifest.json")  # the last commit: its step and files
+    assert (manifest["step"], manifest["epoch"]) == (15, 3)
+    assert set(manifest["files"]) == {"checkpoint.pt", "steps.jsonl", "epochs.jsonl",
+                                      "summary.json"}
     steps, epochs = _metrics(run)
     assert len(steps) == 3 * 5 and [r["epoch"] for r in epochs] == [0, 1, 2]
     assert set(steps[0]) == {"step", "epoch", "loss", "acc", "lr"}
@@ -224,12 +235,13 @@ def test_sigterm_saves_and_marks_the_run_interrupted(tmp_path):
     assert summary["status"] == "complete"
 
 
-def test_disk_full_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path):
+def test_disk_full_keeps_the_previous_commit_and_leaves_no_staged_file(tmp_path):
     import os
     import shutil
     import subprocess
 
-    from bnlab.lab.train.rundir import save_checkpoint
+    from bnlab.lab.train.commit import commit
+    from bnlab.lab.train.rundir import checkpoint_bytes
 
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
@@ -238,13 +250,17 @@ def test_disk_full_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tm
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
         pytest.skip("this machine does not let the test mount a tmpfs")
     try:
-        save_checkpoint(mnt, {"w": torch.ones(1000)})  # 4 KB: fits
-        before = (mnt / "checkpoint.pt").read_bytes()
-        with pytest.raises(OSError) as e:
-            save_checkpoint(mnt, {"w": torch.ones(200_000)})  # 800 KB: the disk is full
+        commit(mnt, {"checkpoint.pt": checkpoint_bytes({"w": torch.ones(1000)}),  # 4 KB: fits
+                     "steps.jsonl": b'{"step": 0}\n'}, step=1)
+        before = {p.name: p.read_bytes() for p in mnt.iterdir()}
+        with pytest.raises(OSError) as e:  # 800 KB: the disk is full
+            commit(mnt, {"checkpoint.pt": checkpoint_bytes({"w": torch.ones(200_000)}),
+                         "steps.jsonl": b'{"step": 0}\n{"step": 1}\n'}, step=2)
         assert e.value.errno == 28  # ENOSPC, named by the OS: "No space left on device"
-        assert (mnt / "checkpoint.pt").read_bytes() == before
+        assert "writing checkpoint.pt for step 2; the previous checkpoint and logs are kept" in \
+            str(e.value)
+        assert {p.name: p.read_bytes() for p in mnt.iterdir()} == before
         assert load_checkpoint(mnt)["w"].shape == (1000,)  # digest still matches
-        assert sorted(p.name for p in mnt.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+        assert sorted(before) == ["checkpoint.pt", "manifest.json", "steps.jsonl"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: even if a handle is open

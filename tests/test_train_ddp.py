@@ -54,7 +54,7 @@ def test_ranks_end_equal_and_rank0_writes_one_run_dir(runs, name):
     run = out[name]
     assert {p.name for p in run.iterdir()} == {
         "config.toml", "environment.json", "steps.jsonl", "epochs.jsonl", "summary.json",
-        "checkpoint.pt", "checkpoint.pt.sha256", ".lock"}
+        "checkpoint.pt", "manifest.json", ".lock"}
     steps = read_jsonl(run / "steps.jsonl")
     assert [s["step"] for s in steps] == list(range(8))  # written once, not once per rank
     cfg = TrainConfig.from_toml(run / "config.toml")

@@ -10,8 +10,7 @@ import torch
 
 from bnlab.lab.cli import main
 from bnlab.lab.data import Dataset
-from bnlab.lab.train import TrainConfig, parse_overrides, read_jsonl, train
-from bnlab.lab.train.rundir import load_checkpoint
+from bnlab.lab.train import TrainConfig, load_checkpoint, parse_overrides, read_jsonl, train
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,24 @@ def _run(args: argparse.Namespace) -> int:
     import io
 
     from bnlab.tools import fold
-    from bnlab.tools._factory import build_model, load_into, parse_shape
     from bnlab.tools.fold import example_input, folded_checkpoint
 
     from ..train.rundir import atomic_write_bytes
+    from ._model import build, example_shape, load
 
-    shape = parse_shape(args.example_shape)
+    shape = example_shape(args.example_shape)
     out = args.out or Path(args.checkpoint).with_suffix(".folded.pt")
     if Path(out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {out} is the input checkpoint; writing there would destroy "
                          "it: choose another --out")
-    model = load_into(build_model(args.model), args.checkpoint, args.model)
+    model = load(build(args.model), args.checkpoint, args.model)
+    # A NaN or Inf would be folded into the weights and written with exit 0 (the fold's own
+    # check then reports an error of nan): refuse, naming the key.
+    bad = _nonfinite_key(model)
+    if bad is not None:
+        raise ValueError(f"{args.checkpoint}: {bad} holds non-finite values (NaN or Inf); "
+                         "folding would write them into the folded weights: recalibrate the "
+                         "statistics (bnlab.tools.recalibrate) or use another checkpoint")
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says what was not folded
@@ -40,6 +47,11 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             raise ValueError(f"--example-shape {shape} does not fit the model from "
                              f"{args.model}: {e}") from e
+    bad = _nonfinite_key(folded)
+    if bad is not None:  # finite statistics can fold to NaN too (a negative running_var)
+        raise ValueError(f"folding {args.checkpoint} gives non-finite values (NaN or Inf) in "
+                         f"{bad} of the folded model; is a running_var negative? nothing was "
+                         "written")
     report = folded.fold_report
     buf = io.BytesIO()
     torch.save(folded_checkpoint(folded, args.model, shape), buf)
@@ -50,6 +62,12 @@ def _run(args: argparse.Namespace) -> int:
         print(report.summary())
         print(f"wrote {out}")
     return 0
+
+
+def _nonfinite_key(model: torch.nn.Module) -> str | None:
+    """The first state-dict key of ``model`` holding a NaN or Inf, or None."""
+    return next((k for k, v in model.state_dict().items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

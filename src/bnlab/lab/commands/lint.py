@@ -28,6 +28,8 @@ def _run(args: argparse.Namespace) -> int:
     # a bad checkpoint, factory or shape raises; cli.main makes it one line and exit 2
     from bnlab.tools import lint, lint_source
 
+    from ._model import build, load, read_source
+
     findings = []
     if ":" not in args.model:
         path = Path(args.model)
@@ -39,15 +41,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.checkpoint or args.example_shape or args.eval:
             raise ValueError(f"--checkpoint, --example-shape and --eval need a model: give "
                              f"'{args.model}:callable', got the script {args.model!r} alone")
-        findings = lint_source(path.read_text(), str(path))
+        findings = lint_source(read_source(path), str(path))
     else:
         import torch
 
-        from bnlab.tools._factory import build_model, load_into, parse_shape
+        from bnlab.tools._factory import parse_shape
 
-        model = build_model(args.model)
+        model = build(args.model)
         if args.checkpoint:
-            load_into(model, args.checkpoint, args.model)
+            load(model, args.checkpoint, args.model)
         if args.eval:
             model.eval()
         shape = parse_shape(args.example_shape)
@@ -59,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
                              f"{args.model}: {failed.message}")
         source = _source_file(args.model)
         if source is not None:
-            findings += lint_source(source.read_text(), str(source))
+            findings += lint_source(read_source(source), str(source))
     if args.json:
         print(json.dumps([f.to_dict() for f in findings], indent=2))
     else:

@@ -31,6 +31,7 @@ __all__ = [
     "DataNotFoundError",
     "DownloadError",
     "search_dirs",
+    "check_data_dir",
     "find_files",
     "verify",
     "download",
@@ -199,23 +200,33 @@ def _belongs_to(name: str, found: dict[str, Path]) -> str | None:
     return None
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """Raise :class:`DataNotFoundError` naming ``--data-dir`` unless it is empty (not given) or
+    an existing directory."""
+    if data_dir and not Path(data_dir).is_dir():
+        what = "is not a directory" if Path(data_dir).exists() else "does not exist"
+        raise DataNotFoundError(f"--data-dir {data_dir} {what}; give a directory holding "
+                                "the dataset's IDX files (see bnlab data list)")
+
+
 def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Paths of the four files of ``name`` from the first directory that has all of them.
 
     Files are recognised by content as well as by name: a directory holding another known
     dataset's files (Fashion-MNIST's carry MNIST's names) is passed over. An explicit
-    ``data_dir`` that holds some of the files but not all, or another dataset's, is an error,
-    never silently replaced by another directory; one that holds none of them is skipped.
+    ``data_dir`` is used or refused, never silently replaced by another directory: one that
+    does not exist, holds none of the files, some but not all, or another dataset's, is an
+    error.
     """
     spec = _spec(name)
-    if data_dir and not Path(data_dir).is_dir():
-        what = "is not a directory" if Path(data_dir).exists() else "does not exist"
-        raise DataNotFoundError(f"--data-dir {data_dir} {what}; {name} needs a directory "
-                                "holding " + ", ".join(f.name + "[.gz]" for f in
-                                                       spec.files.values()))
+    wanted = ", ".join(f.name + "[.gz]" for f in spec.files.values())
+    check_data_dir(data_dir)
     dirs = search_dirs(name, data_dir)
     problems: list[str] = []
-    for d in dirs:
+    for i, d in enumerate(dirs):
+        if data_dir and i == 2:  # the user's two directories held none of the files
+            raise DataNotFoundError(f"--data-dir {data_dir} holds none of {name}'s files "
+                                    f"(looked in {dirs[0]} and {dirs[1]} for {wanted})")
         found = {k: _file_in(d, f) for k, f in spec.files.items()}
         if not all(found.values()):
             if not any(found.values()):
@@ -227,11 +238,9 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
             if other is None:
                 return found  # type: ignore[return-value]
             problems.append(f"{d} holds {other}'s files, not {name}'s")
-        if data_dir and d in dirs[:2]:  # the user's own directory: refuse, do not fall back
-            raise DataNotFoundError(
-                f"--data-dir {data_dir}: {problems[-1]}; {name} needs "
-                + ", ".join(f.name + "[.gz]" for f in spec.files.values())
-            )
+        if data_dir and i < 2:  # the user's own directory: refuse, do not fall back
+            raise DataNotFoundError(f"--data-dir {data_dir}: {problems[-1]}; {name} needs "
+                                    f"{wanted}")
     raise DataNotFoundError(_instructions(spec, dirs) + "".join(f"\n({p})" for p in problems))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..train.commit import committed_path, read_manifest
 from ..train.config import TrainConfig
 from ..train.monitoring import MONITOR_FILE
 from ..train.rundir import is_run_dir, read_json, read_jsonl
@@ -79,16 +80,23 @@ def find_runs(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
+    """The runs in ``paths``, each as of its last commit (a run being written, or killed
+    while publishing a commit, is read as that commit left it)."""
     runs = []
     for d in find_runs(paths):
-        epochs = read_jsonl(d / "epochs.jsonl")
+        m = read_manifest(d)
+
+        def path(name: str, d: Path = d, m: dict | None = m) -> Path:
+            return committed_path(d, name, m)
+
+        epochs = read_jsonl(path("epochs.jsonl"), ("epoch", *METRICS))
         if not epochs:
             continue  # started but never finished an epoch: nothing to report
-        summary = read_json(d / "summary.json") if (d / "summary.json").exists() else {}
+        summary = read_json(path("summary.json")) if path("summary.json").exists() else {}
         env = read_json(d / "environment.json") if (d / "environment.json").exists() else {}
         runs.append(Run(d, TrainConfig.from_toml(d / "config.toml"), epochs,
-                        read_jsonl(d / "steps.jsonl"), summary, env,
-                        read_jsonl(d / MONITOR_FILE)))
+                        read_jsonl(path("steps.jsonl"), ("step", "loss")), summary, env,
+                        read_jsonl(path(MONITOR_FILE), ("layer", "step"))))
     if not runs:
         raise FileNotFoundError("the run directories hold no finished epoch yet")
     return runs

@@ -1,15 +1,18 @@
 """Training runs: a frozen config, a deterministic resumable trainer and run directories."""
 
+from .commit import load_checkpoint
 from .config import TrainConfig, lr_at, parse_overrides
-from .loop import EvalResult, RunExistsError, build, evaluate, train
+from .loop import EvalResult, build, evaluate, train
 from .progress import PlainProgress, Progress, make_progress
-from .rundir import is_run_dir, load_checkpoint, read_json, read_jsonl, run_environment
+from .resume import ResumeError, RunExistsError
+from .rundir import is_run_dir, read_json, read_jsonl, run_environment
 
 __all__ = [
     "TrainConfig",
     "lr_at",
     "parse_overrides",
     "RunExistsError",
+    "ResumeError",
     "build",
     "evaluate",
     "EvalResult",

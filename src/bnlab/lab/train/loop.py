@@ -3,9 +3,10 @@
 ``train(config, run_dir)`` trains one model and leaves a complete run directory (see
 :mod:`bnlab.lab.train.rundir`). Same config and thread count give the same numbers: the initial
 weights come from ``seed``, the batch order of each epoch from ``(seed, epoch)`` and the
-learning rate is a pure function of the step. A checkpoint is written atomically after every
-epoch; Ctrl-C stops at the end of the current step and writes one there. ``resume=True``
-continues from the checkpoint and produces the metrics an uninterrupted run would.
+learning rate is a pure function of the step. The checkpoint and the epoch's log rows are
+committed together after every epoch (:mod:`bnlab.lab.train.commit`); Ctrl-C stops at the end
+of the current step and commits there. ``resume=True`` continues from the checkpoint and
+produces the metrics an uninterrupted run would, or refuses (:mod:`bnlab.lab.train.resume`).
 """
 
 from __future__ import annotations
@@ -25,18 +26,16 @@ from torch import Tensor, nn
 
 from ..data import Dataset, batch_order, load_dataset
 from ..models import build_model
+from . import commit
 from . import rundir as rd
 from .config import TrainConfig, lr_at
 from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
 from .replicas import Local
+from .resume import ResumeError, RunExistsError, check_target, prepare
 
 __all__ = ["train", "train_step", "StepResult", "evaluate", "EvalResult", "build", "build_net",
-           "make_optimizer", "RunExistsError"]
-
-
-class RunExistsError(FileExistsError):
-    """The run directory already holds a run and ``resume`` was not asked for."""
+           "make_optimizer", "RunExistsError", "ResumeError"]
 
 
 def build(config: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -178,33 +177,24 @@ def _sigint_stops(flag: _StopFlag) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _prepare_dir(config: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:
-    rd.make_out_dir(run_dir)
-    ckpt = rd.load_checkpoint(run_dir, rd.CHECKPOINT_KEYS)
-    if rd.is_run_dir(run_dir):
-        if not resume:
-            raise RunExistsError(
-                f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                "another --out"
-            )
-        saved = TrainConfig.from_toml(run_dir / "config.toml")
-        if saved != config:
-            diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items()
-                    if getattr(config, k) != v}
-            raise ValueError(
-                f"{run_dir}: --resume with another config; differences (saved, given): {diff}"
-            )
-    if ckpt is not None:
-        # The checkpoint must be this run's: a copied-in file of another run would load (or
-        # fail to) only after the data, or silently continue someone else's training.
-        want = config.to_dict()
-        diff = {k: (v, want.get(k)) for k, v in dict(ckpt["config"]).items() if want.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{run_dir / rd.CHECKPOINT} was written for another config than this run's; "
-                f"differences (checkpoint, run): {diff}; move it away to start the run again"
-            )
-    return ckpt
+def _say_what_resume_found(progress: Progress, config: TrainConfig, run_dir: Path,
+                           start: Any, removed: list[str]) -> None:
+    """One notice for each thing --resume changed or skipped in the run directory."""
+    tag = f"[{config.name}] {run_dir}:"
+    if removed:
+        progress.notice(f"{tag} removed {', '.join(removed)}: an unfinished write of a process "
+                        "that was killed; the last commit is kept")
+    if start.dropped:
+        step = start.ckpt["step"]
+        rows = ", ".join(f"{k} row(s) of {n}" for n, k in start.dropped.items())
+        progress.notice(f"{tag} dropped {rows} written after the checkpoint (step {step}); "
+                        "they are trained again")
+    if start.first_commit:
+        progress.notice(f"{tag} no checkpoint yet (the run stopped before its first epoch "
+                        "ended): starting at epoch 1")
+    if start.complete:
+        progress.notice(f"{tag} the run is complete ({config.epochs} epochs); nothing to "
+                        "resume, nothing retrained")
 
 
 def _summary(config: TrainConfig, epochs: list[dict], status: str) -> dict[str, Any]:
@@ -245,10 +235,10 @@ def train(
     """
     run_dir = Path(run_dir)
     ctx = replicas or Local()
+    check_target(run_dir, resume)
     if not ctx.is_main:
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
-    rd.make_out_dir(run_dir)
-    with rd.lock_run_dir(run_dir):  # one writer per directory (rank 0 writes for all)
+    with rd.new_out_dir(run_dir), rd.lock_run_dir(run_dir):  # one writer (rank 0 for all)
         return _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end)
 
 
@@ -260,8 +250,18 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
             f"{ctx.world_size}; start it with `bnlab train --nproc-per-node "
             f"{config.nproc_per_node}`"
         )
-    ckpt = _prepare_dir(config, run_dir, resume)
+    # rank 0 finishes or removes a commit a kill cut short before any rank reads the directory
+    removed = commit.recover(run_dir)[1] if ctx.is_main else []
+    ctx.barrier()
+    start = prepare(config, run_dir, resume)
+    ckpt = start.ckpt
     ctx.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if ctx.is_main:
+        _say_what_resume_found(progress, config, run_dir, start, removed)
+    if start.complete:
+        if not ctx.is_main:
+            return {"rank": ctx.rank, "status": "complete", "epochs_done": len(start.epochs)}
+        return rd.read_json(run_dir / "summary.json")
     if config.threads:
         torch.set_num_threads(config.threads)
     if dataset is None:
@@ -281,9 +281,7 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
     epoch0, skip, step = 0, 0, 0
     acc: dict[str, float] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0,
                              "cpu": 0.0}
-    steps: list[dict] = rd.read_jsonl(run_dir / "steps.jsonl")
-    epochs: list[dict] = rd.read_jsonl(run_dir / "epochs.jsonl")
-    mon_rows: list[dict] = rd.read_jsonl(run_dir / MONITOR_FILE)
+    steps, epochs, mon_rows = start.steps, start.epochs, start.monitor
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -291,10 +289,6 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
         epoch0, skip, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         acc = dict(ckpt["accumulators"])
         progress.message(f"[{config.name}] resuming at epoch {epoch0 + 1}, step {step}")
-    # Records written after the checkpoint (a crash between the two) are dropped.
-    steps = [r for r in steps if r["step"] < step]
-    epochs = [r for r in epochs if r["epoch"] < epoch0]
-    mon_rows = [r for r in mon_rows if r["step"] < step]
     pending: list[dict] = []
     mon_pending: list[dict] = []
 
@@ -304,20 +298,20 @@ def _train(config, run_dir, dataset, resume, progress, on_step, ctx, on_end):
             pending.clear()
             mon_pending.clear()
             return
-        rd.save_checkpoint(run_dir, {
+        steps.extend(pending)
+        pending.clear()
+        files = {rd.CHECKPOINT: rd.checkpoint_bytes({
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(), "epoch": epoch, "step_in_epoch": in_epoch,
             "step": step, "accumulators": dict(acc), "config": config.to_dict(),
-        })
-        steps.extend(pending)
-        pending.clear()
-        rd.write_jsonl(run_dir / "steps.jsonl", steps)
+        }), "steps.jsonl": rd.jsonl_bytes(steps), "epochs.jsonl": rd.jsonl_bytes(epochs)}
         if config.monitor:
             mon_rows.extend(mon_pending)
             mon_pending.clear()
-            rd.write_jsonl(run_dir / MONITOR_FILE, mon_rows)
-        rd.write_jsonl(run_dir / "epochs.jsonl", epochs)
-        rd.write_json(run_dir / "summary.json", _summary(config, epochs, status))
+            files[MONITOR_FILE] = rd.jsonl_bytes(mon_rows)
+        files["summary.json"] = rd.json_bytes(_summary(config, epochs, status))
+        # one transaction: the checkpoint and these rows become visible together
+        commit.commit(run_dir, files, step=step, epoch=epoch)
 
     flag = _StopFlag()
     ddp.train()

@@ -17,7 +17,7 @@ def _epoch_line(label: str, rec: dict[str, Any], epochs: int) -> str:
 
 
 class Progress:
-    """What the trainer calls. The base class prints nothing."""
+    """What the trainer calls. The base class prints nothing but notices."""
 
     def start_epoch(self, label: str, epoch: int, epochs: int, steps: int, done: int) -> None:
         pass
@@ -30,6 +30,11 @@ class Progress:
 
     def message(self, text: str) -> None:
         pass
+
+    def notice(self, text: str) -> None:
+        """What ``--resume`` changed or skipped (rows dropped, an unfinished write removed, a
+        run already complete): on stderr even when quiet. Subclasses show it as a message."""
+        print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -44,6 +49,8 @@ class PlainProgress(Progress):
 
     def message(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+    notice = message
 
 
 class RichProgress(Progress):
@@ -76,6 +83,8 @@ class RichProgress(Progress):
 
     def message(self, text: str) -> None:
         self.console.print(self._escape(text))
+
+    notice = message
 
     def close(self) -> None:
         self.bar.stop()

@@ -9,11 +9,14 @@
       epochs.jsonl       one record per epoch: train/val loss and accuracy, lr, times
       summary.json       final and best accuracy, status, time per epoch
       checkpoint.pt      model, optimizer, position and RNG state (torch.save)
-      checkpoint.pt.sha256  the checkpoint's SHA-256, written with it, checked before use
+      manifest.json      the last commit: its step and each file's SHA-256 (see commit.py)
       .lock              held (flock) by the run writing the directory; names its pid
 
-A crash never leaves a half-written file under one of these names, a damaged checkpoint is
-refused rather than resumed from, and two runs never write one directory at once.
+The checkpoint and the log rows it goes with are committed together, once per epoch
+(:mod:`bnlab.lab.train.commit`): a kill at any point leaves the previous commit or the new
+one, a damaged file is refused rather than resumed from, and two runs never write one
+directory at once. Every write passes :func:`fault_point` first, where the tests kill the
+process.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
 import platform
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +40,19 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "make_out_dir",
+    "new_out_dir",
     "write_json",
+    "json_bytes",
+    "jsonl_bytes",
     "read_json",
     "read_jsonl",
     "write_jsonl",
-    "save_checkpoint",
-    "load_checkpoint",
+    "write_synced",
+    "fsync_dir",
+    "fault_point",
+    "checkpoint_bytes",
+    "CHECKPOINT",
+    "LOCK",
     "run_environment",
     "git_revision",
     "is_run_dir",
@@ -52,9 +62,10 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+#: the checkpoint's digest as runs written before manifest.json kept it (still read)
 DIGEST = CHECKPOINT + ".sha256"
 LOCK = ".lock"
-#: what :func:`save_checkpoint`'s caller (the training loop) stores and resuming reads
+#: what the training loop stores in a checkpoint and resuming reads
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step_in_epoch", "step",
                    "accumulators", "config")
 
@@ -95,12 +106,47 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_faults = {"count": 0}
+
+
+def fault_point(name: str) -> None:
+    """Where the tests kill a run: every write of a run directory passes here first.
+
+    ``BNLAB_FAULT_TRACE=FILE`` appends each point's name to FILE; ``BNLAB_KILL_AT=N`` kills
+    the process with SIGKILL (no handler, no cleanup, like a power cut to the program) at its
+    N-th point. Neither is set outside tests, and then this does nothing.
+    """
+    trace, kill_at = os.environ.get("BNLAB_FAULT_TRACE"), os.environ.get("BNLAB_KILL_AT")
+    if not (trace or kill_at):
+        return
+    _faults["count"] += 1
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+    if kill_at and _faults["count"] == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_synced(path: Path, data: bytes | memoryview, name: str) -> None:
+    """Write ``data`` to the new file ``path`` and fsync it (fault points ``write NAME``, and
+    ``half NAME`` with half of it written: a torn write)."""
+    fault_point(f"write {name}")
+    with path.open("wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        fault_point(f"half {name}")
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tmp(path: Path) -> Path:
@@ -114,8 +160,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = _tmp(path)
     try:
-        with tmp.open("wb") as f:
-            f.write(data)
+        write_synced(tmp, data, path.name)
+        fault_point(f"rename {path.name}")
         os.replace(tmp, path)
     except OSError as e:
         if e.strerror is None:
@@ -146,8 +192,37 @@ def make_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def new_out_dir(path: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """:func:`make_out_dir` for the ``with`` block; if the block fails before it wrote
+    anything but the lock, the directory is left as it was: the lock file goes if the block
+    made it, and so do the directories it created (a refused run leaves no folder holding a
+    ``.lock`` behind)."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    before = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    make_out_dir(path, option)
+    try:
+        yield path
+    except BaseException:
+        if LOCK not in before and {p.name for p in path.iterdir()} <= before | {LOCK}:
+            with contextlib.suppress(OSError):
+                (path / LOCK).unlink(missing_ok=True)
+                for p in created:  # deepest first; stops at the first that is not empty
+                    p.rmdir()
+        raise
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def jsonl_bytes(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -158,9 +233,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not JSON ({e})") from e
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file ([] when it is absent); a damaged line is an error
-    naming the file and the line."""
+def read_jsonl(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The records of a JSON-lines file ([] when it is absent); a damaged line, or a record
+    that is not an object holding every one of ``keys``, is an error naming the file and the
+    line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -168,80 +244,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n} is not JSON ({e}); was the file cut short "
                                  "or edited?") from e
+            missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise ValueError(f"{path}: line {n} lacks {', '.join(map(repr, missing))}; "
+                                 "was the file edited or written by another program?")
+            out.append(record)
     return out
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_bytes(path, jsonl_bytes(records))
 
 
-def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``checkpoint.pt`` atomically, and its SHA-256 beside it."""
-    path = Path(run_dir) / CHECKPOINT
-    tmp = _tmp(path)
-    # Serialised in memory first: torch.save straight to a full disk fails with an opaque
-    # "unexpected pos" RuntimeError; a plain write fails with ENOSPC and the file's name.
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    """``state`` as ``torch.save`` writes it, in memory: torch.save straight to a full disk
+    fails with an opaque "unexpected pos" RuntimeError; a plain write fails with ENOSPC and
+    the file's name."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    data = buf.getbuffer()
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"{e.strerror} (writing {path.name}; the previous checkpoint "
-                      "is kept)", str(path)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write_text(Path(run_dir) / DIGEST, f"{digest}  {CHECKPOINT}\n")
-    return path
-
-
-def load_checkpoint(run_dir: str | os.PathLike, keys: tuple[str, ...] = ()
-                    ) -> dict[str, Any] | None:
-    """The checkpoint of ``run_dir``, loaded with ``weights_only=True``, or None if absent.
-
-    Raises :class:`CheckpointError`, naming the file, when its SHA-256 differs from the one
-    recorded when it was written (a damaged file is never resumed from), it does not load, or
-    it is not a dict holding every one of ``keys`` (the training loop passes
-    :data:`CHECKPOINT_KEYS`: a foreign file is refused before any data is loaded).
-    """
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    digest_file = Path(run_dir) / DIGEST
-    if digest_file.exists():  # runs written before digests existed have none
-        want = digest_file.read_text(encoding="utf-8").split()[0]
-        got = _sha256(path)
-        if got != want:
-            raise CheckpointError(
-                f"{path}: SHA-256 {got[:16]}... differs from {want[:16]}... recorded in "
-                f"{digest_file.name} when it was written; the file is damaged, refusing to "
-                "resume from it (move it away to start the run again)"
-            )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; move it away to "
-                              "start the run again")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        from bnlab.tools._factory import load_error
-
-        raise CheckpointError(f"{path}: not a readable bnlab checkpoint ({load_error(e)})") from e
-    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
-    if missing:
-        got = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: not a bnlab training checkpoint: expected keys "
-                              f"{', '.join(keys)}; missing {', '.join(missing)} "
-                              f"(got {got})")
-    return state
+    return buf.getvalue()
 
 
 def git_revision() -> str | None:

@@ -19,7 +19,7 @@ from ..data import load_dataset, resolve_dataset
 from .config import TrainConfig
 from .loop import train
 from .progress import Progress
-from .rundir import make_out_dir, read_json, write_json
+from .rundir import is_run_dir, make_out_dir, read_json, write_json
 
 __all__ = ["SmallCNNStudy", "run_small_cnn_study", "default_out"]
 
@@ -108,7 +108,9 @@ def run_small_cnn_study(study: SmallCNNStudy, out: str | Path | None = None, *,
                     read_json(run_dir / "summary.json").get("status") == "complete":
                 summaries.append(read_json(run_dir / "summary.json"))
                 continue
-            summaries.append(train(c, run_dir, dataset=data, resume=resume, progress=progress))
+            # --resume continues the runs begun; those not begun yet start
+            summaries.append(train(c, run_dir, dataset=data, progress=progress,
+                                   resume=resume and is_run_dir(run_dir)))
     finally:
         progress.close()
     report = run_report([out])
