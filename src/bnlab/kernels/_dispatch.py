@@ -15,8 +15,9 @@ Backends, by the names ``BNLAB_KERNELS``, :func:`use_backend` and the registry a
 
 ``auto`` (the default) picks ``native`` in eager code on the inputs it takes, except where
 torch's kernel is equivalent for the caller and faster: a layer's training step or evaluation
-on inputs of fewer than :data:`NATIVE_MIN_VALUES` values, where a call's cost is mostly fixed
-overhead, which torch's C++ autograd has less of. Graphs get ``torch``. Forcing
+on inputs of fewer than :data:`NATIVE_MIN_VALUES` values (:data:`NATIVE_MIN_ROW_VALUES` for
+``(N, C)`` inputs), where a call's cost is mostly fixed overhead, which torch's C++ autograd
+has less of. Graphs get ``torch``. Forcing
 ``native`` (``BNLAB_KERNELS=native`` or ``use_backend("native")``) runs the operators for
 every input they take, in graphs too; forcing ``torch`` never runs them.
 """
@@ -35,14 +36,19 @@ from torch import Tensor
 from . import _ops
 
 __all__ = [
-    "NAMES", "NATIVE_MIN_VALUES", "backend", "choose", "native_available", "native_error",
+    "NAMES", "NATIVE_MIN_VALUES", "NATIVE_MIN_ROW_VALUES", "backend", "choose", "native_available", "native_error",
     "native_supports", "set_backend", "use_backend",
 ]
 
 #: the built-in backends' names
 NAMES = ("native", "torch", "composite")
-#: ``auto`` runs the native operators for eager inputs of at least this many values
-NATIVE_MIN_VALUES = 16384
+#: ``auto`` runs a layer's step on the native operators for eager inputs of at least this many
+#: values (NCHW maps; (N, C) rows: :data:`NATIVE_MIN_ROW_VALUES`), measured on 2 threads:
+#: below, the operators' fixed cost per call (~20 us more than torch's C++ autograd node)
+#: outweighs their faster arithmetic
+NATIVE_MIN_VALUES = 32768
+#: the same for (N, C) inputs (BatchNorm1d on features), where torch's kernel is quick
+NATIVE_MIN_ROW_VALUES = 1 << 19
 _ENV = "BNLAB_KERNELS"
 _forced: str | None = None
 _warned = False
@@ -202,6 +208,14 @@ def transformed(x: Tensor) -> bool:
     return _is_wrapped(x) or _fwd_ad._current_level >= 0
 
 
+def _worth_it(x: Tensor) -> bool:
+    """Whether the operators beat torch's kernel on ``x`` for a layer's step (measured)."""
+    n = x.numel()
+    if x.dim() == 2 or n == x.shape[0] * x.shape[1]:
+        return n >= NATIVE_MIN_ROW_VALUES
+    return n >= NATIVE_MIN_VALUES
+
+
 def choose(x: Tensor, per_channel: tuple = (), train: bool = True, *, detached: bool = False
            ) -> str:  # fmt: skip
     """The backend that runs ``x`` with its ``(C,)`` tensors (``train``: batch statistics, else
@@ -222,9 +236,7 @@ def choose(x: Tensor, per_channel: tuple = (), train: bool = True, *, detached: 
             return b.NAME
     if f is None:
         # auto: the operators for large enough eager inputs, torch's kernels elsewhere
-        if not graph and (not detached or x.numel() >= NATIVE_MIN_VALUES) and native_supports(
-            x, per_channel
-        ):
+        if not graph and (not detached or _worth_it(x)) and native_supports(x, per_channel):
             return "native"
     elif f == "native" and (train or not graph) and native_supports(x, per_channel, graph):
         return "native"

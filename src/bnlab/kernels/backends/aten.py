@@ -4,8 +4,8 @@ Training calls torch's kernel without its running update (``native_batch_norm`` 
 temporary buffers, or none), so bnlab's running policy (moving average, cumulative, window, the
 non-finite guard) decides what the statistics do. The speed, the devices, autocast and the
 graph behaviour are torch's own: inside ``torch.compile`` a plain layer's step is torch's
-``native_batch_norm`` with its running update, what torch's own ``BatchNorm`` becomes, plus a
-guard of a few ``(C,)`` ops that keeps NaN/Inf out. The statistics it returns carry no gradient.
+``native_batch_norm``, which inductor decomposes and fuses as it does torch's own BN, and the
+running update from its saved statistics in a few ``(C,)`` ops that keep NaN/Inf out. The statistics it returns carry no gradient.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from .. import _dispatch, _ops, library
+from .. import _dispatch, _ops
 from ..autograd import TrainBN
 
 NAME = "torch"
@@ -52,17 +52,20 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
     if _dispatch.capturing():
         if momentum is None:
             return None
-        # torch's own kernel for BN on copies of the buffers (it updates them in place and
-        # saves them for backward: the buffers themselves must stay untouched until the guard
-        # below), then keep the old statistics where the new ones are not finite: a handful of
-        # (C,) ops inductor fuses. library.snapshot: an opaque copy AOT autograd cannot
-        # recompute in backward from the updated buffer.
-        new_mean, new_var = library.snapshot(running_mean), library.snapshot(running_var)
-        y = torch.native_batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps)[0]
-        finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        running_mean.copy_(torch.where(finite, new_mean, running_mean))
-        running_var.copy_(torch.where(finite, new_var, running_var))
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        # torch's kernel without its running update (so nothing it saves for backward is
+        # modified after it), then the update from its saved statistics as running_update_
+        # does in eager, kept out where they are not finite: (C,) ops inductor fuses
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        n = x.numel() // x.shape[1]
+        ok = (torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)).all()
+        rm, rv = running_mean, running_var
+        var = (invstd.double().reciprocal().square() - eps).clamp_min(0) * (n / (n - 1))
+        new_mean = rm + momentum * (mean.to(rm.dtype) - rm)
+        new_var = rv + momentum * (var.to(rv.dtype) - rv)
+        rm.copy_(torch.where(ok, new_mean, rm))
+        rv.copy_(torch.where(ok, new_var, rv))
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        finite = ok
         return y, finite
     if (
         _ops._native is None
