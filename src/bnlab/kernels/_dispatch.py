@@ -36,7 +36,8 @@ from torch import Tensor
 from . import _ops
 
 __all__ = [
-    "NAMES", "NATIVE_MIN_VALUES", "NATIVE_MIN_ROW_VALUES", "backend", "choose", "native_available", "native_error",
+    "NAMES", "NATIVE_MIN_VALUES", "NATIVE_MIN_ROW_VALUES", "backend", "choose",
+    "native_available", "native_error",
     "native_supports", "set_backend", "use_backend",
 ]
 

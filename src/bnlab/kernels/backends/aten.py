@@ -5,7 +5,8 @@ temporary buffers, or none), so bnlab's running policy (moving average, cumulati
 non-finite guard) decides what the statistics do. The speed, the devices, autocast and the
 graph behaviour are torch's own: inside ``torch.compile`` a plain layer's step is torch's
 ``native_batch_norm``, which inductor decomposes and fuses as it does torch's own BN, and the
-running update from its saved statistics in a few ``(C,)`` ops that keep NaN/Inf out. The statistics it returns carry no gradient.
+running update from its saved statistics in a few ``(C,)`` ops that keep NaN/Inf out. The
+statistics it returns carry no gradient.
 """
 
 from __future__ import annotations
