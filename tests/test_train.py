@@ -19,16 +19,13 @@ from bnlab.lab.train import (
     train,
 )
 from bnlab.lab.train.rundir import read_json
+from tests._fault_run import synthetic
 
 
 def _synthetic(n_train=160, n_test=64, seed=0) -> Dataset:
-    # Unit tests train on synthetic tensors: class-dependent bumps plus noise, 1x28x28.
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    x = torch.rand(n_train + n_test, 1, 28, 28, generator=g) * 0.5
-    for c in range(10):
-        x[y == c, :, 2 * c : 2 * c + 6, 4:20] += 0.5
-    return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "test")
+    # Unit tests train on synthetic tensors: class-dependent bumps plus noise, 1x28x28 (the
+    # same maker as the fault-injection run's).
+    return synthetic(n_train, n_test, seed)
 
 
 def _cfg(**kw) -> TrainConfig:

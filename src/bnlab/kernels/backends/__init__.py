@@ -107,27 +107,24 @@ def train_step(
 
 def train_inplace(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str = "identity",
-    slope: float = 0.01, update: _ops.RunningUpdate | None = None,
+    slope: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`train`, keeping only the output for backward and writing it over ``x`` where
     autograd allows (:class:`bnlab.kernels.autograd.InPlaceBN`). Graphs, FX traces and
     ``torch.func`` transforms get the functional :func:`train` (same numbers, input saved),
     and so does a call with a ``|weight|`` below :data:`MIN_WEIGHT` (dividing by it would lose
-    the gradient's precision). ``update`` (native only) moves running statistics too."""
+    the gradient's precision). (A layer's step with the running update in the same pass is
+    :func:`train_step` with ``inplace=True``.)"""
     if act not in INVERTIBLE:
         raise ValueError(f"train_inplace: act must be one of {list(INVERTIBLE)}, got {act!r}")
     name = _dispatch.choose(x, (weight, bias), True)
     if name == "composite" or _dispatch.capturing() or isinstance(x, torch.fx.Proxy) or (
         not weights_invertible(weight)
     ):
-        if update is not None:
-            raise ValueError("train_inplace: update needs the eager native path")
         return train(x, weight, bias, eps, act, slope)
     is_native = name == "native" and act in ("identity", "leaky_relu")
-    if update is not None and not is_native:
-        raise ValueError("train_inplace: update needs the eager native path")
     return InPlaceBN.apply(x, weight, bias, float(eps), act, float(slope), is_native,
-                           can_overwrite(x), update)  # fmt: skip
+                           can_overwrite(x))  # fmt: skip
 
 
 def train_synced(
