@@ -383,9 +383,16 @@ def torch_kernels_backward(
         invstd = torch.rsqrt(var + eps)
     g = dy
     if thr is not None:
-        sign = 1.0 if w is None else _shape(torch.where(w < 0, -1.0, 1.0).to(thr.dtype), x)
-        pre = (x.to(thr.dtype) - _shape(thr, x)) * sign
-        g = torch.where(pre > 0, dy, dy * slope if act == "leaky_relu" else 0).to(dy.dtype)
+        # where the pre-activation (x - thr) * sign(w) is positive, compared in place of being
+        # computed: no float32 copy of a half x, no (x - thr) tensor
+        t = _shape(thr, x)
+        mask = x > t
+        if w is not None and bool((w < 0).any()):
+            mask = torch.where(_shape(w < 0, x), x < t, mask)
+        if act == "leaky_relu":
+            g = dy * mask.to(dy.dtype).mul_(1.0 - slope).add_(slope)
+        else:
+            g = dy * mask  # (a bool factor: 2x faster than masked_fill on bfloat16)
     return torch.ops.aten.native_batch_norm_backward(
         g, x, w, None, None, mean, invstd, True, eps,
         [needed[0], w is not None and needed[1], needed[2]],
