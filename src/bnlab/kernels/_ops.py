@@ -1,7 +1,8 @@
-"""The BN primitives, twice: on the compiled kernels and in plain PyTorch.
+"""The BN primitives, twice: as calls of bnlab's C++ operators (``native_*``, thin: the
+operators check their tensors) and in plain PyTorch (``torch_*``), plus torch's own kernels
+(``torch_kernels_*``) as :mod:`bnlab.kernels.autograd` uses them.
 
-Both implementations have the same signatures, so the autograd functions in
-:mod:`bnlab.kernels.api` pick one without caring which:
+The native and the PyTorch versions have the same signatures:
 
 * ``train_forward(x, w, b, eps, act, slope) -> (y, mean, var, invstd, delta, thr)``: batch
   statistics (biased variance), ``y = act((x - mean) * invstd * w + b)``, ``delta`` (the
