@@ -82,6 +82,7 @@ group = None  # a torch.distributed process group; None is this process alone
     "bnlab.kernels.backend()": "import torch\nx = torch.randn(8, 32, 6, 6)\n",
     'layer = bnlab.BatchNormAct2d(64, act="leaky_relu", inplace=True)': "import bnlab\n",
     "from bnlab.tools import fold, recalibrate": _LOADERS,
+    "bn = bnlab.MaskedBatchNorm1d(": "",  # self-contained
 }
 
 

@@ -172,8 +172,15 @@ def bessel_factor(n: int) -> float:
     return n / (n - 1) if n > 1 else 1.0
 
 
-def unbiased_var(var: Tensor, n: int) -> Tensor:
-    """Convert a biased variance over ``n`` values to the unbiased one (Bessel's correction)."""
+def unbiased_var(var: Tensor, n: int | Tensor) -> Tensor:
+    """Convert a biased variance over ``n`` values to the unbiased one (Bessel's correction).
+
+    ``n`` may be a 0-dim tensor (a masked layer's count of valid positions): the factor is then
+    computed with tensor ops, without reading its value, and is 1 where ``n <= 1``.
+    """
+    if isinstance(n, Tensor):
+        nf = n.to(var.dtype)
+        return var * torch.where(nf > 1, nf / (nf - 1).clamp_min(1), torch.ones_like(nf))
     return var * bessel_factor(n) if n > 1 else var
 
 
@@ -242,7 +249,7 @@ def running_update(
     num_batches_tracked: Tensor,
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     momentum: float | None,
     *,
     running: str = "ema",
@@ -250,7 +257,8 @@ def running_update(
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None, Tensor]:
     """One step of the running statistics, as tensor ops only (no branch on a value).
 
-    ``mean`` and biased ``var`` are one batch's statistics over ``count`` values per channel.
+    ``mean`` and biased ``var`` are one batch's statistics over ``count`` values per channel
+    (an int, or a 0-dim tensor such as a mask's number of valid positions).
     Returns ``(running_mean, running_var, num_batches_tracked, window, finite)``, all new
     tensors: a batch with NaN/Inf statistics leaves everything as it was (``finite`` is then a
     false 0-dim tensor). ``running`` is ``"ema"`` (``momentum=None``: cumulative),

@@ -1,4 +1,5 @@
-"""Pure functions for the BN variants: Batch Renormalization and Ghost Batch Normalization.
+"""Pure functions for the BN variants: Batch Renormalization, Ghost Batch Normalization and
+masked Batch Normalization (padded sequences).
 
 Same conventions as :mod:`bnlab.functional` (inputs ``(N, C, *)``, per-channel statistics,
 biased variance to normalise, unbiased variance for running estimates, statistics computed in
@@ -19,6 +20,8 @@ __all__ = [
     "ghost_split_sizes",
     "ghost_batch_norm_train",
     "pool_virtual_stats",
+    "masked_batch_stats",
+    "masked_normalize",
 ]
 
 
@@ -209,3 +212,46 @@ def pool_virtual_stats(
     mean = (means * w[:, None]).sum(0) / total
     var = (uvars * w[:, None]).sum(0) / total
     return mean, var
+
+
+def masked_batch_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean and **biased** variance of ``x`` ``(N, C, L)`` over the positions where
+    the boolean ``mask`` ``(N, L)`` is true, and their count (a 0-dim int64 tensor).
+
+    Tensor ops only (no value is read: one compiled graph serves every mask). Two passes (mean,
+    then the squared deviations), so a large common offset does not cancel; padded values never
+    enter, NaN/Inf there included. With no valid position the statistics are 0 (count 0).
+    Computed in ``promote_types(x.dtype, float32)``.
+    """
+    m = mask[:, None, :]
+    xz = torch.where(m, x.to(F.compute_dtype(x.dtype)), 0.0)
+    count = mask.sum()
+    denom = count.clamp_min(1).to(xz.dtype)
+    mean = xz.sum(dim=(0, 2)) / denom
+    d = torch.where(m, xz - mean[None, :, None], 0.0)
+    var = (d * d).sum(dim=(0, 2)) / denom
+    return mean, var, count
+
+
+def masked_normalize(
+    x: Tensor,
+    mask: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` at the valid positions of ``x``
+    ``(N, C, L)`` (boolean ``mask`` ``(N, L)``), exactly 0 at padded ones, which get no
+    gradient (a ``torch.where``, so NaN/Inf padding cannot leak). Output in ``x.dtype``."""
+    m = mask[:, None, :]
+    cdt = F.compute_dtype(x.dtype)
+    xz = torch.where(m, x.to(cdt), 0.0)
+    scale = torch.rsqrt(var.to(cdt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cdt)
+    y = (xz - mean.to(cdt)[None, :, None]) * scale[None, :, None]
+    if bias is not None:
+        y = y + bias.to(cdt)[None, :, None]
+    return torch.where(m, y, 0.0).to(x.dtype)
