@@ -81,6 +81,30 @@ def test_torch_momentum_none_layer_gets_torch_cumulative_update():
     _assert_stats(bn, ref, 1e-12)
 
 
+_LAYERS = {
+    "bnlab.BatchNorm1d (N, C, L)": (lambda: bnlab.BatchNorm1d(6), (64, 6, 5)),
+    "bnlab.BatchNorm1d (N, C)": (lambda: bnlab.BatchNorm1d(6), (64, 6)),
+    "bnlab.BatchNorm3d": (lambda: bnlab.BatchNorm3d(6), (64, 6, 2, 3, 3)),
+    "bnlab.BatchNormAct2d": (lambda: bnlab.BatchNormAct2d(6), (64, 6, 4, 4)),
+    "bnlab.BatchRenorm2d": (lambda: bnlab.BatchRenorm2d(6), (64, 6, 4, 4)),
+    "bnlab.SyncBatchNorm (one process)": (lambda: bnlab.SyncBatchNorm(6), (64, 6, 4, 4)),
+    "torch SyncBatchNorm (one process)": (lambda: nn.SyncBatchNorm(6), (64, 6, 4, 4)),
+    "bnlab.convert(torch BatchNorm1d)": (lambda: bnlab.convert(nn.BatchNorm1d(6)), (64, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(_LAYERS))
+def test_every_layer_kind_matches_its_own_step_on_the_concatenated_batch(name):
+    make, shape = _LAYERS[name]
+    bn = make().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = copy.deepcopy(bn)
+    ref(x * 2 + 1)
+    _accumulate(bn, x * 2 + 1)
+    _assert_stats(bn, ref, 1e-12)
+    assert int(bn.num_batches_tracked) == 1
+
+
 def _model(bn):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), bn(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
@@ -160,6 +184,19 @@ def test_compiled_model_fullgraph():
                 compiled(xb).square().mean().backward()
         _assert_stats(model[1], ref[1], 1e-5)
     assert int(model[1].num_batches_tracked) == 2
+
+
+def test_compiled_torch_model_momentum_restored():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+    ref = copy.deepcopy(model)
+    x = torch.randn(64, 3, 7, 7)
+    ref(x)
+    compiled = torch.compile(model, backend="aot_eager")
+    with bnlab.accumulation(model):
+        for xb in x.chunk(4):
+            compiled(xb).square().mean().backward()
+    _assert_stats(model[1], ref[1], 1e-5)
+    assert model[1].momentum == 0.1
 
 
 # --- errors and no-ops ------------------------------------------------------------------
