@@ -189,3 +189,77 @@ def test_cli_lint_reads_the_factory_source_and_scripts(tmp_path, capsys):
     assert main(["lint", f"{script}:make"]) == 0
     out = capsys.readouterr().out
     assert f"{script}:7" in out
+
+
+# --- BN012: gradient accumulation outside bnlab.accumulation (read from source) -----------
+
+_ACCUMULATING = {
+    # the step under an if: backward on line 4 runs k times per step
+    "for i, (x, y) in enumerate(loader):\n"
+    "    loss = loss_fn(model(x), y)\n"
+    "    opt.zero_grad() if i % k == 0 else None\n"
+    "    loss.backward()\n"
+    "    if (i + 1) % k == 0:\n"
+    "        opt.step()\n": [4],
+    # a step after an inner loop of micro-batches (amp's scaler included)
+    "for xb, yb in loader:\n"
+    "    for x, y in zip(xb.chunk(4), yb.chunk(4)):\n"
+    "        scaler.scale(loss_fn(model(x), y)).backward()\n"
+    "    scaler.step(opt)\n"
+    "    scaler.update()\n": [3],
+    # loss / accum_steps, however the step is written
+    "for epoch in range(3):\n"
+    "    for x, y in loader:\n"
+    "        loss = loss_fn(model(x), y) / args.accum_steps\n"
+    "        loss.backward()\n"
+    "        step_if_due(opt)\n": [4],
+}
+
+
+def test_bn012_gradient_accumulation_found():
+    for source, lines in _ACCUMULATING.items():
+        found = lint_source(source, "train.py")
+        assert [(f.code, f.severity, f.module) for f in found] == \
+            [("BN012", "warning", f"train.py:{line}") for line in lines], source
+        assert "bnlab.accumulation" in found[0].fix and "running" in found[0].why
+
+
+def test_bn012_not_raised_for_one_backward_per_step_or_inside_the_block():
+    for source in (
+        # the usual loop: one backward, one step, a scheduler stepping every so often
+        "for i, (x, y) in enumerate(loader):\n"
+        "    loss_fn(model(x), y).backward()\n"
+        "    opt.step()\n"
+        "    if i % 100 == 0:\n"
+        "        scheduler.step()\n",
+        "for epoch in range(3):\n"
+        "    for x, y in loader:\n"
+        "        loss_fn(model(x), y).backward()\n"
+        "        opt.step()\n"
+        "    lr_sched.step()\n",
+        # accumulation inside the block, however bnlab was imported
+        "import bnlab\n"
+        "for xb, yb in loader:\n"
+        "    with bnlab.accumulation(model):\n"
+        "        for x, y in zip(xb.chunk(4), yb.chunk(4)):\n"
+        "            (loss_fn(model(x), y) / accum_steps).backward()\n"
+        "    opt.step()\n",
+        "from bnlab import accumulation as acc\n"
+        "while True:\n"
+        "    with acc(model):\n"
+        "        for x, y in micro_batches():\n"
+        "            loss_fn(model(x), y).backward()\n"
+        "    opt.step()\n",
+    ):
+        assert lint_source(source) == [], source
+
+
+def test_bn012_script_with_both_rules_sorted_by_line():
+    source = ("from torch import nn\n"
+              "m = nn.SyncBatchNorm.convert_sync_batchnorm(m)\n"
+              "for i, x in enumerate(loader):\n"
+              "    model(x).mean().backward()\n"
+              "    if i % 2:\n"
+              "        opt.step()\n")
+    assert [(f.code, f.module) for f in lint_source(source, "t.py")] == \
+        [("BN011", "t.py:2"), ("BN012", "t.py:4")]

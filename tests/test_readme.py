@@ -79,6 +79,7 @@ import bnlab
 group = None  # a torch.distributed process group; None is this process alone
 """,
     "from bnlab.lab.distributed import": "",
+    "with bnlab.accumulation(model):": "",
     "bnlab.kernels.backend()": "import torch\nx = torch.randn(8, 32, 6, 6)\n",
     'layer = bnlab.BatchNormAct2d(64, act="leaky_relu", inplace=True)': "import bnlab\n",
     "from bnlab.tools import fold, recalibrate": _LOADERS,

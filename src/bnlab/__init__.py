@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import functional, keras, kernels, tools, variants
 from ._base import NonFiniteStatisticsError, NormBase
 from ._state import allow_bad_running_stats
+from .accumulate import accumulation
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert
 from .fused import BatchNormAct2d
@@ -26,6 +27,7 @@ __all__ = [
     "BatchNormAct2d",
     "NonFiniteStatisticsError",
     "NormBase",
+    "accumulation",
     "allow_bad_running_stats",
     "convert",
     "functional",

@@ -22,17 +22,21 @@ BN009  warning   eps too small for a float16 layer (subnormal; flushed to zero o
 BN010  warning   BN parameters frozen but running statistics still updating
 BN011  warning   (source) a call of torch's ``nn.SyncBatchNorm.convert_sync_batchnorm``, which
                  turns bnlab layers into plain torch SyncBatchNorm and drops their behaviour
+BN012  warning   (source) gradient accumulation (several ``backward()`` per optimizer
+                 ``step()``) outside a ``bnlab.accumulation`` block
 =====  ========  ==============================================================================
 
-BN011 cannot be seen in a model: after torch's converter has run, a window-mode or fused layer
-is an ordinary ``torch.nn.SyncBatchNorm`` with the same state. ``lint_source`` reads Python
-source (the file a model comes from, or a training script) for it; ``bnlab lint`` runs both.
+BN011 and BN012 cannot be seen in a model: after torch's converter has run, a window-mode or
+fused layer is an ordinary ``torch.nn.SyncBatchNorm`` with the same state, and a model does not
+know how often its optimizer steps. ``lint_source`` reads Python source (the file a model comes
+from, or a training script) for them; ``bnlab lint`` runs both.
 """
 
 from __future__ import annotations
 
 import ast
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -85,6 +89,11 @@ RULES: dict[str, tuple[str, str]] = {
               "is silently lost (the state dict still loads)",
               "use bnlab.SyncBatchNorm.convert_sync_batchnorm(model): it converts torch and "
               "bnlab layers and keeps bnlab's behaviour"),
+    "BN012": ("under gradient accumulation every micro-batch moves a BN layer's running "
+              "statistics as if it were a batch: they follow a k-times smaller batch with "
+              "k-times more updates (pytorch/pytorch#46516)",
+              "put the k forward/backward passes of one optimizer step inside "
+              "`with bnlab.accumulation(model):` (one update from the merged moments)"),
     "BN010": ("a frozen layer (no gradient for gamma/beta) still updates its running statistics "
               "in train mode, so 'frozen' features drift while fine-tuning",
               "call .eval() on frozen BN layers after each model.train()"),
@@ -277,13 +286,80 @@ def _qualified(node: ast.expr, names: dict[str, str]) -> str | None:
     return ".".join([names[node.id], *reversed(parts)])
 
 
+#: what ``bnlab.accumulation`` is called by, fully qualified
+_ACCUMULATION = {"bnlab.accumulation", "bnlab.accumulate.accumulation"}
+
+
+def _scope(node: ast.AST) -> Iterator[tuple[ast.AST, bool, int]]:
+    """The nodes inside a loop's body: ``(node, under_if, loop_depth)``, without descending into
+    functions or classes defined there (their code runs where they are called)."""
+    todo = [(child, False, 0) for child in ast.iter_child_nodes(node)]
+    while todo:
+        n, cond, depth = todo.pop()
+        yield n, cond, depth
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        inner = depth + isinstance(n, (ast.For, ast.AsyncFor, ast.While))
+        todo += [(c, cond or isinstance(n, ast.If), inner) for c in ast.iter_child_nodes(n)]
+
+
+def _method(node: ast.AST, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == attr)
+
+
+def _receiver(call: ast.Call) -> str:
+    return ast.unparse(call.func.value).lower()
+
+
+def _accumulating(tree: ast.AST, names: dict[str, str]) -> list[ast.Call]:
+    """The ``backward()`` calls of loops that call it more than once per optimizer ``step()``
+    (BN012), outside ``with bnlab.accumulation(...)`` blocks: a loop whose backward runs every
+    iteration but whose every step is under an ``if`` (``if (i + 1) % k == 0: opt.step()``), a
+    loop that steps after an inner loop of backward calls, or a loop that divides by a name
+    with "accum" in it (``loss / accum_steps``)."""
+    covered: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)) and any(
+            isinstance(i.context_expr, ast.Call)
+            and _qualified(i.context_expr.func, names) in _ACCUMULATION for i in node.items
+        ):
+            covered |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found: dict[int, ast.Call] = {}
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.AsyncFor, ast.While)):
+            continue
+        nodes = list(_scope(loop))
+        backward = [(n, c, d) for n, c, d in nodes
+                    if _method(n, "backward") and id(n) not in covered]
+        steps = [(n, c, d) for n, c, d in nodes
+                 if _method(n, "step") and "sched" not in _receiver(n)]
+        if not backward:
+            continue
+        conditional = bool(steps) and all(c for _, c, _ in steps) and any(
+            not c for _, c, _ in backward)
+        inner = any(d == 0 for _, _, d in steps) and any(d > 0 for _, _, d in backward) and not (
+            any(d > 0 for _, _, d in steps))
+        divided = any(
+            isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+            and "accum" in ast.unparse(n.right).lower() for n, _, _ in nodes)
+        if conditional or inner or divided:
+            for n, _, _ in backward:
+                found[id(n)] = n
+    return list(found.values())
+
+
 def lint_source(source: str, filename: str = "<source>") -> list[Finding]:
-    """Check Python source for BN mistakes a model cannot show (BN011).
+    """Check Python source for BN mistakes a model cannot show (BN011, BN012).
 
     Reads the source (nothing runs): a call of torch's
     ``SyncBatchNorm.convert_sync_batchnorm``, however it was imported (``torch.nn``, ``nn``,
     ``from torch.nn import SyncBatchNorm``), is reported with its line; bnlab's converter is
-    not.
+    not. BN012 reports each ``backward()`` call of a loop that accumulates gradients (several
+    backward calls per optimizer ``step()``: a step under an ``if`` such as
+    ``if (i + 1) % k == 0``, a step after an inner loop of backward calls, or a division by
+    ``accum_steps``) outside a ``with bnlab.accumulation(model):`` block. The source does not
+    say whether the model has BN layers: the warning applies when it does.
 
     Example::
 
@@ -320,4 +396,8 @@ def lint_source(source: str, filename: str = "<source>") -> list[Finding]:
             if target in _TORCH_CONVERTERS:
                 out.append(_finding("BN011", "warning", f"{filename}:{node.lineno}",
                                     "calls torch.nn.SyncBatchNorm.convert_sync_batchnorm"))
-    return sorted(out, key=lambda f: int(f.module.rsplit(":", 1)[1]))
+    for call in _accumulating(tree, names):
+        out.append(_finding("BN012", "warning", f"{filename}:{call.lineno}",
+                            "backward() runs several times per optimizer step (gradient "
+                            "accumulation) outside a bnlab.accumulation block"))
+    return sorted(out, key=lambda f: (int(f.module.rsplit(":", 1)[1]), f.code))

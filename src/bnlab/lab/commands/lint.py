@@ -2,8 +2,8 @@
 errors.
 
 A ``module:callable`` is built and its model checked (:func:`bnlab.tools.lint`), and the source
-of its module is read for what a model cannot show (:func:`bnlab.tools.lint_source`, BN011). A
-plain ``script.py`` (a training script) is only read, never run.
+of its module is read for what a model cannot show (:func:`bnlab.tools.lint_source`, BN011,
+BN012). A plain ``script.py`` (a training script) is only read, never run.
 """
 
 from __future__ import annotations
