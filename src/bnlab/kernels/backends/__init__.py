@@ -136,9 +136,9 @@ def train_synced(
     on the concatenation of every rank's batch; parameter gradients are this rank's share.
     Must be called on every rank, also with an empty batch. ``inplace`` keeps only the output
     (in-place activated BN); a ``|weight|`` below :data:`MIN_WEIGHT` saves the input instead."""
-    impl = "native" if _dispatch.native_supports(x, (weight, bias)) and (
-        _dispatch.forced() in (None, "native")
-    ) else "torch"
+    # the normalisation's implementation, by the one choice (any other answer: torch's kernels
+    # and tensor ops, which work on every device)
+    impl = "native" if _dispatch.choose(x, (weight, bias), True) == "native" else "torch"
     sync = (group, *global_moments(x, group))
     if inplace and weights_invertible(weight):
         y, mean, var = InPlaceBN.apply(x, weight, bias, float(eps), act, float(slope), False,
