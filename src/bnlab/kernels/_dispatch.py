@@ -204,11 +204,6 @@ def capturing() -> bool:
     return _is_compiling() or _is_exporting()
 
 
-def transformed(x: Tensor) -> bool:
-    """Under a ``torch.func`` transform or forward-mode AD (eager)."""
-    return _is_wrapped(x) or _fwd_ad._current_level >= 0
-
-
 def _worth_it(x: Tensor) -> bool:
     """Whether the operators beat torch's kernel on ``x`` for a layer's step (measured)."""
     n = x.numel()
