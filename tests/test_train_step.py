@@ -149,6 +149,15 @@ def test_one_step_function_under_every_name():
     assert train_pkg.StepResult is loop.StepResult is step.StepResult
 
 
+def test_the_lab_steps_an_optimizer_in_train_step_only():
+    """The one loop: every training loop of the lab (trainer, studies, cost study, example
+    worker) steps through ``train_step``; no other file of the lab calls ``opt.step()``."""
+    calls = re.compile(r"\b(opt|optimizer)\w*\.step\(")
+    found = {p.relative_to(LAB).as_posix() for p in LAB.rglob("*.py")
+             if calls.search(p.read_text())}
+    assert found == {"train/step.py"}
+
+
 def test_the_cost_study_times_train_step(monkeypatch):
     from bnlab.lab.models import small_cnn
     from bnlab.lab.studies import cost
