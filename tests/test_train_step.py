@@ -147,3 +147,35 @@ def test_a_nonfinite_member_stops_the_step_before_backward():
 def test_one_step_function_under_every_name():
     assert train_pkg.train_step is loop.train_step is step.train_step
     assert train_pkg.StepResult is loop.StepResult is step.StepResult
+
+
+def test_the_lab_steps_an_optimizer_in_train_step_only():
+    """The one loop: every training loop of the lab (trainer, studies, cost study, example
+    worker) steps through ``train_step``; no other file of the lab calls ``opt.step()``."""
+    calls = re.compile(r"\b(opt|optimizer)\w*\.step\(")
+    found = {p.relative_to(LAB).as_posix() for p in LAB.rglob("*.py")
+             if calls.search(p.read_text())}
+    assert found == {"train/step.py"}
+
+
+def test_the_cost_study_times_train_step(monkeypatch):
+    from bnlab.lab.models import small_cnn
+    from bnlab.lab.studies import cost
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2].shape)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "train_step", counted)
+    torch.manual_seed(0)
+    model = small_cnn("bn", placement="before")
+    w0 = model[0].weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2 * cost.TRAIN_BATCH, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (2 * cost.TRAIN_BATCH,), generator=g)
+    assert cost._train_time(model, x, y, 2) > 0
+    assert calls == [(cost.TRAIN_BATCH, 1, 28, 28)] * 2
+    assert not torch.equal(model[0].weight, w0)
+    assert int(model[1].num_batches_tracked) == 2
