@@ -27,15 +27,61 @@ def _check(args: argparse.Namespace) -> list[str]:
     return norms
 
 
+def _value(key: str, text: str):
+    if key == "stages":  # "32x1,64x2": (width, convolutions) per stage
+        try:
+            stages = tuple(tuple(int(v) for v in s.split("x")) for s in text.split(","))
+        except ValueError:
+            stages = ()
+        if not stages or any(len(s) != 2 for s in stages):
+            raise ValueError(f"--set stages= takes WIDTHxCONVS,... (e.g. 32x1,64x2), got "
+                             f"{text!r}")
+        return stages
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def recipes_with(norms: list[str], settings: list[str]) -> dict:
+    """The recipes of ``norms`` with ``--set [NORM.]KEY=VALUE`` changes (no NORM: every one)."""
+    import dataclasses
+
+    from ..speedrun import RECIPES
+
+    fields = {f.name for f in dataclasses.fields(RECIPES["bn"])} - {"norm"}
+    recipes = {n: RECIPES[n] for n in norms}
+    for item in settings:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set takes KEY=VALUE or NORM.KEY=VALUE, got {item!r}")
+        norm, dot, name = key.rpartition(".")
+        if name not in fields:
+            raise ValueError(f"--set {key}: no recipe setting {name!r}; the settings are "
+                             f"{', '.join(sorted(fields))}")
+        if dot and norm not in recipes:
+            raise ValueError(f"--set {key}: {norm!r} is not a recipe of this run "
+                             f"({', '.join(recipes)})")
+        for n in ([norm] if dot else list(recipes)):
+            recipes[n] = recipes[n].replace(**{name: _value(name, text)})
+    return recipes
+
+
 def _run(args: argparse.Namespace) -> int:
     norms = _check(args)
     from ..speedrun import speedrun
+
+    recipes = recipes_with(norms, args.set)
 
     out = args.out or f"runs/speedrun-{'-'.join(norms)}"
     speedrun(out, norms=norms, seeds=args.seeds, budget_s=args.budget_s, target=args.target,
              split="holdout" if args.holdout else "test", threads=args.threads,
              data_dir=args.data_dir, train_subset=args.train_subset,
-             eval_subset=args.eval_subset)
+             eval_subset=args.eval_subset, recipes=recipes)
     print(f"run directory: {out} (report: {out}/report.html)")
     return 0
 
@@ -63,5 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on the first N images only (tests)")
     p.add_argument("--eval-subset", dest="eval_subset", type=int,
                    help="measure on the first N images of the split only (tests)")
+    p.add_argument("--set", action="append", default=[], metavar="[NORM.]KEY=VALUE",
+                   help="change a recipe setting (e.g. lr=0.1, bn.stages=32x1,64x2, "
+                        "bf16=false); repeatable; see bnlab.lab.speedrun.Recipe")
     p.add_argument("--out", help="run directory (default runs/speedrun-NORMS)")
     p.set_defaults(func=_run)
