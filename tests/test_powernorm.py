@@ -281,6 +281,13 @@ def test_compile_fullgraph_one_graph_for_every_step_and_mask():
             assert torch.allclose(v, compiled.state_dict()[k], atol=1e-12), (i, k)
     assert int(compiled.num_batches_tracked) == 5
     assert len(graphs) == 1
+    plain, plain_eager = _layer(), _layer()
+    plain_step = torch.compile(plain, backend=backend, fullgraph=True)
+    for _ in range(5):  # without a mask: one more graph, for every step
+        x = torch.randn(N, C, L, dtype=D)
+        assert _close(plain_step(x), plain_eager(x))
+    assert torch.allclose(plain.running_phi, plain_eager.running_phi, atol=1e-12)
+    assert len(graphs) == 2
     assert sum(counters["graph_break"].values()) == 0
     explained = torch._dynamo.explain(bnlab.PowerNorm(C, warmup_iters=1))(
         torch.randn(N, C, L), mask=_mask(0))  # fmt: skip

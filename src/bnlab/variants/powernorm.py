@@ -168,36 +168,6 @@ running quadratic mean: :math:`y = \gamma \tilde x / \sqrt{\phi + \epsilon} + \b
 Padded positions give exactly 0 and get zero gradient. All symbols but :math:`x, \tilde x,
 z, y` are ``(C,)``; :math:`\phi` is ``running_phi``.
 
-Where it follows the authors' code rather than Algorithm 1: the warm-up (batch statistics
-normalise the first :math:`W` batches; the cumulative-then-EMA update of :math:`\phi` while
-:math:`t < W`), the group scaling (not in the paper), the defaults (``alpha_fwd = alpha_bkw =
-0.9``, ``warmup_iters = 10000``, ``group_num = 1``, ``eps = 1e-5``). Where it deliberately
-differs from the authors' code:
-
-- the backward divides by :math:`\sqrt{s + \epsilon}`, the forward's normaliser (the
-  paper's :math:`\psi_{t-1}`); the authors' code divides by the batch's
-  :math:`\sqrt{\psi_B^2 + \epsilon}` even after the warm-up;
-- with a mask every mean (:math:`\psi_B^2` and the ``ema_gz`` update) is over the valid
-  positions only and padded outputs are 0; the authors' code normalises the padded positions
-  too and counts them in the backward's means;
-- the group scaling uses the layer's ``eps`` (the authors': a fixed ``1e-5``, the default);
-- a batch with NaN/Inf statistics (or no valid position, inside a graph) leaves
-  ``running_phi`` and ``num_batches_tracked`` as they were, a NaN/Inf gradient leaves
-  ``ema_gz`` as it was (the authors' buffers absorb them);
-- buffers are ``(C,)`` (the authors': ``(1, C, 1, 1)``) and the counter is a 0-dim
-  ``num_batches_tracked`` (the authors': ``iters``); the mask is true at *valid* positions
-  (fairseq's ``pad_mask`` is true at padding), and inputs are ``(N, C, L)`` or ``(N, L, C)``
-  (fairseq's ``(T, B, C)``).
-
-``alpha_fwd``/``alpha_bkw`` are, as in the paper, the weight of the *old* value (0.9 here is
-torch's momentum 0.1). Not a ``torch.nn.modules.batchnorm._BatchNorm`` (nor bnlab's
-``NormBase``): it has no mean, no variance and an evaluation that is not a per-channel affine
-map, so BN tools (fold, freeze, recalibrate, convert_sync_batchnorm) rightly leave it alone.
-Every step is tensor ops, so ``torch.compile(fullgraph=True)`` makes one graph for every step
-(before and after the warm-up) and every mask of a shape; the checks that read values
-(``lengths`` in ``[0, L]``, a valid position in a training batch, the NaN/Inf warning) run in
-eager mode only.
-
 Args:
     num_features: ``C``, the number of channels.
     eps: added to the quadratic means (and in the group scaling). Default: ``1e-5``.
@@ -235,6 +205,44 @@ Example::
     >>> y.backward(torch.randn_like(y))
     >>> bool((y[3, 1:] == 0).all()), int(pn.num_batches_tracked)
     (True, 1)
+
+Notes:
+    From the authors' code rather than Algorithm 1: the warm-up (batch statistics normalise
+    the first :math:`W` training batches; the cumulative-then-EMA update of :math:`\phi` while
+    :math:`t < W`), the group scaling (not in the paper) and the defaults (``MaskPowerNorm``'s:
+    ``alpha_fwd = alpha_bkw = 0.9``, ``warmup_iters = 10000``, ``group_num = 1``, ``eps =
+    1e-5``). Their transformers pass ``group_num`` = the number of attention heads and
+    ``warmup_iters`` = the learning-rate warm-up (fairseq's ``--warmup-updates``).
+
+    Where it deliberately differs from the authors' code:
+
+    - the backward divides by :math:`\sqrt{s + \epsilon}`, the forward's normaliser (the
+      paper's :math:`\psi_{t-1}`); the authors' code divides by the batch's
+      :math:`\sqrt{\psi_B^2 + \epsilon}` even after the warm-up;
+    - with a mask every mean (:math:`\psi_B^2` and the ``ema_gz`` update) is over the valid
+      positions only and padded outputs are 0; the authors' code normalises the padded
+      positions too and counts them in the backward's means;
+    - the group scaling uses the layer's ``eps`` (the authors': a fixed ``1e-5``);
+    - a batch with NaN/Inf statistics (or, inside a graph, no valid position) leaves
+      ``running_phi`` and ``num_batches_tracked`` as they were, and a NaN/Inf gradient leaves
+      ``ema_gz`` as it was (the authors' buffers absorb them);
+    - buffers are ``(C,)`` (the authors': ``(1, C, 1, 1)``), the counter is a 0-dim
+      ``num_batches_tracked`` (the authors': ``iters``), the mask is true at *valid*
+      positions (fairseq's ``pad_mask`` is true at padding), and inputs are ``(N, C, L)`` or
+      ``(N, L, C)`` (fairseq's ``(T, B, C)``).
+
+    ``alpha_fwd``/``alpha_bkw`` are, as in the paper, the weight of the *old* value (0.9 is
+    torch's momentum 0.1). Every training forward counts one batch (a layer called twice per
+    step counts two, as the authors' does); ``ema_gz`` moves in the backward only, so a
+    training forward under ``torch.no_grad`` moves ``running_phi`` alone.
+
+    Not a ``torch.nn.modules.batchnorm._BatchNorm`` (nor a bnlab ``NormBase``): it has no mean,
+    no variance and an evaluation that is not a per-channel affine map (the group scaling), so
+    BN tools (fold, freeze, recalibrate, convert_sync_batchnorm) rightly leave it alone. Every
+    step is tensor ops, so ``torch.compile(fullgraph=True)`` makes one graph for every step
+    (before and after the warm-up) and every mask of a shape; the checks that read values
+    (``lengths`` in ``[0, L]``, a valid position in a training batch, the NaN/Inf warning) run
+    in eager mode only.
 """
 
 
