@@ -150,6 +150,20 @@ def test_eval_gradient_is_exact_and_leaves_ema_gz():
     assert torch.equal(layer.ema_gz, ema)
 
 
+def test_without_affine_is_unit_weight_and_zero_bias():
+    bare = bnlab.PowerNorm(C, affine=False, warmup_iters=1, dtype=D)
+    unit = bnlab.PowerNorm(C, warmup_iters=1, dtype=D)
+    assert bare.weight is None and bare.bias is None
+    for i in range(3):  # the second and third steps normalise with running_phi
+        x = torch.randn(N, C, L, dtype=D)
+        gy = torch.randn(N, C, L, dtype=D)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = bare(xa, mask=_mask(i)), unit(xb, mask=_mask(i))
+        ya.backward(gy), yb.backward(gy)
+        assert _close(ya, yb) and _close(xa.grad, xb.grad)
+        assert _close(bare.ema_gz, unit.ema_gz) and _close(bare.running_phi, unit.running_phi)
+
+
 def test_layouts_and_lengths_agree():
     x = torch.randn(N, C, L, dtype=D)
     lengths = torch.tensor([5, 1, 0, 3])

@@ -326,10 +326,11 @@ class PowerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, "
-                f"alpha_bkw={self.alpha_bkw}, affine={self.affine}, "
-                f"warmup_iters={self.warmup_iters}, group_num={self.group_num}, "
-                f"layout={self.layout!r}")  # fmt: skip
+        s = (f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, "
+             f"alpha_bkw={self.alpha_bkw}, affine={self.affine}, "
+             f"warmup_iters={self.warmup_iters}, group_num={self.group_num}, "
+             f"layout={self.layout!r}")  # fmt: skip
+        return s + (f", nonfinite={self.nonfinite!r}" if self.nonfinite != "skip" else "")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any) -> None:  # fmt: skip
