@@ -84,6 +84,7 @@ group = None  # a torch.distributed process group; None is this process alone
     'layer = bnlab.BatchNormAct2d(64, act="leaky_relu", inplace=True)': "import bnlab\n",
     "from bnlab.tools import fold, recalibrate": _LOADERS,
     "bn = bnlab.MaskedBatchNorm1d(": "",  # self-contained
+    "pn = bnlab.PowerNorm(": "",  # self-contained
 }
 
 
