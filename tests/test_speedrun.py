@@ -138,11 +138,12 @@ def test_time_to_and_the_summary_count_a_missed_target_as_the_budget():
 def test_schedule_warms_up_and_ends_at_zero():
     r = RECIPES["bn"]
     total = 100
-    lrs = [lr_at(r, s, total) for s in range(total)]
-    assert max(lrs) == pytest.approx(r.lr)
-    assert lrs[0] < lrs[int(r.warmup * total) - 1] and lrs[-1] < 0.02 * r.lr
-    assert all(b <= a + 1e-12 for a, b in zip(lrs[int(r.warmup * total):], lrs[int(r.warmup *
-                                                                               total) + 1:]))
+    lrs = [lr_at(r, (s + 1) / total) for s in range(total)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(r.lr) and peak == round(r.warmup * total) - 1
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))  # rising
+    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1:], strict=True))  # then falling
+    assert lrs[-1] == 0.0 and lr_at(r, 0.0) == 0.0 and lr_at(r, 2.0) == 0.0
 
 
 @pytest.mark.parametrize("norm", ["bn", "none"])
