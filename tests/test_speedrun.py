@@ -135,6 +135,13 @@ def test_time_to_and_the_summary_count_a_missed_target_as_the_budget():
     assert s["verdict"] == "supported"
 
 
+def test_a_target_with_three_decimals_keeps_them():
+    from bnlab.lab.speedrun.run import _key, header
+
+    assert [_key(t) for t in (0.9, 0.93, 0.893)] == ["0.90", "0.93", "0.893"]
+    assert "t0.893" in header((0.893, 0.90), "test").split()
+
+
 def test_schedule_warms_up_and_ends_at_zero():
     r = RECIPES["bn"]
     total = 100
