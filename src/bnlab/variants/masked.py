@@ -7,8 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .. import functional_variants as FV
 from .._base import _check_choice, _kernels_capturing, _NormBase
+from ..kernels import masked as _masked
 
 __all__ = ["MaskedBatchNorm1d"]
 
@@ -68,17 +68,9 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
         True
     """
 
-    _sync_policy = "refuse"
-
     def __init__(self, *args: Any, layout: Layout = "ncl", **kwargs: Any) -> None:
         name = type(self).__name__
         _check_choice(name, "layout", layout, Layout)
-        if kwargs.get("process_group") is not None:
-            raise ValueError(
-                f"{name}: process_group is not supported yet (synchronised masked statistics "
-                f"are not implemented), got process_group={kwargs['process_group']!r}; "
-                "use process_group=None"
-            )
         if kwargs.get("normalize_with", "batch") != "batch":
             raise ValueError(f"{name}: normalize_with must be 'batch' (masked statistics), got "
                              f"{kwargs['normalize_with']!r}")  # fmt: skip
@@ -102,21 +94,21 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
 
     def _masked_forward(self, x: Tensor, mask: Tensor) -> Tensor:
         if not self.training and self.track_running_stats:
-            return FV.masked_normalize(x, mask, self.running_mean, self.running_var,
-                                       self.weight, self.bias, self.eps)  # fmt: skip
-        mean, var, count = FV.masked_batch_stats(x, mask)
-        if self.training and not _kernels_capturing(x) and int(count) <= 1:
-            raise ValueError(
-                f"{type(self).__name__}: Expected more than 1 valid position per channel when "
-                f"training, got {int(count)} in mask of shape {tuple(mask.shape)}; "
-                "give mask/lengths with at least 2 valid positions in the batch"
-            )
-        y = FV.masked_normalize(x, mask, mean, var, self.weight, self.bias, self.eps)
+            return _masked.evaluate(x, mask, self.running_mean, self.running_var, self.weight,
+                                    self.bias, self.eps)  # fmt: skip
+        name = type(self).__name__
+        if self.sync and self._syncing():
+            y, mean, var, count = _masked.train_synced(x, mask, self.weight, self.bias, self.eps,
+                                                       self.process_group, owner=name)  # fmt: skip
+        else:
+            y, mean, var, count = _masked.train(x, mask, self.weight, self.bias, self.eps,
+                                                owner=name)  # fmt: skip
         if self.training and self.track_running_stats:
-            # In a graph (no check above) a batch of < 2 valid positions must not move the
-            # statistics: a NaN mean makes running_update keep every buffer as it was.
-            mean = torch.where(count > 1, mean.detach(), torch.nan)
-            self._update_running(mean, var.detach(), count)
+            if _kernels_capturing(x):
+                # In a graph (no check of the count) a batch of < 2 valid positions must not
+                # move the statistics: a NaN mean makes running_update keep every buffer.
+                mean = torch.where(count > 1, mean.detach(), torch.nan)
+            self._update_running(mean.detach(), var.detach(), count)
         return y
 
     def _valid_mask(self, x: Tensor, mask: Tensor | None, lengths: Tensor | None) -> Tensor:
