@@ -23,20 +23,24 @@ static inline SFX(ivec) SFX(iload)(const ivec_t *p) {
 
 static inline void SFX(vstore)(T *p, SFX(vec) v) { memcpy(p, &v, sizeof v); }
 
-/* The NCL lane masks: lm[n L + l] = -1 (all bits) where valid, else 0; and the number of
- * valid positions of each sample, vn[n]. Returns the number of valid positions. */
+/* The NCL lane masks: lm[n L + l] = -1 (all bits) where valid, else 0; the number of valid
+ * positions of each sample, vn[n]; and vn[N + n] = vn[n] when they are a prefix of the sample
+ * (a mask made from lengths), else -1. A prefix sample runs without masks: its first vn[n]
+ * values unmasked, the rest of its output zero-filled, its padding never read; only other
+ * samples' lane masks are written. Returns the number of valid positions. */
 static int64_t SFX(mask_lanes)(const uint8_t *restrict m, int64_t N, int64_t L,
                                ivec_t *restrict lm, int64_t *restrict vn) {
     int64_t total = 0;
     for (int64_t n = 0; n < N; n++) {
-        int64_t k = 0;
-        for (int64_t l = 0; l < L; l++) {
-            int v = m[n * L + l] != 0;
-            if (lm) lm[n * L + l] = -(ivec_t)v;
-            k += v;
-        }
+        const uint8_t *restrict r = m + n * L;
+        int64_t k = 0, head = 0;
+        for (int64_t l = 0; l < L; l++) k += r[l] != 0;
+        for (int64_t l = 0; l < k; l++) head += r[l] != 0; /* a prefix: the first k all valid */
         vn[n] = k;
+        vn[N + n] = head == k ? k : -1;
         total += k;
+        if (head != k) /* only these rows read their lane masks */
+            for (int64_t l = 0; l < L; l++) lm[n * L + l] = -(ivec_t)(r[l] != 0);
     }
     return total;
 }
@@ -139,12 +143,26 @@ typedef struct {
 } SFX(mcoef);
 
 /* o = (A (p - P) + B (q - Q) + D) & lane mask over one NCL plane: the normalised output
- * (q = NULL) or the input gradient (p = dy, q = x) */
+ * (q = NULL) or the input gradient (p = dy, q = x). With pre >= 0 (the valid positions are the
+ * plane's first pre): unmasked there and zero after. */
 static void SFX(maffine_plane)(const T *restrict p, const T *restrict q, const ivec_t *restrict lm,
-                               T *restrict o, int64_t L, SFX(mcoef) k) {
+                               T *restrict o, int64_t L, int64_t pre, SFX(mcoef) k) {
     SFX(vec) zero = {0}, av = zero + k.A, pv = zero + k.P, bv = zero + k.B, qv = zero + k.Q;
     SFX(vec) dv = zero + k.D;
     int64_t i = 0;
+    if (pre >= 0) {
+        for (; i + VL <= pre; i += VL) {
+            SFX(vec) v = (SFX(vload)(p + i) - pv) * av + dv;
+            if (q) v += (SFX(vload)(q + i) - qv) * bv;
+            SFX(vstore)(o + i, v);
+        }
+        for (; i < pre; i++) {
+            T v = (p[i] - k.P) * k.A + k.D;
+            o[i] = q ? v + (q[i] - k.Q) * k.B : v;
+        }
+        memset(o + pre, 0, (size_t)(L - pre) * sizeof(T));
+        return;
+    }
     for (; i + VL <= L; i += VL) {
         SFX(vec) v = (SFX(vload)(p + i) - pv) * av + dv;
         if (q) v += (SFX(vload)(q + i) - qv) * bv;
@@ -155,6 +173,57 @@ static void SFX(maffine_plane)(const T *restrict p, const T *restrict q, const i
         if (q) v += (q[i] - k.Q) * k.B;
         o[i] = lm[i] ? v : (T)0;
     }
+}
+
+/* One NCL plane of sample n: unmasked over its first `pre` values when its valid positions
+ * are that prefix (pre >= 0; bn_impl.h's sums_plane for the moments), else through the lane
+ * masks. */
+static inline void SFX(msums_row)(const T *p, const ivec_t *q, int64_t L, int64_t pre, T piv,
+                                  double *o1, double *o2) {
+    if (pre >= 0)
+        SFX(sums_plane)(p, pre, piv, o1, o2);
+    else
+        SFX(msums_plane)(p, q, L, piv, o1, o2);
+}
+
+static void SFX(mgrad_prefix)(const T *restrict g, const T *restrict p, int64_t L, T ctr,
+                              double *o1, double *o2) {
+    SFX(vec) zero = {0}, cv = zero + ctr;
+    double d1 = 0.0, d2 = 0.0;
+    int64_t i = 0;
+    while (L - i >= VL) {
+        int64_t end = i + (L - i < BLOCK ? L - i : BLOCK) / VL * VL, k = i;
+        SFX(vec) a0 = zero, a1 = zero, s0 = zero, s1 = zero;
+        for (; k + 2 * VL <= end; k += 2 * VL) {
+            SFX(vec) g0 = SFX(vload)(g + k), g1 = SFX(vload)(g + k + VL);
+            a0 += g0;
+            a1 += g1;
+            s0 += g0 * (SFX(vload)(p + k) - cv);
+            s1 += g1 * (SFX(vload)(p + k + VL) - cv);
+        }
+        for (; k < end; k += VL) {
+            SFX(vec) g0 = SFX(vload)(g + k);
+            a0 += g0;
+            s0 += g0 * (SFX(vload)(p + k) - cv);
+        }
+        d1 += SFX(vsum)(a0 + a1);
+        d2 += SFX(vsum)(s0 + s1);
+        i = end;
+    }
+    for (; i < L; i++) {
+        d1 += (double)g[i];
+        d2 += (double)g[i] * (double)(p[i] - ctr);
+    }
+    *o1 += d1;
+    *o2 += d2;
+}
+
+static inline void SFX(mgrad_row)(const T *g, const T *p, const ivec_t *q, int64_t L,
+                                  int64_t pre, T ctr, double *o1, double *o2) {
+    if (pre >= 0)
+        SFX(mgrad_prefix)(g, p, pre, ctr, o1, o2);
+    else
+        SFX(mgrad_plane)(g, p, q, L, ctr, o1, o2);
 }
 
 /* Row sums over tasks: for every valid row r, s1[c] += u_c and s2[c] += u_c v_c with
@@ -226,16 +295,13 @@ static inline SFX(mcoef) SFX(mcoef_grad)(T mt, double delta, double invstd, doub
     return k;
 }
 
-/* the affine map over channel c's N planes (NCL), 0 in samples without a valid position */
+/* the affine map over channel c's N planes (NCL; vn: see mask_lanes) */
 static void SFX(mchannel_affine)(const T *p, const T *q, const ivec_t *lm, const int64_t *vn,
                                  T *out, int64_t N, int64_t C, int64_t L, int64_t c,
                                  SFX(mcoef) k) {
     for (int64_t n = 0; n < N; n++) {
         const int64_t off = (n * C + c) * L;
-        if (!vn[n])
-            memset(out + off, 0, (size_t)L * sizeof(T));
-        else
-            SFX(maffine_plane)(p + off, q ? q + off : NULL, lm + n * L, out + off, L, k);
+        SFX(maffine_plane)(p + off, q ? q + off : NULL, lm + n * L, out + off, L, vn[N + n], k);
     }
 }
 
@@ -268,10 +334,11 @@ static void SFX(mrows_affine)(const T *p, const T *q, const uint8_t *m, T *out, 
     }
 }
 
-/* NCL scratch: lane masks (N L) and valid counts per sample (N); NULL when memory is short */
+/* NCL scratch: lane masks (N L), valid counts and prefix lengths per sample (2 N, see
+ * mask_lanes); NULL when memory is short */
 static ivec_t *SFX(mlanes_new)(const uint8_t *m, int64_t N, int64_t L, int64_t **vn) {
     ivec_t *lm = malloc((size_t)(N * L) * sizeof(ivec_t));
-    *vn = malloc((size_t)N * sizeof(int64_t));
+    *vn = malloc((size_t)(2 * N) * sizeof(int64_t));
     if (!lm || !*vn) {
         free(lm);
         free(*vn);
@@ -302,9 +369,10 @@ static int SFX(mrows_reduce)(const T *g, const T *x, const uint8_t *m, int64_t R
 }
 
 /* Training forward: per-channel mean and biased variance of the valid positions (0 and 0
- * without any), delta = the exact mean - its value rounded to T, and, when y is not NULL, y = (x - mean) / sqrt(var + eps) w + b there (0 at
- * padded positions). NCL runs channel by channel: a channel's planes are read once from
- * memory for the sums and again, from cache when they fit, for the output. */
+ * without any), delta = the exact mean - its value rounded to T, and, when y is not NULL,
+ * y = (x - mean) / sqrt(var + eps) w + b there (0 at padded positions). NCL runs channel by
+ * channel: a channel's planes are read once from memory for the sums and again, from cache
+ * when they fit, for the output. */
 static int SFX(masked_forward)(const T *x, const uint8_t *m, T *y, int64_t N, int64_t C,
                                int64_t L, int rows, const T *w, const T *b, double eps, T *mean,
                                T *var, T *delta, int nt) {
@@ -349,7 +417,8 @@ static int SFX(masked_forward)(const T *x, const uint8_t *m, T *y, int64_t N, in
             T pv = x[(n0 * C + c) * L + l0];
             piv = (double)pv;
             for (int64_t n = 0; n < N; n++)
-                if (vn[n]) SFX(msums_plane)(x + (n * C + c) * L, lm + n * L, L, pv, &s1, &s2);
+                if (vn[n])
+                    SFX(msums_row)(x + (n * C + c) * L, lm + n * L, L, vn[N + n], pv, &s1, &s2);
         }
         double d = count ? s1 / (double)count : 0.0;
         double v = count ? s2 / (double)count - d * d : 0.0;
@@ -408,7 +477,8 @@ static int SFX(masked_backward)(const T *g, const T *x, const uint8_t *m, T *dx,
         double s1 = 0.0, s2 = 0.0;
         for (int64_t n = 0; n < N; n++) {
             const int64_t off = (n * C + c) * L;
-            if (vn[n]) SFX(mgrad_plane)(g + off, x + off, lm + n * L, L, mean[c], &s1, &s2);
+            if (vn[n])
+                SFX(mgrad_row)(g + off, x + off, lm + n * L, L, vn[N + n], mean[c], &s1, &s2);
         }
         const double dl = delta ? (double)delta[c] : 0.0;
         s2 -= dl * s1; /* the sums were centred at the stored mean, not the exact one */
@@ -457,11 +527,8 @@ static int SFX(masked_affine)(const T *g, const T *x, const uint8_t *m, T *out, 
 #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t i = 0; i < N * C; i++) {
                 int64_t n = i / C, c = i % C;
-                if (!vn[n])
-                    memset(out + i * L, 0, (size_t)L * sizeof(T));
-                else
-                    SFX(maffine_plane)(p + i * L, q ? q + i * L : NULL, lm + n * L, out + i * L,
-                                       L, k[c]);
+                SFX(maffine_plane)(p + i * L, q ? q + i * L : NULL, lm + n * L, out + i * L, L,
+                                   vn[N + n], k[c]);
             }
             free(lm);
             free(vn);
