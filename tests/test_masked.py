@@ -23,13 +23,19 @@ N, C, L = 5, 3, 7
 
 
 def _mask(seed: int) -> torch.Tensor:
-    """A random mask with one sample of a single valid position and one of padding only."""
+    """A random mask with one sample of a single valid position, one of padding only, and two
+    whose valid positions are a prefix (as lengths make them; the kernels take those rows
+    without masks)."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(N, L, generator=g) < 0.6
     mask[0] = False
     mask[0, 3] = True  # one valid position
     mask[1] = False  # padding only
     mask[2, :2] = True
+    mask[2, 2] = False  # not a prefix
+    mask[2, 5] = True
+    mask[3] = torch.arange(L) < 4  # a prefix
+    mask[4] = True  # a whole sample
     return mask
 
 
@@ -81,6 +87,35 @@ def test_training_output_stats_and_gradient_equal_bn_on_valid_positions(seed, la
     assert (dx[pad] == 0).all()
     assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-10, rtol=0)
     assert torch.allclose(ours.bias.grad, ref.bias.grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+def test_long_planes_and_prefix_rows_on_the_operators(layout):
+    """Planes longer than the kernels' accumulation block (512), vector tails, prefix and
+    scattered rows in one batch, against torch's BatchNorm1d on the valid positions."""
+    n, c, length = 6, 5, 1100
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([1100, 1037, 513, 3, 0, 700])
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    mask[5] = torch.rand(length, generator=g) < 0.5  # scattered
+    x = 5 + 2 * torch.randn(n, c, length, generator=g, dtype=torch.float64)
+    gy = torch.randn(n, c, length, generator=g, dtype=torch.float64)
+    ours = bnlab.MaskedBatchNorm1d(c, layout=layout, dtype=torch.float64)
+    ref = nn.BatchNorm1d(c, dtype=torch.float64)
+    xin = (x.transpose(1, 2).contiguous() if layout == "nlc" else x.clone()).requires_grad_()
+    with _backend("native"):
+        y = ours(xin, mask=mask)
+        y.backward(gy.transpose(1, 2) if layout == "nlc" else gy)
+    y, dx = (y.transpose(1, 2), xin.grad.transpose(1, 2)) if layout == "nlc" else (y, xin.grad)
+    xv = _gather(x, mask).requires_grad_()
+    yv = ref(xv)
+    yv.backward(_gather(gy, mask))
+    torch.testing.assert_close(_gather(y, mask), yv, atol=1e-10, rtol=0)
+    torch.testing.assert_close(_gather(dx, mask), xv.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ours.running_var, ref.running_var, atol=1e-12, rtol=0)
+    pad = ~mask[:, None, :].expand_as(y)
+    assert (y[pad] == 0).all() and (dx[pad] == 0).all()
 
 
 @pytest.mark.parametrize("layout", ["ncl", "nlc"])
@@ -168,7 +203,8 @@ def test_evaluation_uses_running_stats_at_valid_positions_and_zeroes_padding():
     assert torch.equal(ours.running_mean, before)
 
 
-def test_compile_fullgraph_one_graph_for_changing_masks():
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_compile_fullgraph_one_graph_for_changing_masks(kernels):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -185,13 +221,14 @@ def test_compile_fullgraph_one_graph_for_changing_masks():
     for seed in range(3):
         mask = _mask(20 + seed)
         x = torch.randn(N, C, L, dtype=torch.float64)
-        with _backend("native"):  # also where the suite runs under BNLAB_KERNELS=torch
+        with _backend(kernels):  # (the suite may run under BNLAB_KERNELS=torch)
             y = step(x, mask=mask)
-        assert torch.allclose(y, eager(x, mask=mask), atol=1e-12, rtol=0)
+            assert torch.allclose(y, eager(x, mask=mask), atol=1e-12, rtol=0)
     assert len(graphs) == 1
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     ops = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
-    assert any(t.startswith("bnlab.masked_train") for t in ops)  # the op eager code calls
+    # the operator eager code calls, or the tensor ops
+    assert any(t.startswith("bnlab.masked_forward") for t in ops) == (kernels == "native")
     assert torch.allclose(compiled_layer.running_mean, eager.running_mean, atol=1e-12)
     assert torch.allclose(compiled_layer.running_var, eager.running_var, atol=1e-12)
     assert int(compiled_layer.num_batches_tracked) == 3
@@ -367,6 +404,10 @@ def test_masked_operators_pass_opcheck_and_refuse_bad_tensors():
         (torch.ops.bnlab.masked_grad_input, (x, x, mask, mean, None, var, None, mean, var)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    # the training forward's autograd formula is registered (graphs differentiate it)
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.bnlab.masked_forward, (xg, mask, w, None, 1e-5, True),
+                          test_utils=("test_autograd_registration",))  # fmt: skip
     with pytest.raises(RuntimeError, match=r"masked_forward: x must be contiguous \(N, C, L\) "
                                            r"or the transpose of a contiguous \(N, L, C\)"):
         torch.ops.bnlab.masked_forward(x[:, :, ::2], mask[:, ::2].contiguous(), None, None, 1e-5,

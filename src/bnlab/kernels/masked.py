@@ -8,8 +8,8 @@ Two implementations of the same formulas:
   contiguous ``(N, L, C)``, ``csrc/bn_masked.h``): ``torch.ops.bnlab.masked_forward``
   (statistics in one pass of pivoted sums, and the output), ``masked_backward`` (the two
   reductions, and the input gradient), and for given statistics ``masked_normalize`` and
-  ``masked_grad_input``; the differentiable operator ``bnlab::masked_train`` over the first
-  two is what eager code and graphs both call;
+  ``masked_grad_input``; ``masked_forward``, differentiable through the formula registered
+  here, is what eager code and graphs both call;
 * the tensor ops below (:func:`batch_stats`, :func:`normalize`): differentiable, every device
   and dtype; what ``torch.func`` transforms, forward-mode AD and a forced ``torch`` or
   ``composite`` backend get.
@@ -54,10 +54,11 @@ def _moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, T
     if mask.numel() == 0:
         piv = x.new_zeros(x.shape[1], dtype=cdt)
     else:
-        first = mask.reshape(-1).to(torch.int32).argmax()
+        # index_select with index tensors: no value read, so graphs do not break here
+        first = mask.reshape(-1).to(torch.int32).argmax().reshape(1)
         length = mask.shape[1]
-        piv = x.detach()[first // length, :, first % length].to(cdt)
-        piv = torch.where(count > 0, piv, 0.0)
+        at = x.detach().index_select(0, first // length).index_select(2, first % length)
+        piv = torch.where(count > 0, at.reshape(-1).to(cdt), 0.0)
     xs = torch.where(m, x.to(cdt) - piv[None, :, None], 0.0)
     denom = count.clamp_min(1).to(cdt)
     shift = xs.sum(dim=(0, 2)) / denom
@@ -183,42 +184,26 @@ def _composed(gy, x, mask, w, b, eps, needed):
 
 
 # ---------------------------------------------------------------- the operators
-@torch.library.custom_op("bnlab::masked_train", mutates_args=())
-def _masked_train(x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Masked BN with the batch's statistics on the C++ operators: ``(y, mean, biased_var,
-    delta)`` (``delta`` the mean's rounding to ``x.dtype``); one op for eager code and graphs,
-    differentiable through its registered formula."""
-    return torch.ops.bnlab.masked_forward(x, mask, weight, bias, eps, True)
-
-
-@_masked_train.register_fake
-def _masked_train_fake(x, mask, weight, bias, eps):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c), x.new_empty(c), x.new_empty(c)
-
-
-def _masked_train_setup(ctx, inputs, output):
-    x, mask, weight, bias, eps = inputs
+# bnlab::masked_forward is the training forward eager code and graphs both call; its autograd
+# formula (_grads) is registered here, as bnlab::train_forward's is in library.py.
+def _forward_setup(ctx, inputs, output):
+    x, mask, weight, bias, eps, _ = inputs
     _, mean, var, delta = output
     ctx.save_for_backward(x, mask, weight, bias, mean, var, delta)
     ctx.eps = eps
 
 
-def _masked_train_backward(ctx, gy, _gmean, _gvar, _gdelta):
+def _forward_backward(ctx, gy, _gmean, _gvar, _gdelta):
     x, mask, w, b, mean, var, delta = ctx.saved_tensors
     needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    if gy is None:
-        return None, None, None, None, None
+    if gy is None or gy.numel() == 0:  # no output used (or none made: need_y=False)
+        return None, None, None, None, None, None
     if torch.is_grad_enabled():
         dx, dw, db = _composed(gy, x, mask, w, b, ctx.eps, needed)
     else:
         dx, dw, db = _grads(gy, x, mask, w, b, mean, delta, torch.rsqrt(var + ctx.eps),
                             mask.sum(), needed, True, False, None)  # fmt: skip
-    return dx, None, dw, db, None
-
-
-_masked_train.register_autograd(_masked_train_backward, setup_context=_masked_train_setup)
+    return dx, None, dw, db, None, None
 
 
 def _fake_forward(x, mask, weight, bias, eps, need_y):
@@ -242,6 +227,8 @@ def _fake_grad_input(dy, x, mask, mean, delta, invstd, weight, mean_dy, mean_dy_
 
 if _ops._native is not None:
     torch.library.register_fake("bnlab::masked_forward", _fake_forward)
+    torch.library.register_autograd("bnlab::masked_forward", _forward_backward,
+                                    setup_context=_forward_setup)  # fmt: skip
     torch.library.register_fake("bnlab::masked_normalize", _fake_normalize)
     torch.library.register_fake("bnlab::masked_backward", _fake_backward)
     torch.library.register_fake("bnlab::masked_grad_input", _fake_grad_input)
@@ -323,10 +310,11 @@ def train(
     """Masked BN of ``x`` ``(N, C, L)`` with the statistics of its valid positions (``mask``
     ``(N, L)`` true): ``(y, mean, biased_var, count)``, ``count`` a 0-dim int64 tensor.
 
-    The ``bnlab::masked_train`` operator where the C++ operators take ``x``, in eager code and
-    in graphs alike, else the differentiable tensor ops. No value is read in a graph, so one
-    graph serves every mask (a batch of fewer than 2 valid positions is then the caller's to
-    handle, from ``count``); in eager code a count of at most 1 is a ``ValueError`` naming
+    The ``bnlab::masked_forward`` operator (its autograd formula registered) where the C++
+    operators take ``x``, in eager code and in graphs alike, else the differentiable tensor
+    ops. No value is read in a graph, so one graph serves every mask (a batch of fewer than 2
+    valid positions is then the caller's to handle, from ``count``); in eager code a count of
+    at most 1 is a ``ValueError`` naming
     ``owner``, raised before anything is computed."""
     mask = mask.contiguous()
     count = mask.sum()
@@ -335,7 +323,7 @@ def train(
     if _tensor_ops(x, weight, bias):
         y, mean, var, _ = _train_ops(x, mask, weight, bias, eps)
         return y, mean, var, count
-    y, mean, var, _ = torch.ops.bnlab.masked_train(x, mask, weight, bias, float(eps))
+    y, mean, var, _ = torch.ops.bnlab.masked_forward(x, mask, weight, bias, float(eps), True)
     return y, mean, var, count
 
 

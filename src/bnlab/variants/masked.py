@@ -37,11 +37,22 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
     normalises the valid positions with the running statistics and zeroes the padded ones.
     Without ``mask`` and ``lengths`` the layer is exactly ``torch.nn.BatchNorm1d``.
 
-    The masked path is tensor ops only (no value is read in a graph), so under
-    ``torch.compile(fullgraph=True)`` one graph serves every mask of a shape. The checks that
-    read values (``lengths`` in ``[0, L]``, at least 2 valid positions in training) run in
-    eager mode; in a graph a batch with fewer than 2 valid positions leaves the running
-    statistics as they were.
+    On CPU float32/float64 the masked path is one operator, ``bnlab::masked_forward`` (bnlab's
+    C++ kernels, :mod:`bnlab.kernels.masked`), elsewhere tensor ops; neither reads a value in a
+    graph, so under ``torch.compile(fullgraph=True)`` one graph serves every mask of a shape.
+    The checks that read values (``lengths`` in ``[0, L]``, at least 2 valid positions in
+    training) run in eager mode; in a graph a batch with fewer than 2 valid positions leaves
+    the running statistics as they were.
+
+    With a ``process_group`` (or after :meth:`bnlab.SyncBatchNorm.convert_sync_batchnorm`) the
+    statistics are those of the valid positions of every rank: each rank's ``(count, mean,
+    M2)`` merged in float64 by Chan et al.'s formula (one ``all_gather``; no ``sum x^2``
+    cancellation under a large offset), and backward all-reduces the per-channel sums of
+    ``dy`` and ``dy (x - mean)``. Outputs, input gradients and running statistics then equal
+    one process on the concatenated batch; parameter gradients are each rank's share (DDP sums
+    them). Every rank must call the layer, also one whose positions are all padding (its
+    output is zero); fewer than 2 valid positions over all ranks raise ``ValueError`` on every
+    rank alike. Eager only; a world size of 1, or no initialised group, is the local layer.
 
     Args:
         num_features: ``C``, the number of channels.
@@ -49,7 +60,8 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
         layout: ``"ncl"`` for ``(N, C, L)`` inputs (torch's), ``"nlc"`` for ``(N, L, C)``
             (transformers'), keyword-only. Default: ``"ncl"``.
         bias, running, window_size, nonfinite: as in :class:`bnlab.BatchNorm1d`.
-        process_group: must be ``None``: synchronised masked statistics are not supported yet.
+        process_group: a ``torch.distributed`` group to synchronise the statistics of the
+            valid positions over (keyword-only). Default: ``None`` (local).
         device, dtype: factory arguments for the parameters and buffers.
 
     Shape:
