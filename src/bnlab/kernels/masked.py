@@ -314,8 +314,7 @@ def train(
     operators take ``x``, in eager code and in graphs alike, else the differentiable tensor
     ops. No value is read in a graph, so one graph serves every mask (a batch of fewer than 2
     valid positions is then the caller's to handle, from ``count``); in eager code a count of
-    at most 1 is a ``ValueError`` naming
-    ``owner``, raised before anything is computed."""
+    at most 1 is a ``ValueError`` naming ``owner``, raised before anything is computed."""
     mask = mask.contiguous()
     count = mask.sum()
     if not (_dispatch.capturing() or isinstance(x, torch.fx.Proxy)) and int(count) <= 1:
