@@ -224,6 +224,60 @@ int bnlab_backward(int dtype, int nhwc, const void *dy, const void *x, void *dx,
                     act, slope, train, nt);
 }
 
+/* Masked BN (bn_masked.h): x (N, C, L) in NCL order (rows = 0) or as rows of C channels
+ * (rows = 1, the (N, L, C) layout), m one byte per (n, l), nonzero where valid. */
+static int masked_codes_ok(int dtype, int64_t N, int64_t C, int64_t L) {
+    return (dtype == 0 || dtype == 1) && N >= 1 && C >= 1 && L >= 1;
+}
+
+/* Training forward: the statistics of the valid positions, and y when y is not NULL. */
+int bnlab_masked_forward(int dtype, int rows, const void *x, const uint8_t *m, void *y, int64_t N,
+                         int64_t C, int64_t L, const void *w, const void *b, double eps,
+                         void *mean, void *var, void *delta, int nt) {
+    if (!masked_codes_ok(dtype, N, C, L)) return -2;
+    if (dtype == 0)
+        return DISPATCH(masked_forward, f32, (const float *)x, m, (float *)y, N, C, L, rows,
+                        (const float *)w, (const float *)b, eps, (float *)mean, (float *)var,
+                        (float *)delta, nt);
+    return DISPATCH(masked_forward, f64, (const double *)x, m, (double *)y, N, C, L, rows,
+                    (const double *)w, (const double *)b, eps, (double *)mean, (double *)var,
+                    (double *)delta, nt);
+}
+
+/* Training backward: sum(dy) and sum(dy (x - mean)) over the valid positions, and dx from
+ * this batch's statistics when dx is not NULL. */
+int bnlab_masked_backward(int dtype, int rows, const void *dy, const void *x, const uint8_t *m,
+                          void *dx, int64_t N, int64_t C, int64_t L, const void *mean,
+                          const void *delta, const void *invstd, const void *w, void *sdy,
+                          void *sdx, int nt) {
+    if (!masked_codes_ok(dtype, N, C, L) || !dy || !mean || !invstd) return -2;
+    if (dtype == 0)
+        return DISPATCH(masked_backward, f32, (const float *)dy, (const float *)x, m, (float *)dx,
+                        N, C, L, rows, (const float *)mean, (const float *)delta,
+                        (const float *)invstd, (const float *)w, (float *)sdy, (float *)sdx, nt);
+    return DISPATCH(masked_backward, f64, (const double *)dy, (const double *)x, m, (double *)dx,
+                    N, C, L, rows, (const double *)mean, (const double *)delta,
+                    (const double *)invstd, (const double *)w, (double *)sdy, (double *)sdx, nt);
+}
+
+/* The normalised output (dy NULL: var is the variance, eps added) or the input gradient (var
+ * is invstd; mdy, mdx the means of dy and dy (x - mean) over the valid positions). */
+int bnlab_masked_affine(int dtype, int rows, const void *dy, const void *x, const uint8_t *m,
+                        void *out, int64_t N, int64_t C, int64_t L, const void *mean,
+                        const void *delta, const void *var, const void *w, const void *b,
+                        const void *mdy, const void *mdx, double eps, int nt) {
+    if (!masked_codes_ok(dtype, N, C, L) || !mean || !var || (dy && (!mdy || !mdx))) return -2;
+    if (dtype == 0)
+        return DISPATCH(masked_affine, f32, (const float *)dy, (const float *)x, m, (float *)out,
+                        N, C, L, rows, (const float *)mean, (const float *)delta,
+                        (const float *)var, (const float *)w, (const float *)b,
+                        (const float *)mdy, (const float *)mdx, eps, nt);
+    return DISPATCH(masked_affine, f64, (const double *)dy, (const double *)x, m, (double *)out,
+                    N, C, L, rows, (const double *)mean, (const double *)delta,
+                    (const double *)var, (const double *)w, (const double *)b,
+                    (const double *)mdy, (const double *)mdx, eps, nt);
+}
+
 /* Output buffers for the operators (bn_buffers.h): a mapping of at least n bytes (NULL without
  * buffer support or on failure; *cap is what to give back), and its return when the tensor
  * that owned it is freed. */

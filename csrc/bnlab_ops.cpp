@@ -37,6 +37,17 @@ int bnlab_backward(int dtype, int nhwc, const void* dy, const void* x, void* dx,
                    const void* delta, const void* thr, const void* w, const void* b,
                    const void* gmean, const void* gvar, void* dw, void* db, double eps,
                    int act, double slope, int train, int nt);
+int bnlab_masked_forward(int dtype, int rows, const void* x, const uint8_t* m, void* y, int64_t N,
+                         int64_t C, int64_t L, const void* w, const void* b, double eps,
+                         void* mean, void* var, void* delta, int nt);
+int bnlab_masked_backward(int dtype, int rows, const void* dy, const void* x, const uint8_t* m,
+                          void* dx, int64_t N, int64_t C, int64_t L, const void* mean,
+                          const void* delta, const void* invstd, const void* w, void* sdy,
+                          void* sdx, int nt);
+int bnlab_masked_affine(int dtype, int rows, const void* dy, const void* x, const uint8_t* m,
+                        void* out, int64_t N, int64_t C, int64_t L, const void* mean,
+                        const void* delta, const void* var, const void* w, const void* b,
+                        const void* mdy, const void* mdx, double eps, int nt);
 void* bnlab_buffer_take(size_t n, size_t* cap);
 void bnlab_buffer_give(void* ptr, size_t cap);
 }
@@ -355,6 +366,146 @@ bool running_update(Tensor running_mean, Tensor running_var, Tensor num_batches_
   return moved;
 }
 
+// ---------------------------------------------------------------- masked BN (padded sequences)
+// x is (N, C, L): contiguous (NCL) or the transpose of a contiguous (N, L, C) tensor (strides
+// (L C, 1, C): rows of C channels); mask is a contiguous bool (N, L) tensor, true where valid.
+// Statistics and gradients come from the valid positions only; outputs there are 0.
+
+// 1 for rows of C channels, 0 for NCL, after checking x and mask.
+int check_masked(const char* op, const Tensor& x, const Tensor& mask) {
+  STD_TORCH_CHECK(x.defined() && x.is_cpu(), op, ": x must be a CPU tensor");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double,
+                  op, ": x must be float32 or float64, got ",
+                  torch::headeronly::toString(x.scalar_type()));
+  STD_TORCH_CHECK(x.dim() == 3, op, ": x must be (N, C, L), got ", x.dim(), " dimensions");
+  STD_TORCH_CHECK(x.numel() > 0, op, ": x must have at least one value, got ", x.numel());
+  STD_TORCH_CHECK(mask.defined() && mask.is_cpu() && mask.scalar_type() == ScalarType::Bool, op,
+                  ": mask must be a CPU bool tensor");
+  STD_TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(2), op,
+                  ": mask must have shape (N, L) = (", x.size(0), ", ", x.size(2), ")");
+  STD_TORCH_CHECK(mask.is_contiguous(), op, ": mask must be contiguous");
+  if (x.is_contiguous()) return 0;
+  STD_TORCH_CHECK(dense_in(x, {0, 2, 1}), op,
+                  ": x must be contiguous (N, C, L) or the transpose of a contiguous (N, L, C) "
+                  "tensor (other strides: call .contiguous())");
+  return 1;
+}
+
+// dy with x's strides (a copy when they differ)
+Tensor like_x(const char* op, Tensor dy, const Tensor& x) {
+  STD_TORCH_CHECK(dy.defined() && dy.dim() == x.dim() && dy.is_cpu() &&
+                      dy.scalar_type() == x.scalar_type(),
+                  op, ": dy must be a CPU tensor of x's shape and dtype");
+  bool same = true;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    STD_TORCH_CHECK(dy.size(d) == x.size(d), op, ": dy must have x's shape, differs in dim ", d,
+                    " (", dy.size(d), " vs ", x.size(d), ")");
+    same = same && dy.stride(d) == x.stride(d);
+  }
+  if (same) return dy;
+  Tensor dense = alloc(x, x.sizes(), x.strides());
+  torch::stable::copy_(dense, dy);
+  return dense;
+}
+
+const uint8_t* mask_bytes(const Tensor& mask) {
+  return static_cast<const uint8_t*>(mask.data_ptr());
+}
+
+// Training forward: per-channel mean and biased variance of the valid positions (0 and 0 when
+// there are none), delta (the exact mean minus the returned one, its rounding to x's dtype:
+// backward and a synchronised merge use it) and, with need_y, y = (x - mean) / sqrt(var + eps)
+// * weight + bias there (0 at padded positions; y is empty otherwise: the statistics a
+// synchronised layer merges).
+std::tuple<Tensor, Tensor, Tensor, Tensor> masked_forward(Tensor x, Tensor mask, OptTensor weight,
+                                                          OptTensor bias, double eps,
+                                                          bool need_y) {
+  const char* op = "bnlab::masked_forward";
+  int rows = check_masked(op, x, mask);
+  STD_TORCH_CHECK(eps > 0 && eps < 1e300, op, ": eps must be a positive finite float, got ", eps);
+  std::vector<Tensor> keep;
+  const void* w = per_channel(op, "weight", weight, x, keep);
+  const void* b = per_channel(op, "bias", bias, x, keep);
+  int64_t c = x.size(1);
+  Tensor y = need_y ? output_like(x) : vec_like(x, 0);
+  Tensor mean = vec_like(x, c), var = vec_like(x, c), delta = vec_like(x, c);
+  int rc = bnlab_masked_forward(dtype_code(x), rows, x.data_ptr(), mask_bytes(mask),
+                                need_y ? y.data_ptr() : nullptr, x.size(0), c, x.size(2), w, b,
+                                eps, mean.data_ptr(), var.data_ptr(), delta.data_ptr(),
+                                threads());
+  check_rc(op, rc);
+  return {y, mean, var, delta};
+}
+
+// (x - mean - delta) / sqrt(var + eps) * weight + bias at the valid positions, 0 at padded
+// ones (delta None: 0).
+Tensor masked_normalize(Tensor x, Tensor mask, Tensor mean, OptTensor delta, Tensor var,
+                        OptTensor weight, OptTensor bias, double eps) {
+  const char* op = "bnlab::masked_normalize";
+  int rows = check_masked(op, x, mask);
+  STD_TORCH_CHECK(eps >= 0 && eps < 1e300, op, ": eps must be a finite float >= 0, got ", eps);
+  std::vector<Tensor> keep;
+  const void* m = per_channel(op, "mean", mean, x, keep);
+  const void* dl = per_channel(op, "delta", delta, x, keep);
+  const void* v = per_channel(op, "var", var, x, keep);
+  const void* w = per_channel(op, "weight", weight, x, keep);
+  const void* b = per_channel(op, "bias", bias, x, keep);
+  Tensor y = output_like(x);
+  int rc = bnlab_masked_affine(dtype_code(x), rows, nullptr, x.data_ptr(), mask_bytes(mask),
+                               y.data_ptr(), x.size(0), x.size(1), x.size(2), m, dl, v, w, b,
+                               nullptr, nullptr, eps, threads());
+  check_rc(op, rc);
+  return y;
+}
+
+// Training backward: per-channel sum(dy) and sum(dy (x - mean - delta)) over the valid
+// positions and, with need_dx, dx from this batch's statistics (empty otherwise: a
+// synchronised layer all-reduces the sums first, then calls masked_grad_input). Returns (dx,
+// sum_dy, sum_dy_xmu).
+std::tuple<Tensor, Tensor, Tensor> masked_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean,
+                                                   OptTensor delta, Tensor invstd,
+                                                   OptTensor weight, bool need_dx) {
+  const char* op = "bnlab::masked_backward";
+  int rows = check_masked(op, x, mask);
+  dy = like_x(op, dy, x);
+  std::vector<Tensor> keep;
+  const void* m = per_channel(op, "mean", mean, x, keep);
+  const void* dl = per_channel(op, "delta", delta, x, keep);
+  const void* is = per_channel(op, "invstd", invstd, x, keep);
+  const void* w = per_channel(op, "weight", weight, x, keep);
+  int64_t c = x.size(1);
+  Tensor dx = need_dx ? output_like(x) : vec_like(x, 0);
+  Tensor s1 = vec_like(x, c), s2 = vec_like(x, c);
+  int rc = bnlab_masked_backward(dtype_code(x), rows, dy.data_ptr(), x.data_ptr(),
+                                 mask_bytes(mask), need_dx ? dx.data_ptr() : nullptr, x.size(0), c,
+                                 x.size(2), m, dl, is, w, s1.data_ptr(), s2.data_ptr(), threads());
+  check_rc(op, rc);
+  return {dx, s1, s2};
+}
+
+// dx = weight invstd (dy - mean_dy - (x - mean - delta) invstd^2 mean_dy_xmu) at the valid
+// positions, 0 at padded ones: mean_dy, mean_dy_xmu are masked_backward's sums over every rank
+// divided by the global valid count.
+Tensor masked_grad_input(Tensor dy, Tensor x, Tensor mask, Tensor mean, OptTensor delta,
+                         Tensor invstd, OptTensor weight, Tensor mean_dy, Tensor mean_dy_xmu) {
+  const char* op = "bnlab::masked_grad_input";
+  int rows = check_masked(op, x, mask);
+  dy = like_x(op, dy, x);
+  std::vector<Tensor> keep;
+  const void* m = per_channel(op, "mean", mean, x, keep);
+  const void* dl = per_channel(op, "delta", delta, x, keep);
+  const void* is = per_channel(op, "invstd", invstd, x, keep);
+  const void* w = per_channel(op, "weight", weight, x, keep);
+  const void* gd = per_channel(op, "mean_dy", mean_dy, x, keep);
+  const void* gx = per_channel(op, "mean_dy_xmu", mean_dy_xmu, x, keep);
+  Tensor dx = output_like(x);
+  int rc = bnlab_masked_affine(dtype_code(x), rows, dy.data_ptr(), x.data_ptr(),
+                               mask_bytes(mask), dx.data_ptr(), x.size(0), x.size(1), x.size(2),
+                               m, dl, is, w, nullptr, gd, gx, 0.0, threads());
+  check_rc(op, rc);
+  return dx;
+}
+
 // What the operators allocate their x-sized outputs with (for tests and benches of the cache).
 Tensor empty_like(Tensor x) {
   STD_TORCH_CHECK(x.defined() && x.is_cpu(), "bnlab::empty_like: x must be a CPU tensor");
@@ -383,6 +534,18 @@ STABLE_TORCH_LIBRARY(bnlab, m) {
       "running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!) num_batches_tracked, Tensor mean, Tensor invstd, float factor, float unbias, "
       "float eps) -> bool");
+  m.def(
+      "masked_forward(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, float eps, "
+      "bool need_y) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_normalize(Tensor x, Tensor mask, Tensor mean, Tensor? delta, Tensor var, "
+      "Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def(
+      "masked_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor? delta, "
+      "Tensor invstd, Tensor? weight, bool need_dx) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_grad_input(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor? delta, "
+      "Tensor invstd, Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
@@ -392,4 +555,8 @@ STABLE_TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("backward", TORCH_BOX(&backward));
   m.impl("empty_like", TORCH_BOX(&empty_like));
   m.impl("running_update_", TORCH_BOX(&running_update));
+  m.impl("masked_forward", TORCH_BOX(&masked_forward));
+  m.impl("masked_normalize", TORCH_BOX(&masked_normalize));
+  m.impl("masked_backward", TORCH_BOX(&masked_backward));
+  m.impl("masked_grad_input", TORCH_BOX(&masked_grad_input));
 }

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .kernels import masked as _masked
 
 __all__ = [
     "renorm_limits",
@@ -221,16 +222,10 @@ def masked_batch_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     Tensor ops only (no value is read: one compiled graph serves every mask). Two passes (mean,
     then the squared deviations), so a large common offset does not cancel; padded values never
     enter, NaN/Inf there included. With no valid position the statistics are 0 (count 0).
-    Computed in ``promote_types(x.dtype, float32)``.
+    Computed in ``promote_types(x.dtype, float32)``. (The formula of
+    :func:`bnlab.kernels.masked.batch_stats`, which the layer's kernels share.)
     """
-    m = mask[:, None, :]
-    xz = torch.where(m, x.to(F.compute_dtype(x.dtype)), 0.0)
-    count = mask.sum()
-    denom = count.clamp_min(1).to(xz.dtype)
-    mean = xz.sum(dim=(0, 2)) / denom
-    d = torch.where(m, xz - mean[None, :, None], 0.0)
-    var = (d * d).sum(dim=(0, 2)) / denom
-    return mean, var, count
+    return _masked.batch_stats(x, mask)
 
 
 def masked_normalize(
@@ -245,13 +240,4 @@ def masked_normalize(
     """``(x - mean) / sqrt(var + eps) * weight + bias`` at the valid positions of ``x``
     ``(N, C, L)`` (boolean ``mask`` ``(N, L)``), exactly 0 at padded ones, which get no
     gradient (a ``torch.where``, so NaN/Inf padding cannot leak). Output in ``x.dtype``."""
-    m = mask[:, None, :]
-    cdt = F.compute_dtype(x.dtype)
-    xz = torch.where(m, x.to(cdt), 0.0)
-    scale = torch.rsqrt(var.to(cdt) + eps)
-    if weight is not None:
-        scale = scale * weight.to(cdt)
-    y = (xz - mean.to(cdt)[None, :, None]) * scale[None, :, None]
-    if bias is not None:
-        y = y + bias.to(cdt)[None, :, None]
-    return torch.where(m, y, 0.0).to(x.dtype)
+    return _masked.normalize(x, mask, mean, var, weight, bias, eps)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _ops
 
-__all__ = ["TrainBN", "EvalBN", "InPlaceBN", "train_backward", "global_moments"]
+__all__ = ["TrainBN", "EvalBN", "InPlaceBN", "train_backward", "global_moments", "gather_moments"]
 
 _DOUBLE_BACKWARD_INPLACE = (
     "in-place activated BN (BatchNormAct2d(inplace=True)) does not support double backward "
@@ -90,33 +90,55 @@ def global_moments(x: Tensor, group: Any) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean, **biased** variance and count over ``x`` on every rank of ``group``.
 
     Each rank all-gathers ``(count, mean, count * biased_var)`` in float64 and merges them with
-    Chan et al.'s formula (``M2 = sum(M2_i + n_i (mean_i - mean)^2)``), exact for unequal (and
-    zero) counts. Every rank gets identical results; a global count of at most 1 raises
-    ``ValueError`` on every rank alike.
+    Chan et al.'s formula (:func:`gather_moments`), exact for unequal (and zero) counts. Every
+    rank gets identical results; a global count of at most 1 raises ``ValueError`` on every
+    rank alike.
     """
     c, dev = x.shape[1], x.device
     n = x.numel() // c if c else 0
     cdt = torch.promote_types(x.dtype, torch.float32)
     if n > 0:
         var, mean = torch.var_mean(x.to(cdt), dim=_ops._dims(x), correction=0)
-        mean, m2 = mean.double(), var.double() * n
+        m2 = var.double() * n
     else:
         mean = m2 = torch.zeros(c, dtype=torch.float64, device=dev)
-    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), mean, m2])
+    gmean, gvar, total = gather_moments(float(n), mean, m2, group)
+    if total <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got "
+            f"{total} over all ranks (local input size {tuple(x.shape)})"
+        )
+    return gmean.to(cdt), gvar.to(cdt), total
+
+
+@torch.no_grad()
+def gather_moments(
+    count: Tensor | float, mean: Tensor, m2: Tensor, group: Any
+) -> tuple[Tensor, Tensor, int]:
+    """Merge every rank's per-channel ``(count, mean, m2)`` (``m2`` the sum of squared
+    deviations from the rank's own mean) into the global mean and **biased** variance, in
+    float64, and the global count.
+
+    One ``all_gather`` of ``2C + 1`` float64 values, merged with Chan et al.'s formula
+    ``M2 = sum(M2_i + n_i (mean_i - mean)^2)``: every term is non-negative, so unlike a global
+    ``sum x^2 - n mean^2`` it cannot cancel under a large common offset, and it is exact for
+    unequal and zero counts. Every rank gets identical results. Must be called on every rank.
+    """
+    c, dev = mean.shape[0], mean.device
+    n = torch.as_tensor(count, dtype=torch.float64, device=dev).reshape(1)
+    local = torch.cat([n, mean.double(), m2.double()])
     size = dist.get_world_size(group)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local, group=group)
     g = torch.stack(parts)
     counts, means, m2s = g[:, :1], g[:, 1 : c + 1], g[:, c + 1 :]
     total = int(counts.sum().item())
-    if total <= 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got "
-            f"{total} over all ranks (local input size {tuple(x.shape)})"
-        )
+    if total <= 0:
+        zero = torch.zeros(c, dtype=torch.float64, device=dev)
+        return zero, zero, total
     gmean = (counts * means).sum(0) / total
     gm2 = (m2s + counts * (means - gmean) ** 2).sum(0)
-    return gmean.to(cdt), (gm2 / total).clamp_min(0).to(cdt), total
+    return gmean, (gm2 / total).clamp_min(0), total
 
 
 def _all_reduce_sums(group: Any, count: int):

@@ -7,8 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .. import functional_variants as FV
 from .._base import _check_choice, _kernels_capturing, _NormBase
+from ..kernels import masked as _masked
 
 __all__ = ["MaskedBatchNorm1d"]
 
@@ -37,11 +37,22 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
     normalises the valid positions with the running statistics and zeroes the padded ones.
     Without ``mask`` and ``lengths`` the layer is exactly ``torch.nn.BatchNorm1d``.
 
-    The masked path is tensor ops only (no value is read in a graph), so under
-    ``torch.compile(fullgraph=True)`` one graph serves every mask of a shape. The checks that
-    read values (``lengths`` in ``[0, L]``, at least 2 valid positions in training) run in
-    eager mode; in a graph a batch with fewer than 2 valid positions leaves the running
-    statistics as they were.
+    On CPU float32/float64 the masked path is one operator, ``bnlab::masked_forward`` (bnlab's
+    C++ kernels, :mod:`bnlab.kernels.masked`), elsewhere tensor ops; neither reads a value in a
+    graph, so under ``torch.compile(fullgraph=True)`` one graph serves every mask of a shape.
+    The checks that read values (``lengths`` in ``[0, L]``, at least 2 valid positions in
+    training) run in eager mode; in a graph a batch with fewer than 2 valid positions leaves
+    the running statistics as they were.
+
+    With a ``process_group`` (or after :meth:`bnlab.SyncBatchNorm.convert_sync_batchnorm`) the
+    statistics are those of the valid positions of every rank: each rank's ``(count, mean,
+    M2)`` merged in float64 by Chan et al.'s formula (one ``all_gather``; no ``sum x^2``
+    cancellation under a large offset), and backward all-reduces the per-channel sums of
+    ``dy`` and ``dy (x - mean)``. Outputs, input gradients and running statistics then equal
+    one process on the concatenated batch; parameter gradients are each rank's share (DDP sums
+    them). Every rank must call the layer, also one whose positions are all padding (its
+    output is zero); fewer than 2 valid positions over all ranks raise ``ValueError`` on every
+    rank alike. Eager only; a world size of 1, or no initialised group, is the local layer.
 
     Args:
         num_features: ``C``, the number of channels.
@@ -49,7 +60,8 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
         layout: ``"ncl"`` for ``(N, C, L)`` inputs (torch's), ``"nlc"`` for ``(N, L, C)``
             (transformers'), keyword-only. Default: ``"ncl"``.
         bias, running, window_size, nonfinite: as in :class:`bnlab.BatchNorm1d`.
-        process_group: must be ``None``: synchronised masked statistics are not supported yet.
+        process_group: a ``torch.distributed`` group to synchronise the statistics of the
+            valid positions over (keyword-only). Default: ``None`` (local).
         device, dtype: factory arguments for the parameters and buffers.
 
     Shape:
@@ -68,17 +80,9 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
         True
     """
 
-    _sync_policy = "refuse"
-
     def __init__(self, *args: Any, layout: Layout = "ncl", **kwargs: Any) -> None:
         name = type(self).__name__
         _check_choice(name, "layout", layout, Layout)
-        if kwargs.get("process_group") is not None:
-            raise ValueError(
-                f"{name}: process_group is not supported yet (synchronised masked statistics "
-                f"are not implemented), got process_group={kwargs['process_group']!r}; "
-                "use process_group=None"
-            )
         if kwargs.get("normalize_with", "batch") != "batch":
             raise ValueError(f"{name}: normalize_with must be 'batch' (masked statistics), got "
                              f"{kwargs['normalize_with']!r}")  # fmt: skip
@@ -102,21 +106,21 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
 
     def _masked_forward(self, x: Tensor, mask: Tensor) -> Tensor:
         if not self.training and self.track_running_stats:
-            return FV.masked_normalize(x, mask, self.running_mean, self.running_var,
-                                       self.weight, self.bias, self.eps)  # fmt: skip
-        mean, var, count = FV.masked_batch_stats(x, mask)
-        if self.training and not _kernels_capturing(x) and int(count) <= 1:
-            raise ValueError(
-                f"{type(self).__name__}: Expected more than 1 valid position per channel when "
-                f"training, got {int(count)} in mask of shape {tuple(mask.shape)}; "
-                "give mask/lengths with at least 2 valid positions in the batch"
-            )
-        y = FV.masked_normalize(x, mask, mean, var, self.weight, self.bias, self.eps)
+            return _masked.evaluate(x, mask, self.running_mean, self.running_var, self.weight,
+                                    self.bias, self.eps)  # fmt: skip
+        name = type(self).__name__
+        if self.sync and self._syncing():
+            y, mean, var, count = _masked.train_synced(x, mask, self.weight, self.bias, self.eps,
+                                                       self.process_group, owner=name)  # fmt: skip
+        else:
+            y, mean, var, count = _masked.train(x, mask, self.weight, self.bias, self.eps,
+                                                owner=name)  # fmt: skip
         if self.training and self.track_running_stats:
-            # In a graph (no check above) a batch of < 2 valid positions must not move the
-            # statistics: a NaN mean makes running_update keep every buffer as it was.
-            mean = torch.where(count > 1, mean.detach(), torch.nan)
-            self._update_running(mean, var.detach(), count)
+            if _kernels_capturing(x):
+                # In a graph (no check of the count) a batch of < 2 valid positions must not
+                # move the statistics: a NaN mean makes running_update keep every buffer.
+                mean = torch.where(count > 1, mean.detach(), torch.nan)
+            self._update_running(mean.detach(), var.detach(), count)
         return y
 
     def _valid_mask(self, x: Tensor, mask: Tensor | None, lengths: Tensor | None) -> Tensor:
