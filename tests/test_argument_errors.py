@@ -103,6 +103,81 @@ def _layer_rows() -> list[Row]:
     return rows
 
 
+def _trained_pn():
+    """A PowerNorm in training mode with moved statistics: a refused call must leave them."""
+    torch.manual_seed(0)
+    pn = bnlab.PowerNorm(4, warmup_iters=1, layout="nlc")
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    pn(x).backward(torch.randn(2, 5, 4))
+    return pn
+
+
+def _powernorm_rows() -> list[Row]:
+    n = "PowerNorm"
+    rows = [Row(f"{n}-{next(iter(kw))}={kw[next(iter(kw))]!r}", _none,
+                lambda _, kw=kw: bnlab.PowerNorm(6, **kw), exc, match)
+            for kw, exc, match in [
+        ({"warmup_iters": -1}, ValueError, f"{n}: warmup_iters must be an int >= 0 (training "
+         "batches normalised with their own statistics), got -1"),
+        ({"warmup_iters": 2.5}, ValueError, f"{n}: warmup_iters must be an int >= 0"),
+        ({"alpha_fwd": 1.5}, ValueError,
+         f"{n}: alpha_fwd must be a float in [0, 1] (the old value's weight, as in the paper), "
+         "got 1.5"),
+        ({"alpha_fwd": True}, ValueError, f"{n}: alpha_fwd must be a float in [0, 1]"),
+        ({"alpha_bkw": -0.1}, ValueError, f"{n}: alpha_bkw must be a float in [0, 1] (the old "
+         "value's weight, as in the paper), got -0.1"),
+        ({"group_num": 4}, ValueError,
+         f"{n}: group_num must be a positive int dividing num_features=6, got 4"),
+        ({"group_num": 0}, ValueError, f"{n}: group_num must be a positive int dividing"),
+        ({"eps": 0.0}, ValueError, f"{n}: eps must be a positive finite float, got 0.0"),
+        ({"affine": "yes"}, TypeError, f"{n}: affine must be a bool, got 'yes'"),
+        ({"layout": "tbc"}, ValueError, f"{n}: layout must be one of ['ncl', 'nlc'], got 'tbc'"),
+        ({"nonfinite": "warn"}, ValueError,
+         f"{n}: nonfinite must be one of ['raise', 'skip'], got 'warn'"),
+        ({"device": "bogus"}, ValueError, f"{n}: device must be None, a torch.device"),
+        ({"dtype": torch.int64}, TypeError,
+         f"{n}: dtype must be None or a floating-point torch.dtype, got torch.int64"),
+    ]]  # fmt: skip
+    rows.append(Row(f"{n}-num_features=0", _none, lambda _: bnlab.PowerNorm(0), ValueError,
+                    f"{n}: num_features must be a positive int, got 0"))
+    x = torch.randn(2, 5, 4)  # (N, L, C)
+    for rid, kw, exc, match in [
+        ("mask-shape", {"mask": torch.ones(2, 6, dtype=torch.bool)}, ValueError,
+         f"{n}: mask must have shape (N, L) = (2, 5), got (2, 6)"),
+        ("mask-dtype", {"mask": torch.ones(2, 5)}, TypeError,
+         f"{n}: mask must be a torch.bool tensor (true = valid), got torch.float32"),
+        ("mask-device", {"mask": torch.ones(2, 5, dtype=torch.bool, device="meta")}, ValueError,
+         f"{n}: mask must be on the input's device cpu, got meta"),
+        ("lengths-beyond-L", {"lengths": torch.tensor([5, 6])}, ValueError,
+         f"{n}: lengths must be in [0, L=5], got values in [5, 6]"),
+        ("lengths-float", {"lengths": torch.tensor([5.0, 2.0])}, TypeError,
+         f"{n}: lengths must be an integer tensor of shape (N,), got torch.float32"),
+        ("no-valid-position", {"mask": torch.zeros(2, 5, dtype=torch.bool)}, ValueError,
+         f"{n}: a training batch needs at least 1 valid position, got 0 in mask of shape (2, 5)"),
+        ("mask-and-lengths", {"mask": torch.ones(2, 5, dtype=torch.bool),
+                              "lengths": torch.tensor([5, 5])}, ValueError,
+         f"{n}: give mask or lengths, not both"),
+    ]:  # fmt: skip
+        rows.append(Row(f"{n}-forward-{rid}", _trained_pn, lambda m, kw=kw: m(x, **kw), exc,
+                        match))
+    rows += [
+        Row(f"{n}-forward-channels", _trained_pn, lambda m: m(torch.randn(2, 5, 3)), ValueError,
+            f"{n}: expected 4 channels in dim 2 (num_features=4), got input of shape (2, 5, 3)"),
+        Row(f"{n}-forward-4D", _trained_pn, lambda m: m(torch.randn(2, 4, 5, 5)), ValueError,
+            f"{n}: expected 2D (N, C) or 3D (N, L, C) input, got 4D input of shape "
+            "(2, 4, 5, 5)"),
+        Row(f"{n}-forward-int", _trained_pn, lambda m: m(torch.ones(2, 5, 4, dtype=torch.long)),
+            TypeError, f"{n}: expected a floating-point input, got dtype torch.int64"),
+        Row(f"{n}-forward-mask-2D-input", _trained_pn,
+            lambda m: m(torch.randn(3, 4), mask=torch.ones(3, 1, dtype=torch.bool)), ValueError,
+            f"{n}: mask/lengths need a 3D input ((N, L, C)), got 2D input of shape (3, 4)"),
+        Row(f"{n}-load-negative-phi", _trained_pn,
+            lambda m: m.load_state_dict({**m.state_dict(), "running_phi": -torch.ones(4)}),
+            ValueError, f"{n}: state dict key 'running_phi' holds 4 negative of 4 values"),
+    ]
+    return rows
+
+
 ROWS: list[Row] = [
     *_layer_rows(),
     # ---------------------------------------------------------------- process groups
@@ -131,6 +206,7 @@ ROWS: list[Row] = [
         ValueError, "BatchRenorm2d: r_max must be a finite float >= 1, got True"),
     Row("BatchRenorm2d-d_max-bool", _none, lambda _: bnlab.BatchRenorm2d(4, d_max=False),
         ValueError, "BatchRenorm2d: d_max must be a finite float >= 0, got False"),
+    *_powernorm_rows(),
     # ---------------------------------------------------------------- registry, converters
     Row("make_norm-dim-bool", _none, lambda _: bnlab.make_norm("bn", 4, dim=True), ValueError,
         "make_norm: dim must be 1, 2 or 3, got True"),

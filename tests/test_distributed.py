@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from bnlab.lab.distributed import launch, torchrun_command
+from bnlab.lab.distributed import worker as worker_main
+from bnlab.lab.models import small_cnn
+from bnlab.lab.train import TrainConfig, read_json, read_jsonl
 from tests._dist_util import env
 
 
 def worker_args(out, *extra: str) -> list[str]:
-    return ["--out", str(out), "--steps", "4", "--batch-size", "8", "--timeout", "30", *extra]
+    return ["--out", str(out / "run"), "--steps", "4", "--batch-size", "8", "--timeout", "30",
+            "--dump-states", str(out / "states"), *extra]
 
 
 @pytest.mark.parametrize("sync_bn", [True, False], ids=["syncbn", "localbn"])
@@ -27,15 +31,35 @@ def test_torchrun_training_ranks_agree(tmp_path, sync_bn):
     extra = ["--sync-bn"] if sync_bn else []
     rc = launch(2, args=worker_args(tmp_path, *extra), timeout_s=180, env=env())
     assert rc == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["sync_bn"] is sync_bn
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0.keys() == r1.keys()
+    run = tmp_path / "run"
+    # the trainer's run directory, written once by rank 0, for the lab's small CNN (no copy
+    # of a network in the worker) on a real dataset: 4 steps of a global batch of 2 x 8
+    cfg = TrainConfig.from_toml(run / "config.toml")
+    assert (cfg.model, cfg.dataset, cfg.train_subset) == ("small_cnn", "fashion-mnist", 64)
+    assert (cfg.nproc_per_node, cfg.sync_bn, cfg.batch_size) == (2, sync_bn, 16)
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+    assert [s["step"] for s in read_jsonl(run / "steps.jsonl")] == [0, 1, 2, 3]
+    assert read_json(run / "summary.json")["status"] == "complete"
+    r0, r1 = (torch.load(tmp_path / "states" / f"rank{r}.pt") for r in (0, 1))
+    lab = small_cnn("bn").state_dict()
+    assert r0.keys() == r1.keys() == lab.keys()
+    assert all(r0[k].shape == lab[k].shape for k in lab)
     for k in r0:
         # DDP keeps parameters equal; sync_running_stats makes BN buffers equal too.
         torch.testing.assert_close(r0[k], r1[k], atol=1e-6, rtol=1e-6, msg=k)
-    assert int(r0["1.num_batches_tracked"]) == 4
-    assert (r0["1.running_var"] != 1).all()
+    assert int(r0["2.num_batches_tracked"]) == 4
+    assert (r0["2.running_var"] != 1).all()
+
+
+def test_the_worker_refuses_more_steps_than_the_training_set_holds():
+    args = worker_main._parse(["--out", "unused", "--steps", "5000", "--batch-size", "8"])
+    with pytest.raises(ValueError, match=r"--steps 5000 of a global batch of 16 \(2 ranks x "
+                                         r"--batch-size 8\) need 80000 training images, but "
+                                         r"fashion-mnist has 60000; use --steps 3750 or fewer"):
+        worker_main.example_config(args, 2)
+    assert worker_main.example_config(
+        worker_main._parse(["--out", "unused", "--steps", "3750", "--batch-size", "8"]), 2
+    ).train_subset == 60000
 
 
 def test_torchrun_command_and_bad_nproc():
@@ -87,7 +111,7 @@ def test_killed_rank_makes_the_other_stop_with_a_clear_error(tmp_path):
     assert procs[0].returncode == 1
     assert "bnlab.lab.distributed.worker: rank 0 stopped" in err
     assert took < 45, took
-    assert not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()  # no epoch was committed
 
 
 def test_torchrun_stops_everything_when_a_worker_is_killed(tmp_path):

@@ -84,6 +84,7 @@ group = None  # a torch.distributed process group; None is this process alone
     'layer = bnlab.BatchNormAct2d(64, act="leaky_relu", inplace=True)': "import bnlab\n",
     "from bnlab.tools import fold, recalibrate": _LOADERS,
     "bn = bnlab.MaskedBatchNorm1d(": "",  # self-contained
+    "pn = bnlab.PowerNorm(": "",  # self-contained
 }
 
 
@@ -138,8 +139,10 @@ def test_readme_distributed_example(tmp_path, monkeypatch) -> None:
     exec(compile(head.replace(launch_line, "rc = " + launch_line), "<README launch>", "exec"),
          ns)
     assert ns["rc"] == 0
-    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["sync_bn"] is True
+    run = tmp_path / "runs" / "ddp"  # the trainer's run directory, rank 0's
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+    assert "sync_bn = true" in (run / "config.toml").read_text().splitlines()
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     # the lines for "your own worker module", in a worker module of a user's
     (tmp_path / "readme_worker.py").write_text(
         head.splitlines()[0] + "\n" + textwrap.dedent("""

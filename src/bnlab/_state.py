@@ -26,7 +26,7 @@ __all__ = ["allow_bad_running_stats", "bad_values", "check_statistics", "missing
 
 #: state-dict keys of statistics, and whether each is a variance (negative values are wrong)
 _STAT_KEYS = {"running_mean": False, "running_var": True, "window_mean": False,
-              "window_var": True}
+              "window_var": True, "running_phi": True, "ema_gz": False}  # (PowerNorm's)
 _WINDOW_FROM = {"window_mean": "running_mean", "window_var": "running_var"}
 
 _ALLOW: contextvars.ContextVar[bool] = contextvars.ContextVar(

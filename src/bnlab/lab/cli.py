@@ -21,6 +21,7 @@ _COMMAND_MODULES = [
     "bnlab.lab.commands.train",
     "bnlab.lab.commands.report",
     "bnlab.lab.commands.data",
+    "bnlab.lab.commands.speedrun",
 ]
 
 

@@ -121,43 +121,51 @@ class MaskedBatchNorm1d(_NormBase, nn.BatchNorm1d):
 
     def _valid_mask(self, x: Tensor, mask: Tensor | None, lengths: Tensor | None) -> Tensor:
         """The boolean ``(N, L)`` mask of valid positions, after checking the arguments."""
-        name = type(self).__name__
-        if x.dim() != 3:
-            raise ValueError(
-                f"{name}: mask/lengths need a 3D input ({self._layout_text()}), "
-                f"got {x.dim()}D input of shape {tuple(x.shape)}"
-            )
-        n, _, length = x.shape
-        if mask is not None and lengths is not None:
-            raise ValueError(f"{name}: give mask or lengths, not both; got both")
-        if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-                raise TypeError(f"{name}: mask must be a torch.bool tensor (true = valid), "
-                                f"got {got}; use mask.bool() or lengths=")  # fmt: skip
-            if tuple(mask.shape) != (n, length):
-                raise ValueError(f"{name}: mask must have shape (N, L) = {(n, length)}, got "
-                                 f"{tuple(mask.shape)}")  # fmt: skip
-            if mask.device != x.device:
-                raise ValueError(f"{name}: mask must be on the input's device {x.device}, got "
-                                 f"{mask.device}; use mask.to(x.device)")  # fmt: skip
-            return mask
-        if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.is_complex() \
-                or lengths.dtype == torch.bool:  # fmt: skip
-            got = lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__
-            raise TypeError(f"{name}: lengths must be an integer tensor of shape (N,), got {got}")
-        if tuple(lengths.shape) != (n,):
-            raise ValueError(f"{name}: lengths must have shape (N,) = ({n},), got "
-                             f"{tuple(lengths.shape)}")  # fmt: skip
-        if lengths.device != x.device:
-            raise ValueError(f"{name}: lengths must be on the input's device {x.device}, got "
-                             f"{lengths.device}; use lengths.to(x.device)")  # fmt: skip
-        if n and not _kernels_capturing(x):
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > length:
-                raise ValueError(f"{name}: lengths must be in [0, L={length}], got values in "
-                                 f"[{lo}, {hi}]")  # fmt: skip
-        return torch.arange(length, device=x.device)[None, :] < lengths[:, None]
+        return valid_mask(type(self).__name__, x, mask, lengths, self._layout_text())
 
     def _layout_text(self) -> str:
         return "(N, L, C)" if self.layout == "nlc" else "(N, C, L)"
+
+
+def valid_mask(
+    name: str, x: Tensor, mask: Tensor | None, lengths: Tensor | None, layout_text: str
+) -> Tensor:
+    """The boolean ``(N, L)`` mask of valid positions of ``x`` ``(N, C, L)`` from ``mask`` or
+    ``lengths``, after checking them; ``name`` is the layer named in the errors and
+    ``layout_text`` its input layout. Shared by every masked layer."""
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name}: mask/lengths need a 3D input ({layout_text}), "
+            f"got {x.dim()}D input of shape {tuple(x.shape)}"
+        )
+    n, _, length = x.shape
+    if mask is not None and lengths is not None:
+        raise ValueError(f"{name}: give mask or lengths, not both; got both")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"{name}: mask must be a torch.bool tensor (true = valid), "
+                            f"got {got}; use mask.bool() or lengths=")  # fmt: skip
+        if tuple(mask.shape) != (n, length):
+            raise ValueError(f"{name}: mask must have shape (N, L) = {(n, length)}, got "
+                             f"{tuple(mask.shape)}")  # fmt: skip
+        if mask.device != x.device:
+            raise ValueError(f"{name}: mask must be on the input's device {x.device}, got "
+                             f"{mask.device}; use mask.to(x.device)")  # fmt: skip
+        return mask
+    if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.is_complex() \
+            or lengths.dtype == torch.bool:  # fmt: skip
+        got = lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise TypeError(f"{name}: lengths must be an integer tensor of shape (N,), got {got}")
+    if tuple(lengths.shape) != (n,):
+        raise ValueError(f"{name}: lengths must have shape (N,) = ({n},), got "
+                         f"{tuple(lengths.shape)}")  # fmt: skip
+    if lengths.device != x.device:
+        raise ValueError(f"{name}: lengths must be on the input's device {x.device}, got "
+                         f"{lengths.device}; use lengths.to(x.device)")  # fmt: skip
+    if n and not _kernels_capturing(x):
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > length:
+            raise ValueError(f"{name}: lengths must be in [0, L={length}], got values in "
+                             f"[{lo}, {hi}]")  # fmt: skip
+    return torch.arange(length, device=x.device)[None, :] < lengths[:, None]

@@ -2,8 +2,9 @@
 from the environment, wrap a model in DDP (optionally with :class:`bnlab.SyncBatchNorm`),
 and average running statistics across ranks before evaluation and checkpoints.
 
-``python -m bnlab.lab.distributed.worker`` is a small self-contained DDP training entry built on
-these pieces; :func:`launch` starts ``N`` copies of it (or any module) through
+``python -m bnlab.lab.distributed.worker`` is the example worker: the lab's small CNN trained by
+the trainer on every rank (a thin front end of :func:`bnlab.lab.train.ddp.train_rank`, the one
+DDP training entry); :func:`launch` starts ``N`` copies of it (or any module) through
 ``torch.distributed.run``.
 """
 

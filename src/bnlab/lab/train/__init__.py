@@ -1,4 +1,5 @@
-"""Training runs: a frozen config, a deterministic resumable trainer and run directories."""
+"""Training runs: a frozen config, a deterministic resumable trainer, run directories, and
+:func:`train_step`, the one optimisation step every loop of the lab takes."""
 
 from .commit import load_checkpoint
 from .config import TrainConfig, lr_at, parse_overrides
@@ -6,6 +7,7 @@ from .loop import EvalResult, build, evaluate, train
 from .progress import PlainProgress, Progress, make_progress
 from .resume import ResumeError, RunExistsError
 from .rundir import is_run_dir, read_json, read_jsonl, run_environment
+from .step import StepResult, train_step
 
 __all__ = [
     "TrainConfig",
@@ -17,6 +19,8 @@ __all__ = [
     "evaluate",
     "EvalResult",
     "train",
+    "train_step",
+    "StepResult",
     "PlainProgress",
     "Progress",
     "make_progress",

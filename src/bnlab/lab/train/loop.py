@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from .monitoring import MONITOR_FILE, monitored, should_record
 from .progress import Progress
 from .replicas import Local
 from .resume import ResumeError, RunExistsError, check_target, prepare
+from .step import StepResult, train_step
 
 __all__ = ["train", "train_step", "StepResult", "evaluate", "EvalResult", "build", "build_net",
            "make_optimizer", "RunExistsError", "ResumeError"]
@@ -97,56 +98,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     finally:
         model.train(was_training)
     return EvalResult(loss=loss_sum / len(x), accuracy=correct / len(x))
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimisation step measured, per member (one for a plain network)."""
-
-    losses: list[float]  # mean cross-entropy of each member's batch
-    hits: list[int]  # correct predictions in each member's batch
-    nonfinite: list[int] = field(default_factory=list)  # members whose loss was not finite
-
-
-def train_step(model: Any, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               lr: float | None = None, *, packed: bool = False,
-               skip_nonfinite: bool = False) -> StepResult:
-    """One optimisation step: the step every training loop of the lab takes (the trainer's,
-    and the studies' for one seed or many).
-
-    ``model`` is a network (``x``: ``(B, ...)``, logits ``(B, classes)``) or, with ``packed``,
-    ``S`` members trained at once (``x``: ``(S, B, ...)``, logits ``(S, B, classes)``, e.g. a
-    :class:`bnlab.lab.studies._pack.Pack`): each member's loss is the mean cross-entropy of its
-    own batch and their sum is minimised (members share no parameters, so each gets its own
-    gradient). ``lr`` sets the learning rate first (None: as it is). With
-    ``skip_nonfinite``, a member whose loss is not finite stops the step before the backward
-    pass: the result lists it in ``nonfinite`` and nothing was updated but what the forward
-    pass updates (running statistics).
-    """
-    if lr is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr
-    if not packed:
-        device = next(model.parameters()).device
-        x, y = x.to(device), y.to(device)
-    out = model(x)
-    if packed:
-        s = out.shape[0]
-        losses = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(),
-                                             reduction="none").view(s, -1).mean(1)
-        hits = (out.argmax(2) == y).sum(1)
-    else:
-        losses = nn.functional.cross_entropy(out, y).unsqueeze(0)
-        hits = (out.argmax(1) == y).sum().unsqueeze(0)
-    values = losses.tolist()
-    if skip_nonfinite:
-        bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            return StepResult(values, hits.tolist(), bad)
-    opt.zero_grad(set_to_none=True)
-    losses.sum().backward()
-    opt.step()
-    return StepResult(values, hits.tolist())
 
 
 class _StopFlag:
