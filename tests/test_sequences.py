@@ -279,3 +279,18 @@ def test_study_refuses_norms_its_verdicts_cannot_compare(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown normaliser 'bn'"):
         run_study(get_study("sequences"), "quick", 1, tmp_path / "s",
                   overrides={"norms": "bn,layernorm"}, log=lambda m: None)
+
+
+def test_powernorm_gets_the_authors_transformer_settings() -> None:
+    """A warm-up of ``powernorm_warmup`` of the steps; one group per attention head in the
+    transformer (as the authors' fairseq models), one group in the CNN."""
+    from bnlab import PowerNorm
+    from bnlab.lab.studies.sequences import HEADS, STUDY, _builder
+
+    data = cropped_mnist1d(20)
+    s = STUDY.presets["quick"]
+    for model, groups in (("transformer", HEADS), ("cnn", 1)):
+        net = _builder(model, "powernorm", data, s, 500)()
+        layers = [m for m in net.modules() if isinstance(m, PowerNorm)]
+        assert len(layers) == (5 if model == "transformer" else 3)
+        assert {(m.warmup_iters, m.group_num) for m in layers} == {(50, groups)}

@@ -23,12 +23,12 @@ loop, which passes a single tensor, trains and evaluates them unchanged.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from bnlab import MaskedBatchNorm1d
+from bnlab import MaskedBatchNorm1d, PowerNorm
 
 __all__ = ["SEQUENCE_NORMS", "SequenceNorm", "SequenceCNN", "SequenceTransformer",
            "MaskChannel", "with_mask_channel"]
@@ -40,9 +40,11 @@ Layout = Literal["ncl", "nlc"]
 class SequenceNorm(nn.Module):
     """One of :data:`SEQUENCE_NORMS` over ``num_features`` channels, called as
     ``norm(x, mask)`` with ``x`` in ``layout`` (``"ncl"``: ``(N, C, L)``, ``"nlc"``:
-    ``(N, L, C)``)."""
+    ``(N, L, C)``). ``kwargs`` go to the layer (``torch.nn.LayerNorm``,
+    :class:`bnlab.MaskedBatchNorm1d` or :class:`bnlab.PowerNorm`)."""
 
-    def __init__(self, norm: str, num_features: int, layout: Layout = "ncl") -> None:
+    def __init__(self, norm: str, num_features: int, layout: Layout = "ncl",
+                 **kwargs: Any) -> None:
         super().__init__()
         if norm not in SEQUENCE_NORMS:
             raise ValueError(f"unknown sequence normaliser {norm!r}; valid names: "
@@ -53,13 +55,11 @@ class SequenceNorm(nn.Module):
         if norm == "none":
             self.norm: nn.Module = nn.Identity()
         elif norm == "layernorm":
-            self.norm = nn.LayerNorm(num_features)
+            self.norm = nn.LayerNorm(num_features, **kwargs)
         elif norm == "powernorm":
-            from bnlab import PowerNorm
-
-            self.norm = PowerNorm(num_features, layout=layout)
+            self.norm = PowerNorm(num_features, layout=layout, **kwargs)
         else:
-            self.norm = MaskedBatchNorm1d(num_features, layout=layout)
+            self.norm = MaskedBatchNorm1d(num_features, layout=layout, **kwargs)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         if self.kind == "none":
@@ -91,7 +91,8 @@ class SequenceCNN(nn.Module):
     Linear; padded positions are zeroed after each convolution and each block."""
 
     def __init__(self, in_channels: int, num_classes: int, norm: str = "none", *,
-                 channels: int = 32, depth: int = 3, kernel_size: int = 5) -> None:
+                 channels: int = 32, depth: int = 3, kernel_size: int = 5,
+                 norm_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"SequenceCNN: kernel_size must be odd (same padding), got "
@@ -99,7 +100,8 @@ class SequenceCNN(nn.Module):
         widths = [in_channels] + [channels] * depth
         self.convs = nn.ModuleList(nn.Conv1d(a, b, kernel_size, padding=kernel_size // 2)
                                    for a, b in zip(widths[:-1], widths[1:], strict=True))
-        self.norms = nn.ModuleList(SequenceNorm(norm, channels) for _ in range(depth))
+        self.norms = nn.ModuleList(SequenceNorm(norm, channels, **(norm_kwargs or {}))
+                                   for _ in range(depth))
         self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -112,10 +114,10 @@ class SequenceCNN(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, norm: str, dim: int, heads: int) -> None:
+    def __init__(self, norm: str, dim: int, heads: int, kw: dict[str, Any]) -> None:
         super().__init__()
-        self.n1 = SequenceNorm(norm, dim, "nlc")
-        self.n2 = SequenceNorm(norm, dim, "nlc")
+        self.n1 = SequenceNorm(norm, dim, "nlc", **kw)
+        self.n2 = SequenceNorm(norm, dim, "nlc", **kw)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
@@ -133,15 +135,16 @@ class SequenceTransformer(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, norm: str = "none", *,
                  dim: int = 32, heads: int = 4, depth: int = 2, max_length: int = 64,
-                 embed_kernel: int = 5) -> None:
+                 embed_kernel: int = 5, norm_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if embed_kernel % 2 != 1:
             raise ValueError(f"SequenceTransformer: embed_kernel must be odd (same padding), "
                              f"got {embed_kernel}")
         self.embed = nn.Conv1d(in_channels, dim, embed_kernel, padding=embed_kernel // 2)
         self.pos = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
-        self.blocks = nn.ModuleList(_Block(norm, dim, heads) for _ in range(depth))
-        self.final = SequenceNorm(norm, dim, "nlc")
+        kw = dict(norm_kwargs or {})
+        self.blocks = nn.ModuleList(_Block(norm, dim, heads, kw) for _ in range(depth))
+        self.final = SequenceNorm(norm, dim, "nlc", **kw)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
