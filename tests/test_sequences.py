@@ -294,3 +294,16 @@ def test_powernorm_gets_the_authors_transformer_settings() -> None:
         layers = [m for m in net.modules() if isinstance(m, PowerNorm)]
         assert len(layers) == (5 if model == "transformer" else 3)
         assert {(m.warmup_iters, m.group_num) for m in layers} == {(50, groups)}
+
+
+def test_readme_quotes_the_committed_full_run() -> None:
+    """The README's "Which layer for sequence data" block is generated from the committed
+    run (``readme_block``), never typed."""
+    import json
+
+    from bnlab.lab.studies.sequences import readme_block
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "docs" / "studies" / "sequences" / "results.json").read_text())
+    assert results["preset"] == "full" and len(results["seeds"]) >= 5
+    assert readme_block(results) in (root / "README.md").read_text()

@@ -77,6 +77,26 @@ def decide(numbers: dict) -> list[Comparison]:
     return out
 
 
+def readme_block(results: dict) -> str:
+    """Markdown from a run's ``results.json``: mean test accuracy (± sd over seeds) per
+    (dataset, model) and normaliser, then each comparison of the evidence with its verdict.
+    The README's "Which layer for sequence data" quotes it; a test holds the two equal."""
+    numbers = results["numbers"]
+    norms = numbers["norms"]
+    lines = ["| dataset | model | " + " | ".join(LABEL[n] for n in norms) + " |",
+             "|---|---|" + "---|" * len(norms)]
+    for c in _cells(numbers):
+        d, m = c.split("/")
+        cells = [fmt_ms(numbers["test"][f"{c}/{n}"], 3) for n in norms]
+        lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for c in results["comparisons"]:
+        lines.append(f"- {c['with_label']} vs {c['without_label']}, {c['measure']}: "
+                     f"{c['diff']:+.3f} (±2 SE [{c['low']:+.3f}, {c['high']:+.3f}]): "
+                     f"**{c['verdict']}**")
+    return "\n".join(lines)
+
+
 def stratified_split(y: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Indices ``(fit, val)``: ``round(fraction * n_c)`` examples of each class ``c`` (at
     least one) go to ``val``, drawn with a generator seeded ``seed``."""
