@@ -8,6 +8,13 @@ Not part of CI. TensorFlow lives in its own environment::
 
     python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu
     python bench/bench_seed_peer.py --tf-python /tmp/tfvenv/bin/python --epochs 10
+
+With ``--speedrun RUN_DIR`` (a ``bnlab speedrun`` run directory) it also checks the speedrun's
+floor: the median BN seed must reach the accuracy the tutorial's Keras network reaches after
+its 10 epochs (0.893 in the issue; ``--floor-accuracy``) in at most a tenth of the Keras
+run's time measured here, today (the sum of its epoch times, which leaves Keras's own start-up
+out while the speedrun's seconds count from its process start). ``--skip-bnlab`` runs only the
+Keras side. The numbers go to ``bench/results/bench_seed_peer.json``.
 """
 
 from __future__ import annotations
@@ -67,12 +74,16 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--norms", default="bn,none")
+    ap.add_argument("--speedrun", help="a bnlab speedrun run directory to hold to the floor")
+    ap.add_argument("--floor-accuracy", type=float, default=0.893)
+    ap.add_argument("--skip-bnlab", action="store_true", help="run only the Keras side")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for norm in args.norms.split(","):
             results.append(run_keras(args.tf_python, norm, args))
-            results.append(run_bnlab(norm, args, Path(tmp)))
+            if not args.skip_bnlab:
+                results.append(run_bnlab(norm, args, Path(tmp)))
     print(f"\nsmall CNN on Fashion-MNIST, {args.epochs} epochs, batch 128, Adam, "
           f"{args.threads} threads, train subset {args.train_subset or 'all'}")
     print(f"{'who':14s} {'norm':5s} {'s/epoch':>8s} {'final val':>9s} {'best val':>9s}  version")
@@ -81,9 +92,42 @@ def main() -> None:
               f"{r['val_acc'][-1]:9.4f} {max(r['val_acc']):9.4f}  {r['version']}")
     for norm in args.norms.split(","):
         k = next(r for r in results if r["norm"] == norm and r["who"].startswith("keras"))
-        b = next(r for r in results if r["norm"] == norm and r["who"].startswith("bnlab"))
-        print(f"{norm}: keras / bnlab time per epoch = "
-              f"{_median_epoch(k['times']) / _median_epoch(b['times']):.2f}x")
+        b = next((r for r in results if r["norm"] == norm and r["who"].startswith("bnlab")),
+                 None)
+        print(f"keras {norm}: {len(k['times'])} epochs in {sum(k['times']):.1f} s, final val "
+              f"accuracy {k['val_acc'][-1]:.4f}")
+        if b is not None:
+            print(f"{norm}: keras / bnlab time per epoch = "
+                  f"{_median_epoch(k['times']) / _median_epoch(b['times']):.2f}x")
+    payload = {"epochs": args.epochs, "threads": args.threads, "runs": results}
+    if args.speedrun:
+        keras = next(r for r in results if r["norm"] == "bn" and r["who"].startswith("keras"))
+        payload["floor"] = floor(Path(args.speedrun), sum(keras["times"]), args.floor_accuracy)
+        f = payload["floor"]
+        print(f"floor: median BN speedrun seed reaches {f['accuracy']} at "
+              f"{f['median_s']} s (per seed {f['per_seed_s']}); a tenth of the Keras run "
+              f"({f['keras_s']:.1f} s) is {f['limit_s']:.1f} s: "
+              f"{'holds' if f['holds'] else 'does not hold'}")
+    out = ROOT / "bench" / "results" / "bench_seed_peer.json"
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def floor(run_dir: Path, keras_s: float, accuracy: float) -> dict:
+    """Median over BN seeds of the first evaluation clock at or above ``accuracy``."""
+    rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    per_seed = []
+    for seed in sorted({r["seed"] for r in rows if r["norm"] == "bn"}):
+        hits = [r["clock_s"] for r in rows
+                if r["norm"] == "bn" and r["seed"] == seed and r["accuracy"] >= accuracy]
+        per_seed.append(hits[0] if hits else None)
+    reached = sorted(v for v in per_seed if v is not None)
+    median = (statistics.median(reached + [float("inf")] * (len(per_seed) - len(reached)))
+              if per_seed else None)
+    limit = keras_s / 10
+    return {"accuracy": accuracy, "per_seed_s": per_seed, "median_s": median,
+            "keras_s": keras_s, "limit_s": limit,
+            "holds": median is not None and median <= limit, "run": str(run_dir)}
 
 
 if __name__ == "__main__":

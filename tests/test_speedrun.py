@@ -135,14 +135,22 @@ def test_time_to_and_the_summary_count_a_missed_target_as_the_budget():
     assert s["verdict"] == "supported"
 
 
+def test_a_target_with_three_decimals_keeps_them():
+    from bnlab.lab.speedrun.run import _key, header
+
+    assert [_key(t) for t in (0.9, 0.93, 0.893)] == ["0.90", "0.93", "0.893"]
+    assert "t0.893" in header((0.893, 0.90), "test").split()
+
+
 def test_schedule_warms_up_and_ends_at_zero():
     r = RECIPES["bn"]
     total = 100
-    lrs = [lr_at(r, s, total) for s in range(total)]
-    assert max(lrs) == pytest.approx(r.lr)
-    assert lrs[0] < lrs[int(r.warmup * total) - 1] and lrs[-1] < 0.02 * r.lr
-    assert all(b <= a + 1e-12 for a, b in zip(lrs[int(r.warmup * total):], lrs[int(r.warmup *
-                                                                               total) + 1:]))
+    lrs = [lr_at(r, (s + 1) / total) for s in range(total)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(r.lr) and peak == round(r.warmup * total) - 1
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))  # rising
+    assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1:], strict=True))  # then falling
+    assert lrs[-1] == 0.0 and lr_at(r, 0.0) == 0.0 and lr_at(r, 2.0) == 0.0
 
 
 @pytest.mark.parametrize("norm", ["bn", "none"])

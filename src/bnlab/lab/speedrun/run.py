@@ -42,7 +42,8 @@ CLAIM = ("BN makes training faster and accuracy higher (the tutorial's first ben
 
 
 def _key(t: float) -> str:
-    return f"{t:.2f}"
+    """A target as written in the files: two decimals ("0.90"), more where it has them."""
+    return f"{t:.2f}" if round(t, 2) == t else f"{t:g}"
 
 
 def time_to(evaluations: Sequence[dict[str, Any]], target: float) -> float | None:
