@@ -8,9 +8,9 @@ STAMP := $(VENV)/.bnlab-installed
 # for the HTML report check.
 APT_PACKAGES := dataset-fashion-mnist chromium
 
-.PHONY: setup system-deps demo test lint bench clean wheel
+.PHONY: setup system-deps data-deps demo test lint bench clean wheel
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) data-deps
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,6 +22,11 @@ system-deps:
 	    echo "warning: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; \
 	  fi; \
 	fi
+
+# Japanese Vowels (the sequences study and its tests): the two .ts files out of aeon's wheel,
+# which pip fetches alone (6.4 MB, hash-checked) into the per-user cache; a no-op once there.
+data-deps: $(STAMP)
+	$(BIN)/bnlab data download japanese-vowels
 
 # The stamp depends on the C sources: editing a kernel rebuilds the extension (in place, next to
 # the Python sources the editable install points at).

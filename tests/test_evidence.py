@@ -1,6 +1,6 @@
 """The committed evidence (``docs/studies``) is what the README says it is.
 
-Every committed study run has at least five seeds, each of the nine studies has one, and the
+Every committed study run has at least five seeds, each of the ten studies has one, and the
 README's results table is exactly what ``bnlab study table docs/studies`` generates from them
 (nobody edits it by hand).
 """

@@ -124,6 +124,17 @@ def _beyond_images(w, wo):
     return {"acc": acc}
 
 
+def _sequences(w, wo):
+    cells = [f"{d}/{m}" for d in ("japanese-vowels", "mnist1d-crop")
+             for m in ("cnn", "transformer")]
+    test = {}
+    for c in cells:
+        test.update({f"{c}/bn-masked": w, f"{c}/bn-padded": wo, f"{c}/layernorm": wo,
+                     f"{c}/none": [0.5] * 5, f"{c}/powernorm": wo})
+    return {"datasets": ["japanese-vowels", "mnist1d-crop"], "models": ["cnn", "transformer"],
+            "norms": ["none", "layernorm", "bn-padded", "bn-masked", "powernorm"], "test": test}
+
+
 def _cost(w, wo):
     # times in units of the median time without BN, which the made-up lists put at 1
     return {"train_s": {"torch BN": w, "no BN": wo, "bnlab BN (native)": wo},
@@ -148,6 +159,7 @@ MADE_UP = {
               ([1.0, 1.5, 0.5, 1.2, 0.8], [1.1, 0.7, 1.4, 0.9, 0.9])),
     "shift": (_shift, _acc(0.8), _acc(0.6), NOISY),
     "beyond-images": (_beyond_images, _acc(0.9), _acc(0.7), NOISY),
+    "sequences": (_sequences, _acc(0.9), _acc(0.7), NOISY),
     "cost": (_cost, [1.3, 1.32, 1.28, 1.31, 1.3], [1.0, 1.02, 0.98, 1.01, 1.0],
              ([1.0, 1.2, 0.8, 1.1, 0.9], [1.05, 0.9, 1.1, 1.0, 0.95])),
 }
@@ -267,7 +279,7 @@ def test_unknown_setting_and_preset_are_errors(tmp_path: Path) -> None:
 
 
 def test_every_study_is_registered_with_quick_and_full_presets() -> None:
-    assert len(study_names()) == 9
+    assert len(study_names()) == 10
     for name in study_names():
         st = get_study(name)
         assert st.name == name and {"quick", "full"} <= set(st.presets) and st.claim
@@ -335,6 +347,7 @@ TINY = {
     "regularization": {"steps": "5", "train": "300", "test": "200"},
     "running-stats": {"steps": "5", "train": "600", "test": "256"},
     "beyond-images": {"steps": "5", "seq_steps": "3"},
+    "sequences": {"vowels_steps": "3", "mnist1d_steps": "3", "lrs": "0.003,0.01"},
     "shift": {"train": "512", "test": "256", "epochs": "1", "max_severity": "1"},
 }
 

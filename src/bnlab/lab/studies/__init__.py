@@ -24,6 +24,7 @@ STUDY_MODULES = {
     "depth": "depth",
     "shift": "shift",
     "beyond-images": "beyond_images",
+    "sequences": "sequences",
     "cost": "cost",
 }
 
