@@ -50,6 +50,24 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 5
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def rounds_of(fns: dict, rounds: int, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Per-round medians of each contender, alternating call by call within a round."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                samples[k].append(time.perf_counter() - t0)
+        for k, v in samples.items():
+            out[k].append(statistics.median(v))
+    return out
+
+
 def machine() -> dict:
     return {
         "torch": torch.__version__,

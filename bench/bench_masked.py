@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -91,24 +90,6 @@ def contenders(layout: str, compiled: bool):
     return fns, padded
 
 
-def rounds_of(fns: dict, rounds: int, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Per-round medians of each contender, alternating call by call within a round."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                samples[k].append(time.perf_counter() - t0)
-        for k, v in samples.items():
-            out[k].append(statistics.median(v))
-    return out
-
-
 def summarise(per_round: dict[str, list[float]]) -> dict:
     ratios = [b / t for b, t in zip(per_round["bnlab"], per_round["torch"], strict=True)]
     extra = {}
@@ -149,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
                     fns, padded = contenders(layout, compiled)
-                    r = summarise(rounds_of(fns, args.rounds, args.repeats))
+                    r = summarise(_timing.rounds_of(fns, args.rounds, args.repeats))
                     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
                     if compiled and breaks:
                         raise RuntimeError(f"{layout}: {breaks} graph breaks in the compiled step")

@@ -28,7 +28,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -88,24 +87,6 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def rounds_of(fns: dict, rounds: int, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Per-round medians of each contender, alternating call by call within a round."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                samples[k].append(time.perf_counter() - t0)
-        for k, v in samples.items():
-            out[k].append(statistics.median(v))
-    return out
-
-
 def summarise(per_round: dict[str, list[float]]) -> dict:
     ratios = [b / t for b, t in zip(per_round["bnlab"], per_round["torch"], strict=True)]
     return {
@@ -135,7 +116,7 @@ def one_call(shape, rounds: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        per_round = rounds_of({k: call(m) for k, m in mods.items()}, rounds, 1)
+        per_round = _timing.rounds_of({k: call(m) for k, m in mods.items()}, rounds, 1)
     finally:
         torch.set_num_threads(threads)
     out = summarise(per_round)
@@ -168,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             modes.append(("compiled", torch.compile))
         for mode, wrap in modes:
             fns = {k: step_fn(wrap(copy.deepcopy(m)), x, y) for k, m in models.items()}
-            r = summarise(rounds_of(fns, args.rounds, args.repeats))
+            r = summarise(_timing.rounds_of(fns, args.rounds, args.repeats))
             target = TARGET_EAGER_CONV if (mode == "eager" and conv) else TARGET_STEP
             rows.append({"network": name, "mode": mode, "target": target, **r})
             print(f"{name:36s} {mode:9s} bnlab/torch {r['ratio']:.3f} "

@@ -136,20 +136,22 @@ def cache_dir() -> Path:
     return Path(base) / "bnlab"
 
 
-def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for dataset ``name``, in order."""
-    spec = _spec(name)
+def data_roots(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where every dataset is looked for, in order: ``data_dir``, ``$BNLAB_DATA``, the cache;
+    each root as ``root/name`` and then ``root`` itself."""
     roots: list[Path] = []
     if data_dir:
         roots.append(Path(data_dir))
     if os.environ.get("BNLAB_DATA"):
         roots.append(Path(os.environ["BNLAB_DATA"]))
     roots.append(cache_dir())
-    dirs: list[Path] = []
-    for root in roots:
-        dirs += [root / name, root]
-    dirs += [Path(d) for d in spec.debian_dirs]
-    return dirs
+    return [d for root in roots for d in (root / name, root)]
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The directories searched for dataset ``name``, in order."""
+    spec = _spec(name)
+    return data_roots(name, data_dir) + [Path(d) for d in spec.debian_dirs]
 
 
 def _file_in(directory: Path, f: IdxFile) -> Path | None:

@@ -33,7 +33,7 @@ import torch
 
 from .idx import sha256
 from .sequences import SequenceDataset, Sequences, pad
-from .sources import DataNotFoundError, DownloadError, cache_dir, check_data_dir
+from .sources import DataNotFoundError, DownloadError, cache_dir, check_data_dir, data_roots
 from .ts import read_ts
 
 __all__ = ["NAME", "FILES", "AEON_VERSION", "find_vowels", "verify_vowels", "download",
@@ -67,13 +67,7 @@ def _aeon_dir() -> Path | None:
 
 
 def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    roots: list[Path] = []
-    if data_dir:
-        roots.append(Path(data_dir))
-    if os.environ.get("BNLAB_DATA"):
-        roots.append(Path(os.environ["BNLAB_DATA"]))
-    roots.append(cache_dir())
-    dirs = [d for root in roots for d in (root / NAME, root)]
+    dirs = data_roots(NAME, data_dir)
     aeon = _aeon_dir()
     return dirs + ([aeon] if aeon is not None else [])
 
