@@ -403,6 +403,7 @@ def test_every_native_entry_point_rejects_wrong_shapes_and_dtypes():
     implementations, which compile and export trace with.)"""
     ops = torch.ops.bnlab
     x = torch.randn(4, 3, 5, 5)
+    xb = x.bfloat16()
     c3, c4 = torch.ones(3), torch.ones(4)
     nbt = torch.tensor(0)
     cases = [
@@ -412,7 +413,25 @@ def test_every_native_entry_point_rejects_wrong_shapes_and_dtypes():
         (lambda: ops.train_forward(x[:, :, ::2], c3, c3, 1e-5, 0, 0.0),
          "contiguous or channels-last"),
         (lambda: ops.train_forward(x.int(), None, None, 1e-5, 0, 0.0),
-         "x must be float32 or float64, got Int"),
+         "x must be float32, float64 or bfloat16, got Int"),
+        # bfloat16 activations beside float32 (C,) tensors: the identity in training, the
+        # saved statistics and no gradient into them in backward
+        (lambda: ops.train_forward(xb, c3.double(), c3, 1e-5, 0, 0.0),
+         "weight must be float32 beside a bfloat16 x, got Double"),
+        (lambda: ops.train_forward(xb, xb[0, :, 0, 0], c3, 1e-5, 0, 0.0),
+         "weight must be float32 beside a bfloat16 x, got BFloat16"),
+        (lambda: ops.train_forward(xb, c3, c3, 1e-5, 1, 0.0),
+         "a bfloat16 x trains with the identity only"),
+        (lambda: ops.backward(xb, xb, c3, c3, None, None, c3, None, None, None, 1e-5, 1, 0.0,
+                              True, True), "a bfloat16 x takes the identity only"),
+        (lambda: ops.backward(xb, xb, None, None, None, None, c3, None, None, None, 1e-5, 0,
+                              0.0, True, True), "a bfloat16 x needs the saved mean and invstd"),
+        (lambda: ops.backward(xb, xb, c3, c3, None, None, c3, None, c3, None, 1e-5, 0, 0.0,
+                              True, True), "a bfloat16 x takes no gradient of the statistics"),
+        (lambda: ops.backward(x, xb, c3, c3, None, None, c3, None, None, None, 1e-5, 0, 0.0,
+                              True, True), "dy must be a CPU tensor of x's dtype"),
+        (lambda: ops.eval_forward(xb, c3, c3.bfloat16(), None, None, 0, 0.0, 1e-5),
+         "var must be float32 beside a bfloat16 x"),
         (lambda: ops.train_forward(x[:0], None, None, 1e-5, 0, 0.0), "at least one value"),
         (lambda: ops.train_forward(x, None, None, -1.0, 0, 0.0), "eps must be a positive"),
         (lambda: ops.train_forward(x, None, None, 1e-5, 7, 0.0), "act code must be in 0..2"),
@@ -459,3 +478,37 @@ def test_a_bfloat16_model_runs_on_torchs_kernels_like_torch(fused):
     torch.testing.assert_close(ours.running_var, ref.running_var)
     y.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_input_to_a_float32_layer_takes_the_one_step_like_torch(dtype):
+    # the autocast case (float32 layer, bf16/fp16 activations, channels-last): the layer's step
+    # is torch's kernel plus the guarded running update in one operator, as for float32 inputs
+    # (it used to take the generic path: a batch_norm call and several tensor ops more), and
+    # its numbers are torch's own
+    torch.manual_seed(0)
+    ours, ref = bnlab.BatchNorm2d(4), nn.BatchNorm2d(4)
+    x = (torch.randn(8, 4, 5, 5) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert ours._step(x.detach()) is not None  # the one-call step, not the generic fallback
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        xs = x.detach().requires_grad_()
+        xr = x.detach().requires_grad_()
+        y, want = ours(xs), ref(xr)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        g = torch.randn_like(y)
+        y.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(xs.grad, xr.grad, rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-6, atol=1e-7)
+    assert ours.running_mean.dtype == torch.float32
+    # a NaN batch leaves the statistics as they were (torch's layer would absorb it)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    bad = x.detach().clone()
+    bad[0, 1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        ours(bad)
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)

@@ -68,16 +68,22 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
         finite = ok
         return y, finite
+    rdt = running_mean.dtype
     if (
         _ops._native is None
-        or running_mean.dtype is not x.dtype
-        or x.dtype not in (torch.float32, torch.float64)
+        or rdt not in (torch.float32, torch.float64)
+        or running_var.dtype is not rdt
+        or not (x.dtype is rdt or x.dtype in _ops.LOW_PRECISION and rdt is torch.float32
+                and weight is not None and weight.dtype is rdt)
         or x.device.type != "cpu"
         or not (running_mean.is_contiguous() and running_var.is_contiguous())
     ):
         return None
     # torch's kernel and autograd node for y; the running update (and the count) from its
-    # saved statistics in one small operator that refuses NaN/Inf (var = 1/invstd^2 - eps)
+    # saved statistics in one small operator that refuses NaN/Inf (var = 1/invstd^2 - eps).
+    # A bfloat16/half input beside float32 parameters (autocast) gets torch's mixed kernel,
+    # whose statistics are float32 like the running buffers (without parameters torch's
+    # kernel would compute them in the input's dtype: the generic path handles that case).
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     n = x.numel() // x.shape[1]
     finite = _ops._RUNNING(running_mean, running_var, num_batches_tracked, mean, invstd,
