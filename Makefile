@@ -54,7 +54,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 	BNLAB_KERNELS=native $(BIN)/python -m pytest -q $(BATTERY)
 	BNLAB_KERNELS=torch $(BIN)/python -m pytest -q $(BATTERY)
-	BNLAB_SIMD=baseline $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused.py
+	BNLAB_SIMD=baseline $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_kernels_bf16.py tests/test_fused.py
 
 lint: setup
 	$(BIN)/python -m ruff check src tests bench

@@ -127,6 +127,7 @@ native = Extension(
     "bnlab.kernels._native",
     sources=["csrc/bnlab_kernels.c", "csrc/bnlab_ops.cpp"],
     depends=["csrc/bn_impl.h", "csrc/bn_impl_bwd.h", "csrc/bn_drivers.h", "csrc/bn_buffers.h",
+             "csrc/bn_bf16.h",
              "csrc/bn_instance.h", "csrc/bn_masked.h"],
     extra_compile_args=[*_OPENMP] if _unix else ["/O2", "/openmp"],
     libraries=["torch_cpu", "c10"] + (["stdc++"] if _unix else []),

@@ -127,6 +127,14 @@ static inline colmap colmap_of(int64_t f, int64_t nc) {
 #define SFX(name) name##_f64
 #include "bn_instance.h"
 
+#define B16(name) name##_b16
+#define B16_VL 8
+#define B16_CVT 0
+#include "bn_bf16.h"
+#undef B16
+#undef B16_VL
+#undef B16_CVT
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) /* clang: no target pragma */
 #define BNLAB_AVX2 1
 #pragma GCC push_options
@@ -140,13 +148,35 @@ static inline colmap colmap_of(int64_t f, int64_t nc) {
 #define ivec_t int64_t
 #define SFX(name) name##_f64_avx2
 #include "bn_instance.h"
+
+#define B16(name) name##_b16_avx2
+#define B16_VL 8
+#define B16_CVT 0
+#include "bn_bf16.h"
+#undef B16
+#undef B16_VL
+#undef B16_CVT
+#pragma GCC pop_options
+
+/* bf16 on AVX-512 with the BF16 conversion (Cooper Lake, Sapphire Rapids, Zen 4 and later) */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#define B16(name) name##_b16_avx512
+#define B16_VL 16
+#define B16_CVT 1
+#include "bn_bf16.h"
+#undef B16
+#undef B16_VL
+#undef B16_CVT
 #pragma GCC pop_options
 #else
 #define BNLAB_AVX2 0
 #endif
 
-/* 1 when the AVX2 build runs (decided once, at import) */
+/* 1 when the AVX2 build runs (decided once, at import); use_avx512bf16 likewise for the
+ * bf16 kernels */
 static int use_avx2 = 0;
+static int use_avx512bf16 = 0;
 
 static void choose_simd(void) {
 #if BNLAB_AVX2
@@ -154,12 +184,18 @@ static void choose_simd(void) {
     int forced_baseline = e && strcmp(e, "baseline") == 0;
     __builtin_cpu_init();
     use_avx2 = !forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use_avx512bf16 = use_avx2 && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 #endif
 }
 
 #if BNLAB_AVX2
 #define DISPATCH(fn, sfx, ...) (use_avx2 ? fn##_##sfx##_avx2(__VA_ARGS__) : fn##_##sfx(__VA_ARGS__))
+#define DISPATCH_B16(fn, ...)                                                                  \
+    (use_avx512bf16 ? fn##_b16_avx512(__VA_ARGS__)                                             \
+                    : use_avx2 ? fn##_b16_avx2(__VA_ARGS__) : fn##_b16(__VA_ARGS__))
 #else
+#define DISPATCH_B16(fn, ...) fn##_b16(__VA_ARGS__)
 #define DISPATCH(fn, sfx, ...) fn##_##sfx(__VA_ARGS__)
 #endif
 
@@ -171,7 +207,7 @@ static void choose_simd(void) {
  * shape, strides) before passing its data pointer here; these check only the codes. Each
  * returns what its kernel returns (-1: out of scratch memory) or -2 for a bad code. */
 static int codes_ok(int dtype, int64_t N, int64_t C, int64_t S, int act, int act_max) {
-    return (dtype == 0 || dtype == 1) && N >= 1 && C >= 1 && S >= 1 && act >= ACT_ID &&
+    return (dtype == 0 || dtype == 1 || dtype == 2) && N >= 1 && C >= 1 && S >= 1 && act >= ACT_ID &&
            act <= act_max;
 }
 
@@ -180,6 +216,13 @@ int bnlab_train_fwd(int dtype, int nhwc, const void *x, void *y, int64_t N, int6
                     void *delta, void *thr, double eps, int act, double slope, void *rm,
                     void *rv, double factor, double unbias, int nt) {
     if (!codes_ok(dtype, N, C, S, act, ACT_LEAKY)) return -2;
+    if (dtype == 2) /* bf16 x and y, float32 (C,) tensors: the identity only */
+        return act != ACT_ID || thr
+                   ? -2
+                   : DISPATCH_B16(train_fwd, (const uint16_t *)x, (uint16_t *)y, N, C, S, nhwc,
+                              (const float *)w, (const float *)b, (float *)mean, (float *)var,
+                              (float *)invstd, (float *)delta, eps, (float *)rm, (float *)rv,
+                              factor, unbias, nt);
     if (dtype == 0)
         return DISPATCH(train_fwd, f32, (const float *)x, (float *)y, N, C, S, nhwc,
                         (const float *)w, (const float *)b, (float *)mean, (float *)var,
@@ -195,6 +238,10 @@ int bnlab_eval_fwd(int dtype, int nhwc, const void *x, void *y, int64_t N, int64
                    const void *mean, const void *invstd, const void *w, const void *b, int act,
                    double slope, double eps, int nt) {
     if (!codes_ok(dtype, N, C, S, act, ACT_LEAKY)) return -2;
+    if (dtype == 2)
+        return DISPATCH_B16(eval_fwd, (const uint16_t *)x, (uint16_t *)y, N, C, S, nhwc,
+                        (const float *)mean, (const float *)invstd, (const float *)w,
+                        (const float *)b, act, (float)slope, eps, nt);
     if (dtype == 0)
         return DISPATCH(eval_fwd, f32, (const float *)x, (float *)y, N, C, S, nhwc,
                         (const float *)mean, (const float *)invstd, (const float *)w,
@@ -211,6 +258,13 @@ int bnlab_backward(int dtype, int nhwc, const void *dy, const void *x, void *dx,
                    int train, int nt) {
     if (!codes_ok(dtype, N, C, S, act, ACT_INV_LEAKY)) return -2;
     if ((!train || mean) && (!mean || !invstd)) return -2;
+    if (dtype == 2) /* the identity, saved statistics, no gradient into them */
+        return act != ACT_ID || thr || !mean || gmean || gvar
+                   ? -2
+                   : DISPATCH_B16(backward, (const uint16_t *)dy, (const uint16_t *)x,
+                              (uint16_t *)dx, N, C, S, nhwc, (const float *)mean,
+                              (const float *)invstd, (const float *)delta, (const float *)w,
+                              (float *)dw, (float *)db, train, nt);
     if (dtype == 0)
         return DISPATCH(backward, f32, (const float *)dy, (const float *)x, (float *)dx, N, C, S,
                         nhwc, (const float *)mean, (const float *)invstd, (const float *)delta,

@@ -68,9 +68,18 @@ struct Layout {
   int64_t n, c, s;
 };
 
+// 0 float32, 1 float64, 2 bfloat16 (with float32 (C,) tensors: the autocast case)
 int dtype_code(const Tensor& x) {
-  return x.scalar_type() == ScalarType::Double ? 1 : 0;
+  ScalarType t = x.scalar_type();
+  return t == ScalarType::Double ? 1 : t == ScalarType::BFloat16 ? 2 : 0;
 }
+
+// The dtype of the (C,) tensors beside x: x's own, float32 beside bfloat16.
+ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == ScalarType::BFloat16 ? ScalarType::Float : x.scalar_type();
+}
+
+bool is_bf16(const Tensor& x) { return x.scalar_type() == ScalarType::BFloat16; }
 
 // Whether x's strides are dense in the order `order` (outermost first); size-1 dimensions may
 // have any stride, as in torch's own contiguity checks.
@@ -105,8 +114,9 @@ std::optional<Layout> layout_of(const Tensor& x) {
 Layout check_input(const char* op, const Tensor& x) {
   STD_TORCH_CHECK(x.defined(), op, ": x must be a tensor, got None");
   STD_TORCH_CHECK(x.is_cpu(), op, ": x must be a CPU tensor (this is the CPU kernel)");
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double,
-                  op, ": x must be float32 or float64, got ",
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double ||
+                      x.scalar_type() == ScalarType::BFloat16,
+                  op, ": x must be float32, float64 or bfloat16, got ",
                   torch::headeronly::toString(x.scalar_type()));
   STD_TORCH_CHECK(x.dim() >= 2, op, ": x must be (N, C, *), got ", x.dim(), " dimensions");
   STD_TORCH_CHECK(x.numel() > 0, op, ": x must have at least one value, got ", x.numel());
@@ -123,9 +133,11 @@ const void* per_channel(const char* op, const char* name, const OptTensor& t, co
   if (!t.has_value() || !t->defined()) return nullptr;
   const Tensor& v = *t;
   STD_TORCH_CHECK(v.is_cpu(), op, ": ", name, " must be a CPU tensor like x");
-  STD_TORCH_CHECK(v.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype (",
-                  torch::headeronly::toString(x.scalar_type()), "), got ",
-                  torch::headeronly::toString(v.scalar_type()));
+  STD_TORCH_CHECK(v.scalar_type() == stat_type(x), op, ": ", name,
+                  is_bf16(x) ? " must be float32 beside a bfloat16 x, got "
+                             : " must have x's dtype (",
+                  is_bf16(x) ? "" : torch::headeronly::toString(x.scalar_type()),
+                  is_bf16(x) ? "" : "), got ", torch::headeronly::toString(v.scalar_type()));
   STD_TORCH_CHECK(v.numel() == x.size(1), op, ": ", name, " must have C=", x.size(1),
                   " values, got ", v.numel());
   if (v.is_contiguous()) return v.data_ptr();
@@ -137,9 +149,9 @@ const void* per_channel(const char* op, const char* name, const OptTensor& t, co
 // A new dense tensor of x's dtype on the CPU, straight from the shim (no dispatcher boxing:
 // the stable ops' empty_like/new_empty cost a boxed call each, which small tensors feel).
 Tensor alloc(const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef sizes,
-             torch::headeronly::IntHeaderOnlyArrayRef strides) {
+             torch::headeronly::IntHeaderOnlyArrayRef strides, bool stats = false) {
   int32_t dtype = torch::stable::detail::to<int32_t>(
-      torch::stable::detail::from(x.scalar_type()));
+      torch::stable::detail::from(stats ? stat_type(x) : x.scalar_type()));
   AtenTensorHandle h;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
       static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), dtype,
@@ -147,9 +159,10 @@ Tensor alloc(const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef sizes,
   return Tensor(h);
 }
 
+// A (C,)-like vector of the statistics' dtype (x's, float32 beside bfloat16).
 Tensor vec_like(const Tensor& x, int64_t n) {
   int64_t size[1] = {n}, stride[1] = {1};
-  return alloc(x, {size, 1}, {stride, 1});
+  return alloc(x, {size, 1}, {stride, 1}, true);
 }
 
 // An uninitialised tensor with x's shape, dtype and (dense) strides; large ones in a huge-page
@@ -189,6 +202,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool> train_forward_u
   const char* op = "bnlab::train_forward_update";
   Layout lay = check_input(op, x);
   check_act(op, act, kActLeaky);
+  STD_TORCH_CHECK(!is_bf16(x) || act == 0, op,
+                  ": a bfloat16 x trains with the identity only (act code 0), got ", act);
   STD_TORCH_CHECK(eps > 0 && eps < 1e300, op, ": eps must be a positive finite float, got ",
                   eps);
   std::vector<Tensor> keep;
@@ -264,6 +279,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(Tensor dy, Tensor x, OptTensor mean,
   const char* op = "bnlab::backward";
   Layout lay = check_input(op, x);
   check_act(op, act, kActInvLeaky);
+  if (is_bf16(x)) {
+    STD_TORCH_CHECK(act == 0, op, ": a bfloat16 x takes the identity only (act code 0), got ",
+                    act);
+    STD_TORCH_CHECK(mean.has_value() && mean->defined() && invstd.has_value() &&
+                        invstd->defined(),
+                    op, ": a bfloat16 x needs the saved mean and invstd");
+    STD_TORCH_CHECK(!(grad_mean.has_value() && grad_mean->defined()) &&
+                        !(grad_var.has_value() && grad_var->defined()),
+                    op, ": a bfloat16 x takes no gradient of the statistics (grad_mean, grad_var)");
+  }
   STD_TORCH_CHECK(dy.defined() && dy.dim() == x.dim(), op, ": dy must have x's shape");
   for (int64_t d = 0; d < x.dim(); ++d)
     STD_TORCH_CHECK(dy.size(d) == x.size(d), op, ": dy must have x's shape, differs in dim ",

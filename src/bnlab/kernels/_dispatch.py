@@ -4,7 +4,8 @@
 Backends, by the names ``BNLAB_KERNELS``, :func:`use_backend` and the registry all use:
 
 * ``"native"`` - bnlab's C++ operators (``torch.ops.bnlab``) on CPU float32/float64,
-  contiguous or channels-last;
+  contiguous or channels-last, and bfloat16 activations beside float32 layers (autocast) for
+  a layer's eager step and evaluation;
 * ``"torch"`` - torch's own batch-norm kernels (every device and dtype, autocast, FX traces,
   and graphs by default: inductor fuses torch's decomposed BN with the ReLU and pooling around
   it, which an opaque operator cannot join);
@@ -157,15 +158,22 @@ def use_backend(name: str) -> Iterator[None]:
         _forced = previous
 
 
-def native_supports(x: Tensor, per_channel: tuple, capturing: bool = False) -> bool:
+def native_supports(x: Tensor, per_channel: tuple, capturing: bool = False,
+                    bfloat16: bool = False) -> bool:  # fmt: skip
     """Whether the operators take ``x`` and its ``(C,)`` tensors: CPU float32/float64 with at
     least one value, contiguous or channels-last, per-channel tensors of ``x``'s dtype with
     ``C`` values. In graphs (fake tensors) the layout is not required: the operator makes an
-    odd one contiguous."""
+    odd one contiguous. With ``bfloat16`` also a bfloat16 ``x`` beside float32 per-channel
+    tensors (autocast's case), which the operators take for a layer's eager step and
+    evaluation (no activation in training, no gradient through the statistics)."""
     if _ops._native is None:
         return False
     dt = x.dtype
-    if dt is not torch.float32 and dt is not torch.float64 or x.device.type != "cpu":
+    if bfloat16 and dt is torch.bfloat16:
+        dt = torch.float32  # the per-channel tensors' dtype
+    elif dt is not torch.float32 and dt is not torch.float64:
+        return False
+    if x.device.type != "cpu":
         return False
     if x.dim() < 2 or x.layout is not torch.strided:
         return False
@@ -232,9 +240,13 @@ def choose(x: Tensor, per_channel: tuple = (), train: bool = True, *, detached: 
             return b.NAME
     if f is None:
         # auto: the operators for large enough eager inputs, torch's kernels elsewhere
-        if not graph and (not detached or _worth_it(x)) and native_supports(x, per_channel):
+        if not graph and (not detached or _worth_it(x)) and native_supports(
+            x, per_channel, bfloat16=detached
+        ):
             return "native"
-    elif f == "native" and (train or not graph) and native_supports(x, per_channel, graph):
+    elif f == "native" and (train or not graph) and native_supports(
+        x, per_channel, graph, bfloat16=detached and not graph
+    ):
         return "native"
     if torch_supports(x, per_channel):
         return "torch"

@@ -1,4 +1,5 @@
-"""bnlab's C++ operators (``torch.ops.bnlab``): CPU float32/float64, contiguous or channels-last.
+"""bnlab's C++ operators (``torch.ops.bnlab``): CPU float32/float64, contiguous or channels-last
+(and bfloat16 activations beside float32 parameters for a plain layer's step and evaluation).
 
 Eager calls run :class:`bnlab.kernels.autograd.TrainBN` / ``EvalBN`` over the operators (a
 layer's step moves its running statistics in the same pass); inside ``torch.compile`` and
@@ -30,6 +31,15 @@ def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def evaluate(x, mean, var, weight, bias, eps, act, slope) -> Tensor:
+    grads = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if grads and act != "identity" and x.dtype is torch.bfloat16:
+        from . import aten  # the bf16 operators' backward knows the identity only
+
+        return aten.evaluate(x, mean, var, weight, bias, eps, act, slope)
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -51,6 +61,8 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
         return None
     if inplace and (not weights_invertible(weight) or act not in ("identity", "leaky_relu")):
         return None  # saves its input this call (the plain fused path), or tensor ops
+    if x.dtype is torch.bfloat16 and (inplace or act != "identity"):
+        return None  # the bf16 operators train the identity only: torch's kernels do the rest
     n = x.numel() // x.shape[1]
     factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
     update = _ops.RunningUpdate(running_mean, running_var, factor, n / (n - 1) if n > 1 else 1.0)
