@@ -167,3 +167,36 @@ def test_recipes_build_networks_for_28x28(norm):
 def test_process_age_counts_from_the_process_start():
     age = process_age()
     assert 0 < age < 24 * 3600 and math.isfinite(age)
+
+
+def test_the_weight_average_follows_its_warm_up_and_decay():
+    import torch
+
+    from bnlab.lab.speedrun.worker import _Averaged
+
+    net = build_model(RECIPES["bn"].replace(bf16=False))
+    avg = _Averaged(net, 0.99)
+    before = {k: v.clone() for k, v in avg.model.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    live = {k: v.clone() for k, v in net.state_dict().items()}
+    avg.update(0)  # decay min(0.99, 1/10): mostly the live weights
+    for k, v in avg.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.1 * before[k] + 0.9 * live[k])
+        else:  # counters are not averaged
+            assert torch.equal(v, before[k])
+    mid = {k: v.clone() for k, v in avg.model.state_dict().items()}
+    avg.update(10_000)  # the full decay
+    for k, v in avg.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.99 * mid[k] + 0.01 * live[k])
+    assert not avg.model.training
+    assert all(not p.requires_grad or p.grad is None for p in avg.model.parameters())
+
+
+@pytest.mark.parametrize("ema", [-0.1, 1.0, float("nan")])
+def test_a_weight_average_outside_0_1_is_refused(ema):
+    with pytest.raises(ValueError, match="ema must be in \\[0, 1\\)"):
+        RECIPES["bn"].replace(ema=ema)

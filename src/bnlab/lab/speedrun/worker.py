@@ -86,6 +86,8 @@ def run_seed(spec: dict[str, Any]) -> dict[str, Any]:
     total = max(1, round(recipe.epochs * per_epoch))
     eval_every = max(1, per_epoch // recipe.evals_per_epoch)
     flips = torch.Generator().manual_seed(seed + 7_919)
+    averaged = _Averaged(model, recipe.ema) if recipe.ema > 0 else None
+    judged = averaged.model if averaged is not None else model
     evaluations: list[dict[str, Any]] = []
 
     @torch.no_grad()
@@ -93,11 +95,11 @@ def run_seed(spec: dict[str, Any]) -> dict[str, Any]:
         nonlocal excluded
         t0 = time.perf_counter()
         at = clock()
-        model.eval()
+        judged.eval()
         hits = 0
         for i in range(0, len(x_eval), 2000):
             xb = x_eval[i : i + 2000].contiguous(memory_format=fmt)
-            hits += int((model(xb).argmax(1) == y_eval[i : i + 2000]).sum())
+            hits += int((judged(xb).argmax(1) == y_eval[i : i + 2000]).sum())
         model.train()
         evaluations.append({"step": step, "epoch": round(step / per_epoch, 4),
                             "clock_s": round(at, 3), "accuracy": hits / len(x_eval),
@@ -118,6 +120,8 @@ def run_seed(spec: dict[str, Any]) -> dict[str, Any]:
             progress = max((step + 1) / total, clock() / budget)
             done = train_step(model, opt, xb, y_train[idx], lr=lr_at(recipe, progress),
                               label_smoothing=recipe.label_smoothing)
+            if averaged is not None:
+                averaged.update(step)
             step += 1
             if first_step_at is None:
                 first_step_at = clock()
@@ -138,6 +142,28 @@ def run_seed(spec: dict[str, Any]) -> dict[str, Any]:
         "eval_s_excluded": round(excluded, 3), "evaluations": evaluations,
         "train_images": n, "eval_images": len(x_eval),
     }
+
+
+class _Averaged:
+    """An exponential moving average of a model's floating-point parameters and buffers, kept
+    in an evaluation-only copy (:attr:`model`)."""
+
+    def __init__(self, model: Any, decay: float) -> None:
+        import copy
+
+        import torch
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        live, mine = model.state_dict(), self.model.state_dict()
+        keys = [k for k, v in live.items() if v.is_floating_point()]
+        self._live = [live[k] for k in keys]
+        self._mine = [mine[k] for k in keys]
+        self._lerp = torch._foreach_lerp_
+
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        self._lerp(self._mine, self._live, 1.0 - d)
 
 
 def main(argv: list[str] | None = None) -> int:
