@@ -283,3 +283,23 @@ def test_idx_files_of_another_element_type_are_refused(isolated, monkeypatch):
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: IDX elements of type "
                                          r"float32; mnist's files hold unsigned bytes"):
         load_dataset("mnist", d)
+
+
+def test_an_unpacked_copy_is_cached_and_follows_its_source(tmp_path):
+    import gzip as _gzip
+
+    from bnlab.lab.data.idx import decompressed_bytes
+
+    src = tmp_path / "a-idx1-ubyte.gz"
+    src.write_bytes(_gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x03abc"))
+    cache = tmp_path / "cache"
+    first = decompressed_bytes(src, cache)
+    (copy,) = cache.iterdir()
+    assert copy.read_bytes() == first and copy.name.startswith("a-idx1-ubyte-")
+    copy.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x03xyz")  # read from the cache now
+    assert decompressed_bytes(src, cache).endswith(b"xyz")
+    src.write_bytes(_gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x04abcd"))  # a new source
+    assert decompressed_bytes(src, cache).endswith(b"abcd") and len(list(cache.iterdir())) == 2
+    ro = tmp_path / "ro"
+    ro.write_text("a file where the cache directory would be")
+    assert decompressed_bytes(src, ro / "sub").endswith(b"abcd")  # unwritable: still reads

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .idx import read_idx
-from .sources import SPECS, DataNotFoundError, find_files
+from .sources import SPECS, DataNotFoundError, cache_dir, find_files
 
 __all__ = ["Dataset", "load_dataset", "resolve_dataset", "batch_order", "DATASETS"]
 
@@ -51,7 +51,8 @@ class Dataset:
 def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
     spec = SPECS[name]
     paths = find_files(name, data_dir)
-    arrays = {k: read_idx(p, spec.files[k].shape) for k, p in paths.items()}
+    unpacked = cache_dir() / "unpacked"
+    arrays = {k: read_idx(p, spec.files[k].shape, unpacked) for k, p in paths.items()}
     for k, a in arrays.items():
         if a.dtype != np.uint8:  # a float file would train to NaN without a word
             raise ValueError(f"{paths[k]}: IDX elements of type {a.dtype}; {name}'s files hold "
