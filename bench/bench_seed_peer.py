@@ -14,12 +14,15 @@ floor: the median BN seed must reach the accuracy the tutorial's Keras network r
 its 10 epochs (0.893 in the issue; ``--floor-accuracy``) in at most a tenth of the Keras
 run's time measured here, today (the sum of its epoch times, which leaves Keras's own start-up
 out while the speedrun's seconds count from its process start). ``--skip-bnlab`` runs only the
-Keras side. The numbers go to ``bench/results/bench_seed_peer.json``.
+Keras side; ``--keras-from JSON`` takes the Keras runs from an earlier result of the same day
+(a speedrun run directory checked against the Keras run it was measured beside). The numbers
+go to ``bench/results/bench_seed_peer.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -77,11 +80,27 @@ def main() -> None:
     ap.add_argument("--speedrun", help="a bnlab speedrun run directory to hold to the floor")
     ap.add_argument("--floor-accuracy", type=float, default=0.893)
     ap.add_argument("--skip-bnlab", action="store_true", help="run only the Keras side")
+    ap.add_argument("--keras-from", metavar="JSON",
+                    help="take the Keras runs from an earlier bench_seed_peer.json of the same "
+                         "day instead of running Keras again (the floor's reference)")
     args = ap.parse_args()
     results = []
+    today = datetime.date.today().isoformat()
+    if args.keras_from:
+        src = Path(args.keras_from)
+        old = json.loads(src.read_text())
+        day = old.get("date") or datetime.date.fromtimestamp(src.stat().st_mtime).isoformat()
+        if day != today:
+            sys.exit(f"--keras-from: {src} was measured on {day}, not today ({today}); the floor "
+                     "compares with a Keras run of the same day")
+        results = [r for r in old["runs"] if r["who"].startswith("keras")
+                   and r["norm"] in args.norms.split(",")]
+        if not results:
+            sys.exit(f"--keras-from: {src} holds no Keras run for --norms {args.norms}")
     with tempfile.TemporaryDirectory() as tmp:
         for norm in args.norms.split(","):
-            results.append(run_keras(args.tf_python, norm, args))
+            if not args.keras_from:
+                results.append(run_keras(args.tf_python, norm, args))
             if not args.skip_bnlab:
                 results.append(run_bnlab(norm, args, Path(tmp)))
     print(f"\nsmall CNN on Fashion-MNIST, {args.epochs} epochs, batch 128, Adam, "
@@ -99,7 +118,7 @@ def main() -> None:
         if b is not None:
             print(f"{norm}: keras / bnlab time per epoch = "
                   f"{_median_epoch(k['times']) / _median_epoch(b['times']):.2f}x")
-    payload = {"epochs": args.epochs, "threads": args.threads, "runs": results}
+    payload = {"date": today, "epochs": args.epochs, "threads": args.threads, "runs": results}
     if args.speedrun:
         keras = next(r for r in results if r["norm"] == "bn" and r["who"].startswith("keras"))
         payload["floor"] = floor(Path(args.speedrun), sum(keras["times"]), args.floor_accuracy)
