@@ -4,8 +4,9 @@ batches, and the cost of one layer call.
 
 One process, both contenders alternating call by call in every round; each figure is the
 median over rounds of the per-round median, and the spread is the range of the per-round
-ratios bnlab / torch. Targets: every training-step ratio <= 1.0 (eager conv nets <= 0.9), one
-call's training forward+backward <= 1.3x torch's.
+ratios bnlab / torch. A third contender, an identical copy of the torch model, gives each
+row's noise floor (torch / torch). Targets: every training-step ratio <= 1.0 (eager conv nets
+<= 0.9), one call's training forward+backward <= 1.3x torch's.
 
 Networks (torch's BN in each, converted by ``bnlab.convert``):
 
@@ -89,7 +90,14 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 def summarise(per_round: dict[str, list[float]]) -> dict:
     ratios = [b / t for b, t in zip(per_round["bnlab"], per_round["torch"], strict=True)]
-    return {
+    out = {}
+    if "torch again" in per_round:
+        # the noise floor: a second, identical torch model timed beside the first
+        same = [b / t for b, t in zip(per_round["torch again"], per_round["torch"], strict=True)]
+        out = {"torch_again_ratio": statistics.median(per_round["torch again"])
+               / statistics.median(per_round["torch"]),
+               "torch_again_min": min(same), "torch_again_max": max(same)}
+    return out | {
         "torch_ms": statistics.median(per_round["torch"]) * 1e3,
         "bnlab_ms": statistics.median(per_round["bnlab"]) * 1e3,
         "ratio": statistics.median(per_round["bnlab"]) / statistics.median(per_round["torch"]),
@@ -143,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, make, (x, y), conv in networks(args.data_dir):
         base = make()
-        models = {"torch": copy.deepcopy(base), "bnlab": bnlab.convert(copy.deepcopy(base))}
+        # "torch again" is an identical copy of the torch model: its ratio is the bench's own
+        # noise floor, printed beside bnlab's so a parity reading is not taken for a gap
+        models = {"torch": copy.deepcopy(base), "bnlab": bnlab.convert(copy.deepcopy(base)),
+                  "torch again": copy.deepcopy(base)}
         modes = [("eager", lambda m: m)]
         if not args.skip_compile:
             modes.append(("compiled", torch.compile))
@@ -154,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"network": name, "mode": mode, "target": target, **r})
             print(f"{name:36s} {mode:9s} bnlab/torch {r['ratio']:.3f} "
                   f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]  "
-                  f"({r['bnlab_ms']:.2f} vs {r['torch_ms']:.2f} ms, target <= {target})",
+                  f"({r['bnlab_ms']:.2f} vs {r['torch_ms']:.2f} ms, target <= {target}); "
+                  f"torch/torch {r['torch_again_ratio']:.3f} [{r['torch_again_min']:.3f}, "
+                  f"{r['torch_again_max']:.3f}]",
                   flush=True)  # fmt: skip
     calls = []
     for shape in ((2, 4, 2, 2), (60, 100)):

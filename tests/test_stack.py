@@ -512,3 +512,76 @@ def test_a_half_input_to_a_float32_layer_takes_the_one_step_like_torch(dtype):
         ours(bad)
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_step_reads_the_tensors_the_module_holds_now():
+    # the step reads weight, bias and the buffers from the module's dicts (faster than
+    # attribute access): a reassigned parameter, buffers replaced by .double(), a
+    # functional_call's substitutes and a frozen layer's buffer-held weight must all be seen
+    torch.manual_seed(0)
+    ours, ref = bnlab.BatchNorm1d(5), nn.BatchNorm1d(5)
+    x = torch.randn(7, 5)
+    new_w = nn.Parameter(torch.rand(5) + 0.5)
+    ours.weight, ref.weight = new_w, nn.Parameter(new_w.detach().clone())
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    ours.double(), ref.double()
+    xd = x.double()
+    torch.testing.assert_close(ours(xd), ref(xd), rtol=0, atol=1e-12)
+    # (the first step ran in float32: its update reaches torch's within float32 rounding)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-6)
+    subs = {"weight": torch.full((5,), 2.0, dtype=torch.float64),
+            "bias": torch.full((5,), -1.0, dtype=torch.float64)}
+    got = torch.func.functional_call(ours, subs, (xd,))
+    want = torch.func.functional_call(ref, subs, (xd,))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # a frozen layer holds weight and bias as buffers: the step's fallback reads them
+    frozen = bnlab.FrozenBatchNorm2d(3)
+    with torch.no_grad():
+        frozen.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        frozen.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    assert "weight" in frozen._buffers
+    xi = torch.randn(2, 3, 4, 4)
+    want = nn.functional.batch_norm(xi, frozen.running_mean, frozen.running_var, frozen.weight,
+                                    frozen.bias, training=False, eps=frozen.eps)
+    torch.testing.assert_close(frozen(xi), want, rtol=0, atol=1e-6)
+
+
+def test_a_compiled_layer_does_not_recompile_when_another_environment_variable_changes(
+        monkeypatch):
+    # the backend choice reads BNLAB_KERNELS; under dynamo that read must guard on that one
+    # variable, not on the whole environment (any os.environ write would recompile)
+    from torch._dynamo.testing import CompileCounter
+
+    dynamo.reset()
+    cnt = CompileCounter()
+    layer = torch.compile(bnlab.BatchNorm1d(6), backend=cnt, fullgraph=True)
+    x = torch.randn(9, 6)
+    layer(x)
+    monkeypatch.setenv("BNLAB_TEST_UNRELATED_VARIABLE", "1")
+    layer(x)
+    monkeypatch.setenv("BNLAB_TEST_UNRELATED_VARIABLE", "2")
+    layer(x)
+    assert cnt.frame_count == 1
+
+
+def test_a_fresh_process_compiles_a_bnlab_model_once():
+    # the first read of BNLAB_KERNELS used to happen inside the trace; its cache assignment
+    # replayed after the graph and failed the guard on the old value: every compiled model
+    # compiled twice in a process that had not run a bnlab layer eagerly before
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, bnlab\n"
+        "from torch._dynamo.testing import CompileCounter\n"
+        "cnt = CompileCounter()\n"
+        "m = torch.compile(torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), bnlab.BatchNorm1d(4),"
+        " torch.nn.ReLU()), backend=cnt)\n"
+        "x = torch.randn(5, 1, 10)\n"
+        "for _ in range(3):\n"
+        "    m(x).sum().backward()\n"
+        "print(cnt.frame_count)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1"

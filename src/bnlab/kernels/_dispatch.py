@@ -83,15 +83,34 @@ def _check(name: object, owner: str) -> str:
     return name  # type: ignore[return-value]
 
 
-_env_cache: tuple[str | None, str | None] = ("\0", None)  # (raw value, parsed)
+_env_cache: tuple[object, str | None] = ("\0", None)  # (raw value, parsed)
+
+# os.environ.get encodes the key and decodes the value on every call (0.5 us, a third of a
+# small layer's dispatch); CPython's os.environ keeps the encoded pairs in a dict, read here
+# directly where it exists. Writes through os.environ (monkeypatch.setenv included) update it.
+_environ_data = getattr(os.environ, "_data", None)
+try:
+    _env_key: object = os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _environ_data = None
+    _env_key = _ENV
+
+
+def _env_raw() -> object:
+    # (dynamo traces os.environ.get with a guard on this one variable; traced, the dict read
+    # would guard on every variable's name and recompile whenever any of them changed)
+    if _environ_data is not None and not _is_compiling():
+        return _environ_data.get(_env_key)
+    return os.environ.get(_ENV)
 
 
 def _env() -> str | None:
     global _env_cache
-    raw = os.environ.get(_ENV)
+    raw = _env_raw()
     if raw == _env_cache[0]:
         return _env_cache[1]
-    env = (raw or "").strip().lower() or "auto"
+    raw_text = os.environ.get(_ENV)
+    env = (raw_text or "").strip().lower() or "auto"
     if env == "auto":
         parsed = None
     elif env not in _names():
@@ -101,7 +120,10 @@ def _env() -> str | None:
         )
     else:
         parsed = _check(env, _ENV)
-    _env_cache = (raw, parsed)
+    if not _is_compiling():
+        # (traced, the assignment would replay after the graph and fail the guard dynamo put
+        # on the old value: every compiled model would compile twice)
+        _env_cache = (raw, parsed)
     return parsed
 
 
@@ -192,10 +214,10 @@ def torch_supports(x: Tensor, per_channel: tuple) -> bool:
     half/bfloat16 input (mixed precision)."""
     if not x.is_floating_point() or x.dim() < 2:
         return False
+    dt = x.dtype
+    low = dt in _ops.LOW_PRECISION
     for t in per_channel:
-        if t is not None and t.dtype != x.dtype and not (
-            x.dtype in _ops.LOW_PRECISION and t.dtype == torch.float32
-        ):
+        if t is not None and t.dtype is not dt and not (low and t.dtype is torch.float32):
             return False
     return True
 
@@ -251,3 +273,12 @@ def choose(x: Tensor, per_channel: tuple = (), train: bool = True, *, detached: 
     if torch_supports(x, per_channel):
         return "torch"
     return "composite"
+
+
+# Read BNLAB_KERNELS once now, so that a graph traced before any eager call finds the cache
+# filled and guards on its final value (a bad value is reported by the first call that needs
+# it, with its message, not by the import).
+try:
+    _env()
+except (ValueError, RuntimeError):
+    pass

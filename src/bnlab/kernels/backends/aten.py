@@ -75,7 +75,7 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
         or running_var.dtype is not rdt
         or not (x.dtype is rdt or x.dtype in _ops.LOW_PRECISION and rdt is torch.float32
                 and weight is not None and weight.dtype is rdt)
-        or x.device.type != "cpu"
+        or not x.is_cpu
         or not (running_mean.is_contiguous() and running_var.is_contiguous())
     ):
         return None
