@@ -34,6 +34,11 @@ from ._sync_ops import group_size
 from .kernels import backends as _backends
 from .kernels.library import snapshot
 
+# (bound once: the traced path of a layer reaches each object by one name, so dynamo adds no
+# aliasing checks, which run in Python on every call of a compiled model)
+_Proxy = torch.fx.Proxy
+_train_step = _backends.train_step
+
 Running = Literal["ema", "cumulative", "window"]
 NormalizeWith = Literal["batch", "running"]
 NonFinite = Literal["skip", "raise"]
@@ -322,24 +327,27 @@ class _NormBase(_BatchNorm):
 
     # ------------------------------------------------------------------ input
     def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        if isinstance(x, torch.fx.Proxy):
+        # (the layer's name only for a message: read on every call, traced, it costs an
+        # aliasing check per pair of layers of one class on every call of the graph)
+        if isinstance(x, _Proxy):
             return  # symbolic_trace: the shape is unknown until the graph runs
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got "
+                            f"{type(x).__name__}")  # fmt: skip
         if x.dim() not in self._input_dims:
             ranks = " or ".join(f"{d}D" for d in self._input_dims)
             raise ValueError(
-                f"{name}: expected {ranks} input {self._input_layout}, "
+                f"{type(self).__name__}: expected {ranks} input {self._input_layout}, "
                 f"got {x.dim()}D input of shape {tuple(x.shape)}"
             )
         if x.shape[1] != self.num_features:
             raise ValueError(
-                f"{name}: expected {self.num_features} channels in dim 1 "
+                f"{type(self).__name__}: expected {self.num_features} channels in dim 1 "
                 f"(num_features={self.num_features}), got input of shape {tuple(x.shape)}"
             )
         if not (x.is_floating_point()):
-            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
+            raise TypeError(f"{type(self).__name__}: expected a floating-point input, got "
+                            f"dtype {x.dtype}")  # fmt: skip
 
     def _syncing(self) -> bool:
         """Whether this forward reduces its statistics over the ranks of ``process_group``."""
@@ -423,7 +431,7 @@ class _NormBase(_BatchNorm):
         self._check_input(x)
         if not self.training and self.track_running_stats:
             return self._eval_forward(x)
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, _Proxy):
             raise NotImplementedError(
                 f"{type(self).__name__}: torch.fx.symbolic_trace records evaluation-mode bnlab "
                 "layers only (their running statistics are updated outside the graph torch.fx "
@@ -457,8 +465,8 @@ class _NormBase(_BatchNorm):
         momentum = None if self.running == "cumulative" else self.momentum
         act, slope = self._activation()
         w, b, rm, rv, seen = self._step_tensors()
-        out = _backends.train_step(x, w, b, rm, rv, seen, momentum, self.eps, act, slope,
-                                   inplace=self._saves_output())  # fmt: skip
+        out = _train_step(x, w, b, rm, rv, seen, momentum, self.eps, act, slope,
+                          inplace=self._saves_output())  # fmt: skip
         if out is None:
             return None
         if out[1] is False:

@@ -99,7 +99,7 @@ except AttributeError:  # pragma: no cover - not CPython's os.environ
 def _env_raw() -> object:
     # (dynamo traces os.environ.get with a guard on this one variable; traced, the dict read
     # would guard on every variable's name and recompile whenever any of them changed)
-    if _environ_data is not None and not _is_compiling():
+    if not _is_compiling() and _environ_data is not None:
         return _environ_data.get(_env_key)
     return os.environ.get(_ENV)
 

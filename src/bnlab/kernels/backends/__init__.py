@@ -35,6 +35,8 @@ __all__ = ["register", "backends", "get", "train", "train_step", "train_inplace"
            "train_synced", "evaluate", "MIN_WEIGHT"]  # fmt: skip
 
 _BUILTIN = {b.NAME: b for b in (native, aten, composite)}
+_BUILTIN_STEPS = {"native": native.step, "torch": aten.step, "composite": None}
+_choose = _dispatch.choose
 #: activations only the composite backend implements (``elu``: alpha is ``slope``)
 _COMPOSITE_ACTS = ("elu",)
 
@@ -97,8 +99,10 @@ def train_step(
     the caller then runs :func:`train` and moves the statistics itself (same results)."""
     if act in _COMPOSITE_ACTS:
         return None
-    b = get(_dispatch.choose(x, (weight, bias, running_mean, running_var), True, detached=True))
-    step = getattr(b, "step", None)
+    name = _choose(x, (weight, bias, running_mean, running_var), True, detached=True)
+    # (the built-in steps from a dict of functions: traced, no backend module is reached by a
+    # second path, which would cost dynamo an aliasing check in Python on every call)
+    step = _BUILTIN_STEPS[name] if name in _BUILTIN_STEPS else getattr(get(name), "step", None)
     if step is None:
         return None
     return step(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,

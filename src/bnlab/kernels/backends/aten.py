@@ -16,9 +16,16 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from .. import _dispatch, _ops
+from .._dispatch import capturing as _capturing
 from ..autograd import TrainBN
 
 NAME = "torch"
+
+# (bound once: a traced step reads no module attributes, so dynamo guards one object each and
+# no "same module reached twice" check, which runs in Python on every call of the graph)
+_native_batch_norm = torch.native_batch_norm
+_isfinite = torch.isfinite
+_where = torch.where
 
 
 def supports(x: Tensor, per_channel: tuple, train: bool) -> bool:
@@ -50,21 +57,19 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
     inside a graph), which the caller runs generically."""
     if inplace or act != "identity":
         return None
-    if _dispatch.capturing():
+    if _capturing():
         if momentum is None:
             return None
-        # torch's kernel without its running update (so nothing it saves for backward is
-        # modified after it), then the update from its saved statistics as running_update_
-        # does in eager, kept out where they are not finite: (C,) ops inductor fuses
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-        n = x.numel() // x.shape[1]
-        ok = (torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)).all()
+        # torch's kernel with its running update on copies (inductor fuses it into the
+        # statistics' pass, as in torch's own BN), copied back only where the batch's
+        # statistics are finite: one (C,) all-reduction and a select decide
         rm, rv = running_mean, running_var
-        var = (invstd.double().reciprocal().square() - eps).clamp_min(0) * (n / (n - 1))
-        new_mean = rm + momentum * (mean.to(rm.dtype) - rm)
-        new_var = rv + momentum * (var.to(rv.dtype) - rv)
-        rm.copy_(torch.where(ok, new_mean, rm))
-        rv.copy_(torch.where(ok, new_var, rv))
+        new_mean, new_var = rm.clone(), rv.clone()
+        y, mean, invstd = _native_batch_norm(x, weight, bias, new_mean, new_var, True, momentum,
+                                             eps)  # fmt: skip
+        ok = (_isfinite(mean) & _isfinite(invstd) & (invstd > 0)).all()
+        rm.copy_(_where(ok, new_mean, rm))
+        rv.copy_(_where(ok, new_var, rv))
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
         finite = ok
         return y, finite
