@@ -4,9 +4,9 @@ Training calls torch's kernel without its running update (``native_batch_norm`` 
 temporary buffers, or none), so bnlab's running policy (moving average, cumulative, window, the
 non-finite guard) decides what the statistics do. The speed, the devices, autocast and the
 graph behaviour are torch's own: inside ``torch.compile`` a plain layer's step is torch's
-``native_batch_norm``, which inductor decomposes and fuses as it does torch's own BN, and the
-running update from its saved statistics in a few ``(C,)`` ops that keep NaN/Inf out. The
-statistics it returns carry no gradient.
+``native_batch_norm`` with its running update on copies of the buffers, which inductor
+decomposes and fuses as it does torch's own BN, and a ``(C,)`` all-reduction and select that
+copy the update back only for a finite batch. The statistics it returns carry no gradient.
 """
 
 from __future__ import annotations
