@@ -35,7 +35,7 @@ __all__ = ["register", "backends", "get", "train", "train_step", "train_inplace"
            "train_synced", "evaluate", "MIN_WEIGHT"]  # fmt: skip
 
 _BUILTIN = {b.NAME: b for b in (native, aten, composite)}
-_BUILTIN_STEPS = {"native": native.step, "torch": aten.step, "composite": None}
+_BUILTIN_STEPS = {name: getattr(b, "step", None) for name, b in _BUILTIN.items()}
 _choose = _dispatch.choose
 #: activations only the composite backend implements (``elu``: alpha is ``slope``)
 _COMPOSITE_ACTS = ("elu",)
