@@ -93,3 +93,42 @@ def test_auto_sends_small_layer_steps_to_torch_and_large_ones_to_the_operators()
         assert bnlab.kernels.choose(conv) == "torch"
     with torch.autograd.forward_ad.dual_level():
         assert bnlab.kernels.choose(conv) == "composite"
+
+
+def test_a_layer_s_native_step_calls_only_its_operators_and_the_count():
+    """The eager step on the operators: the fused forward, the backward and the count's
+    increment, with no copy of the statistics (its caller drops them unread)."""
+    if not bnlab.kernels.native_available():
+        pytest.skip("native kernels not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = bnlab.BatchNorm1d(32)
+    x = torch.randn(128, 32, 40, requires_grad=True)
+    assert bnlab.kernels.choose(x, detached=True) == "native"
+    layer(x).backward(torch.ones_like(x))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    with Record():
+        y = layer(x)
+    gy = torch.randn_like(y)
+    with Record():
+        y.backward(gy)
+    heavy = [f for f in seen if f not in ("aten.detach.default",)]
+    assert heavy == ["bnlab.train_forward_update.default", "aten.add_.Tensor",
+                     "bnlab.backward.default"], seen
+    # the saved statistics are still right: the gradient equals torch's
+    ref = torch.nn.BatchNorm1d(32)
+    ref.load_state_dict(before)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)

@@ -187,8 +187,11 @@ class TrainBN(torch.autograd.Function):
             y, mean, var, invstd, delta, thr = _ops.native_train_forward(x, weight, bias, eps, act,
                                                                          slope, update)  # fmt: skip
             if act == "identity":
-                # mean is an output the caller may modify in place: save a private copy
-                ctx.save_for_backward(x, weight, mean.detach().clone(), invstd, delta, thr)
+                # mean is an output the caller may modify in place: save a private copy, except
+                # for a layer's step (the running update in this pass), whose caller drops the
+                # statistics unread (the copy cost 1-2% of a 1-D CNN's eager training step)
+                saved = mean if update is not None else mean.detach().clone()
+                ctx.save_for_backward(x, weight, saved, invstd, delta, thr)
             else:
                 ctx.save_for_backward(x, weight, None, None, None, thr)
             return y, mean, var
