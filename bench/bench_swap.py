@@ -20,15 +20,22 @@ Dynamo's recompile limit is raised so that no compiled model falls back to eager
 each compiled model is checked to have compiled (one frame, no graph break is not required:
 the models are plain ``Sequential``s).
 
-    python bench/bench_swap.py [--rounds 15] [--repeats 5] [--skip-compile] [--quick]
+A row whose steps are quick gets more rounds than ``--rounds``: at least ``--min-seconds`` of
+timed steps (the Ioffe MLP's 1 ms step gets a few hundred rounds, where 21 left its per-round
+ratios spread over 0.9-1.2).
+
+    python bench/bench_swap.py [--rounds 15] [--repeats 5] [--min-seconds 20] [--skip-compile]
+        [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -88,6 +95,19 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+def rounds_for(fns: dict, args) -> int:
+    """``--rounds``, or more where a row's rounds are quick: at least ``--min-seconds`` of
+    timed steps per row, so a 1 ms step gets as many samples as its noise needs (warms the
+    contenders up, which compiles the compiled ones)."""
+    for f in fns.values():
+        f()
+    t0 = time.perf_counter()
+    for f in fns.values():
+        f()
+    per_round = (time.perf_counter() - t0) * args.repeats
+    return max(args.rounds, min(args.max_rounds, math.ceil(args.min_seconds / per_round)))
+
+
 def summarise(per_round: dict[str, list[float]]) -> dict:
     ratios = [b / t for b, t in zip(per_round["bnlab"], per_round["torch"], strict=True)]
     out = {}
@@ -102,6 +122,7 @@ def summarise(per_round: dict[str, list[float]]) -> dict:
         "bnlab_ms": statistics.median(per_round["bnlab"]) * 1e3,
         "ratio": statistics.median(per_round["bnlab"]) / statistics.median(per_round["torch"]),
         "ratio_min": min(ratios),
+        "rounds": len(ratios),
         "ratio_max": max(ratios),
     }
 
@@ -136,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="timed seconds per row at least (more rounds for quick steps)")
+    p.add_argument("--max-rounds", type=int, default=401)
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--quick", action="store_true", help="3 rounds of 2: a smoke run")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.repeats = 3, 2
+        args.rounds, args.repeats, args.min_seconds = 3, 2, 0.0
     warnings.filterwarnings("ignore")
     # every compiled model (two per network, each a Sequential.forward of its own) must stay
     # compiled: raise the limits so none falls back to eager silently
@@ -160,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             modes.append(("compiled", torch.compile))
         for mode, wrap in modes:
             fns = {k: step_fn(wrap(copy.deepcopy(m)), x, y) for k, m in models.items()}
-            r = summarise(_timing.rounds_of(fns, args.rounds, args.repeats))
+            r = summarise(_timing.rounds_of(fns, rounds_for(fns, args), args.repeats))
             target = TARGET_EAGER_CONV if (mode == "eager" and conv) else TARGET_STEP
             rows.append({"network": name, "mode": mode, "target": target, **r})
             print(f"{name:36s} {mode:9s} bnlab/torch {r['ratio']:.3f} "
                   f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]  "
                   f"({r['bnlab_ms']:.2f} vs {r['torch_ms']:.2f} ms, target <= {target}); "
                   f"torch/torch {r['torch_again_ratio']:.3f} [{r['torch_again_min']:.3f}, "
-                  f"{r['torch_again_max']:.3f}]",
+                  f"{r['torch_again_max']:.3f}], {r['rounds']} rounds",
                   flush=True)  # fmt: skip
     calls = []
     for shape in ((2, 4, 2, 2), (60, 100)):
