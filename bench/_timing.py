@@ -51,15 +51,23 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 5
 
 
 def rounds_of(fns: dict, rounds: int, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Per-round medians of each contender, alternating call by call within a round."""
+    """Per-round medians of each contender, alternating call by call within a round.
+
+    Each round starts with the next contender (round ``r`` runs them from position
+    ``r mod n`` on), so none always runs right after the same other one (a call's cost depends
+    on what ran before it: caches, the allocator's free lists). It does not remove a
+    contender's own placement in memory: two identical copies of a small model can differ by
+    a few percent for as long as they live (``torch again`` in the benches shows it)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    items = list(fns.items())
+    for r in range(rounds):
         samples: dict[str, list[float]] = {k: [] for k in fns}
+        order = items[r % len(items):] + items[: r % len(items)]
         for _ in range(repeats):
-            for k, f in fns.items():
+            for k, f in order:
                 t0 = time.perf_counter()
                 f()
                 samples[k].append(time.perf_counter() - t0)
