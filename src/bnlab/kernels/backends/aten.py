@@ -37,7 +37,7 @@ def train(x, weight, bias, eps, act, slope) -> tuple[Tensor, Tensor, Tensor]:
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
-    ) and not _dispatch.capturing():
+    ) and not _capturing():
         # the fused layer's memory budget: x and one (C,) threshold, not x and BN's output
         return TrainBN.apply(x, weight, bias, float(eps), act, float(slope), "torch")
     y, mean, var, _, _ = _ops.torch_kernels_forward(x, weight, bias, eps)
@@ -74,8 +74,7 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
         rm.copy_(_where(ok, new_mean, rm))
         rv.copy_(_where(ok, new_var, rv))
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-        finite = ok
-        return y, finite
+        return y, ok
     rdt = running_mean.dtype
     if (
         _ops._native is None
@@ -92,7 +91,7 @@ def step(x, weight, bias, running_mean, running_var, num_batches_tracked, moment
     # A bfloat16/half input beside float32 parameters (autocast) gets torch's mixed kernel,
     # whose statistics are float32 like the running buffers (without parameters torch's
     # kernel would compute them in the input's dtype: the generic path handles that case).
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    y, mean, invstd = _native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     n = x.numel() // x.shape[1]
     finite = _ops._RUNNING(running_mean, running_var, num_batches_tracked, mean, invstd,
                            -1.0 if momentum is None else momentum,
